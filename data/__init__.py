@@ -1,0 +1,1 @@
+"""Data pipeline: corpus -> tokenizer -> packed token shards -> distributed, resumable loader."""

@@ -1,0 +1,178 @@
+"""The Grok decoder: sandwich-normed blocks of GQA attention and a mixture of experts.
+
+GrokForCausalLM *is* the model, not a wrapper: it trains, saves/loads with save_pretrained and
+from_pretrained (safetensors), and generates with the transformers KV cache.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .attention import Attention, RMSNorm, make_attention_inputs, softcap
+from .config import GrokConfig
+from .moe import MoE, FeedForward, RouterStats
+
+
+class GrokBlock(nn.Module):
+    """grok-1's DecoderLayer: h = h + norm(attn(norm(h))); h = h + norm(ffn(norm(h)))."""
+
+    def __init__(self, config: GrokConfig, layer_idx: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.attn_norm_in = RMSNorm(config.hidden_size, eps)
+        self.attn = Attention(config, layer_idx)
+        self.attn_norm_out = RMSNorm(config.hidden_size, eps)
+        self.ffn_norm_in = RMSNorm(config.hidden_size, eps)
+        self.ffn = FeedForward(config)
+        self.ffn_norm_out = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, h, attention_inputs, cache=None) -> tuple[torch.Tensor, RouterStats | None]:
+        h = h + self.attn_norm_out(self.attn(self.attn_norm_in(h), attention_inputs, cache))
+        ffn_out, router_stats = self.ffn(self.ffn_norm_in(h))
+        return h + self.ffn_norm_out(ffn_out), router_stats
+
+
+@dataclass
+class GrokModelOutput(BaseModelOutputWithPast):
+    router_stats: list[RouterStats] | None = None
+
+
+@dataclass
+class GrokCausalLMOutput(CausalLMOutputWithPast):
+    """`loss` = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss.
+
+    aux_loss and z_loss are averaged over the MoE layers (0 for a dense model);
+    expert_token_counts is [num_layers, num_experts] (empty for a dense model).
+    """
+
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    expert_token_counts: torch.Tensor | None = None
+
+
+class GrokPreTrainedModel(PreTrainedModel):
+    config: GrokConfig
+    config_class = GrokConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["GrokBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    supports_gradient_checkpointing = False  # the trainer applies activation checkpointing from outside
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        # Residual-branch outputs get std / sqrt(2 * layers) (GPT-2 / nanoGPT), so depth does not grow them.
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, 0.0, residual_std if getattr(module, "is_residual_projection", False) else std)
+        elif isinstance(module, nn.Embedding):
+            # Scaled by embedding_multiplier = sqrt(d) on input, this gives unit-RMS input activations.
+            init.normal_(module.weight, 0.0, 1.0 / math.sqrt(self.config.hidden_size))
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MoE):
+            init.normal_(module.w_gate, 0.0, std)
+            init.normal_(module.w_up, 0.0, std)
+            init.normal_(module.w_down, 0.0, residual_std)
+
+
+class GrokModel(GrokPreTrainedModel):
+    """Embedding, blocks and final norm; returns hidden states (no logits)."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GrokBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=None, **kwargs) -> GrokModelOutput:
+        batch, query_len = input_ids.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        key_len = past_len + query_len
+
+        key_keep = None  # which key positions are real tokens; None when there is no padding
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_keep = attention_mask[:, -key_len:].bool()
+        if position_ids is None:
+            if key_keep is not None:  # left padding: positions count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_len:]
+            else:
+                position_ids = torch.arange(past_len, key_len, device=input_ids.device)[None]
+        attention_inputs = make_attention_inputs(self.config, position_ids, query_len, key_len, key_keep)
+
+        h = self.embed_tokens(input_ids) * self.config.embedding_multiplier
+        router_stats = []
+        for block in self.layers:
+            h, stats = block(h, attention_inputs, past_key_values)
+            if stats is not None:
+                router_stats.append(stats)
+        return GrokModelOutput(last_hidden_state=self.norm(h), past_key_values=past_key_values,
+                               router_stats=router_stats)
+
+
+class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
+    """Grok decoder with the tied embedding as output projection (there is no separate lm_head)."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(config)
+        self.model = GrokModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return None  # logits use the input embedding matrix directly
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=None, labels=None, targets=None, logits_to_keep: int = 0,
+                **kwargs) -> GrokCausalLMOutput:
+        """`labels` follow transformers (same positions as input_ids, shifted here); `targets` are
+        already aligned with the logits (nanoGPT style, what the trainer passes). -100 is ignored."""
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=use_cache)
+        h = out.last_hidden_state
+        if logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        logits = F.linear(h, self.model.embed_tokens.weight) * self.config.output_multiplier
+        logits = softcap(logits, self.config.final_logit_softcap)
+
+        result = GrokCausalLMOutput(logits=logits, past_key_values=out.past_key_values)
+        self._attach_router_losses(result, out.router_stats, h)
+        if labels is not None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if targets is not None:
+            result.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            result.loss = (result.lm_loss + self.config.router_aux_loss_coef * result.aux_loss
+                           + self.config.router_z_loss_coef * result.z_loss)
+        return result
+
+    def _attach_router_losses(self, result: GrokCausalLMOutput, router_stats: list[RouterStats], h):
+        if router_stats:
+            result.aux_loss = torch.stack([s.aux_loss for s in router_stats]).mean()
+            result.z_loss = torch.stack([s.z_loss for s in router_stats]).mean()
+            result.expert_token_counts = torch.stack([s.expert_token_counts for s in router_stats])
+        else:
+            zero = h.new_zeros((), dtype=torch.float32)
+            result.aux_loss, result.z_loss = zero, zero
+            result.expert_token_counts = torch.zeros(0, 0, dtype=torch.long, device=h.device)

@@ -1,0 +1,121 @@
+"""Grok's feed-forward: GeGLU experts behind a top-k softmax router.
+
+Each token is computed only by the experts it is routed to: assignments are sorted by expert,
+each expert runs one matmul on its contiguous slice, and results are scattered back weighted by
+their gates. There is no dense all-experts computation.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import full_precision, softcap
+from .config import GrokConfig
+
+
+def geglu(x, w_gate, w_up, w_down):
+    """grok-1's expert: W1(gelu_tanh(x W) * (x V)) with W=w_gate, V=w_up, W1=w_down."""
+    return (F.gelu(x @ w_gate, approximate="tanh") * (x @ w_up)) @ w_down
+
+
+class DenseFFN(nn.Module):
+    """One GeGLU block: the FFN of a dense model (num_local_experts == 1) and Grok-2's shared FFN."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.w_gate = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w_up = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w_down = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.w_down.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.gelu(self.w_gate(x), approximate="tanh") * self.w_up(x))
+
+
+@dataclass
+class RouterStats:
+    """Per-layer router outputs for the training losses and for logging expert load."""
+
+    aux_loss: torch.Tensor  # Switch load-balancing loss; 1.0 for perfectly uniform routing
+    z_loss: torch.Tensor  # mean squared logsumexp of the router logits
+    expert_token_counts: torch.Tensor  # [num_experts] token-to-expert assignments in this batch
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer / Mixtral form: E * sum_e f_e * P_e.
+
+    f_e is the fraction of the N*k assignments that went to expert e (not differentiable),
+    P_e the mean router probability of e (differentiable). Uniform routing gives exactly 1.
+    """
+    counts = torch.bincount(expert_index.flatten(), minlength=num_experts)
+    fraction = counts.float() / expert_index.numel()
+    return num_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+class MoE(nn.Module):
+    """Top-k routed GeGLU experts, stored as stacked [E, ...] weights."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__()
+        d, f, E = config.hidden_size, config.intermediate_size, config.num_local_experts
+        self.num_experts = E
+        self.top_k = config.num_experts_per_tok
+        self.normalize_gates = config.normalize_router_gates
+        self.router_softcap = config.router_logit_softcap
+        self.router = nn.Linear(d, E, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(E, d, f))
+        self.w_up = nn.Parameter(torch.empty(E, d, f))
+        self.w_down = nn.Parameter(torch.empty(E, f, d))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        with full_precision(x):
+            logits = softcap(F.linear(tokens.float(), self.router.weight.float()), self.router_softcap)
+            probs = torch.softmax(logits, dim=-1)
+            gates, expert_index = probs.topk(self.top_k, dim=-1)  # [N, k]
+            if self.normalize_gates:
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+            stats = RouterStats(
+                aux_loss=load_balancing_loss(probs, expert_index, self.num_experts),
+                z_loss=torch.logsumexp(logits, dim=-1).pow(2).mean(),
+                expert_token_counts=torch.bincount(expert_index.flatten(), minlength=self.num_experts),
+            )
+
+        # Group the N*k (token, expert) assignments by expert so each expert sees one contiguous slice.
+        flat_expert = expert_index.flatten()
+        order = flat_expert.argsort(stable=True)
+        token_of_slot = order // self.top_k
+        slices = stats.expert_token_counts.tolist()
+        grouped = tokens[token_of_slot].split(slices)
+        # Every expert runs, even on zero rows, so all experts get a (zero) gradient: DDP needs that.
+        expert_out = torch.cat([
+            geglu(chunk, self.w_gate[e], self.w_up[e], self.w_down[e]) for e, chunk in enumerate(grouped)
+        ])
+        weighted = expert_out * gates.flatten()[order, None].to(expert_out.dtype)
+        out = torch.zeros_like(tokens).index_add_(0, token_of_slot, weighted)
+        return out.view(shape), stats
+
+
+class FeedForward(nn.Module):
+    """The FFN of one block: dense GeGLU, routed experts, or Grok-2's experts plus a shared FFN."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__()
+        self.dense = None if config.is_moe else DenseFFN(config.hidden_size, config.intermediate_size)
+        self.moe = MoE(config) if config.is_moe else None
+        self.shared = None
+        if config.is_moe and config.shared_intermediate_size > 0:
+            self.shared = DenseFFN(config.hidden_size, config.shared_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
+        if self.moe is None:
+            return self.dense(x), None
+        out, stats = self.moe(x)
+        if self.shared is not None:
+            # Grok-2: average the two branches so the residual scale matches a single FFN.
+            out = (self.shared(x) + out) / math.sqrt(2.0)
+        return out, stats

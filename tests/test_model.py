@@ -1,0 +1,268 @@
+"""The architecture: shapes, causality, attention variants, RoPE, soft-caps, MoE, losses, init."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
+from model.attention import Attention, apply_rotary, make_attention_inputs, rotary_cos_sin, softcap
+from model.moe import MoE, geglu, load_balancing_loss
+
+from conftest import small_config, small_model
+
+
+def test_forward_shapes_and_losses():
+    model = small_model()
+    ids = torch.randint(0, 97, (3, 10))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (3, 10, 97)
+    assert out.expert_token_counts.shape == (2, 4)
+    # every token is assigned to top_k experts in every layer
+    assert out.expert_token_counts.sum(dim=1).tolist() == [3 * 10 * 2] * 2
+    expected = out.lm_loss + 0.01 * out.aux_loss + 0.001 * out.z_loss
+    torch.testing.assert_close(out.loss, expected)
+    # labels are shifted inside, targets are taken as aligned: the two must agree
+    targets = F.pad(ids[:, 1:], (0, 1), value=-100)
+    torch.testing.assert_close(model(ids, targets=targets).lm_loss, out.lm_loss)
+
+
+def test_dense_model_has_no_router_and_zero_aux():
+    model = small_model(num_local_experts=1, num_experts_per_tok=1)
+    assert not any(isinstance(m, MoE) for m in model.modules())
+    out = model(torch.randint(0, 97, (2, 8)), labels=torch.randint(0, 97, (2, 8)))
+    assert out.aux_loss.item() == 0 and out.z_loss.item() == 0
+    torch.testing.assert_close(out.loss, out.lm_loss)
+
+
+@pytest.mark.parametrize("backend,cap", [("eager", 30.0), ("sdpa", 0.0)])
+def test_causality(backend, cap):
+    model = small_model(attn_backend=backend, attn_logit_softcap=cap)
+    ids = torch.randint(0, 97, (2, 12))
+    changed = ids.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 97
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    # Not bitwise: the changed token reroutes later tokens, so expert matmuls see other batch shapes.
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-4  # and the change is visible from position 7 on
+
+
+def _mha_reference(x, attn: Attention, cos, sin):
+    """Plain multi-head attention written out head by head, with Grok's soft-cap."""
+    B, T, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    heads = []
+    for h in range(q.shape[1]):
+        scores = softcap(q[:, h] @ k[:, h].transpose(-1, -2) / math.sqrt(hd), attn.config.attn_logit_softcap)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        heads.append(scores.softmax(-1) @ v[:, h])
+    return attn.o_proj(torch.stack(heads, 1).transpose(1, 2).reshape(B, T, -1))
+
+
+def test_attention_with_equal_kv_heads_is_plain_mha():
+    config = small_config(num_key_value_heads=4)
+    attn = Attention(config, 0)
+    x = torch.randn(2, 9, 32)
+    inputs = make_attention_inputs(config, torch.arange(9)[None], 9, 9, None)
+    torch.testing.assert_close(attn(x, inputs), _mha_reference(x, attn, inputs.cos, inputs.sin))
+
+
+def test_gqa_equals_mha_with_shared_kv_weights():
+    gqa_config, mha_config = small_config(num_key_value_heads=2), small_config(num_key_value_heads=4)
+    gqa, mha = Attention(gqa_config, 0), Attention(mha_config, 0)
+    hd = gqa.head_dim
+    with torch.no_grad():
+        for name in ("q_proj", "o_proj"):
+            getattr(mha, name).weight.copy_(getattr(gqa, name).weight)
+        for name in ("k_proj", "v_proj"):  # query head h reads kv head h // 2
+            w = getattr(gqa, name).weight.view(2, hd, -1).repeat_interleave(2, dim=0).reshape(4 * hd, -1)
+            getattr(mha, name).weight.copy_(w)
+    x = torch.randn(2, 9, 32)
+    inputs = make_attention_inputs(gqa_config, torch.arange(9)[None], 9, 9, None)
+    torch.testing.assert_close(gqa(x, inputs), mha(x, inputs))
+
+
+def test_rope_depends_only_on_relative_position():
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m, n):
+        cos_m, sin_m = rotary_cos_sin(torch.tensor([[m]]), 16, 10000.0)
+        cos_n, sin_n = rotary_cos_sin(torch.tensor([[n]]), 16, 10000.0)
+        return (apply_rotary(q, cos_m, sin_m) * apply_rotary(k, cos_n, sin_n)).sum()
+
+    torch.testing.assert_close(score(5, 2), score(105, 102), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(score(0, 0), (q * k).sum())  # position 0 is the identity
+    assert not torch.allclose(score(5, 2), score(5, 3))
+    # rotation preserves the norm
+    cos, sin = rotary_cos_sin(torch.tensor([[37]]), 16, 10000.0)
+    torch.testing.assert_close(apply_rotary(q, cos, sin).norm(), q.norm())
+
+
+def test_softcap_bounds():
+    x = torch.linspace(-1e4, 1e4, 1001)
+    assert softcap(x, 30.0).abs().max() <= 30.0
+    small = torch.linspace(-0.1, 0.1, 11)
+    torch.testing.assert_close(softcap(small, 30.0), small, rtol=1e-5, atol=1e-6)
+    assert torch.equal(softcap(x, 0.0), x)
+    # the final-logit cap bounds what the model emits, even with huge output weights
+    model = small_model(final_logit_softcap=5.0, output_multiplier=1e3)
+    assert model(torch.randint(0, 97, (2, 6))).logits.abs().max() <= 5.0
+
+
+@pytest.mark.parametrize("backend,cap", [("sdpa", 0.0), ("flex", 30.0), ("flex", 0.0)])
+def test_attention_backends_agree_with_eager(backend, cap):
+    ids = torch.randint(3, 97, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
+    reference = small_model(attn_backend="eager", attn_logit_softcap=cap)
+    other = small_model(attn_backend=backend, attn_logit_softcap=cap)
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            torch.testing.assert_close(other(ids, **kwargs).logits, reference(ids, **kwargs).logits,
+                                       rtol=1e-5, atol=1e-5)
+        # and with a KV cache: a prefix, then the rest of the sequence
+        for model in (reference, other):
+            first = model(ids[:, :6], use_cache=True)
+            model.rest = model(ids[:, 6:], past_key_values=first.past_key_values).logits
+        torch.testing.assert_close(other.rest, reference.rest, rtol=1e-5, atol=1e-5)
+
+
+def _dense_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, then keep the routed ones with their gates."""
+    tokens = x.reshape(-1, x.shape[-1])
+    probs = softcap(tokens @ moe.router.weight.T, moe.router_softcap).softmax(-1)
+    gates, index = probs.topk(moe.top_k, dim=-1)
+    if moe.normalize_gates:
+        gates = gates / gates.sum(-1, keepdim=True)
+    all_experts = torch.stack([geglu(tokens, moe.w_gate[e], moe.w_up[e], moe.w_down[e])
+                               for e in range(moe.num_experts)], dim=1)  # [N, E, d]
+    picked = all_experts.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # [N, k, d]
+    return (picked * gates[..., None]).sum(1).view(x.shape)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"normalize_router_gates": True, "router_logit_softcap": 2.0},
+                                       {"num_local_experts": 8, "num_experts_per_tok": 1}])
+def test_moe_selected_experts_equal_dense_reference(overrides):
+    model = small_model(**overrides)
+    moe = model.model.layers[0].ffn.moe
+    with torch.no_grad():
+        for p in (moe.w_gate, moe.w_up, moe.w_down):
+            p.normal_(0, 0.2)
+        moe.router.weight.normal_(0, 1.0)  # decisive routing, so some experts get no tokens at all
+    x = torch.randn(3, 7, 32)
+    out, stats = moe(x)
+    torch.testing.assert_close(out, _dense_moe_reference(moe, x), rtol=1e-5, atol=1e-5)
+    assert stats.expert_token_counts.sum().item() == 21 * moe.top_k
+
+
+def test_every_parameter_gets_a_gradient_even_unused_experts():
+    model = small_model(num_local_experts=8, num_experts_per_tok=1)
+    with torch.no_grad():  # route every token to expert 0: experts 1..7 see no tokens
+        for layer in model.model.layers:
+            layer.ffn.moe.router.weight.zero_()
+            layer.ffn.moe.router.weight[0] = 10.0
+    ids = torch.randint(0, 97, (2, 8))
+    model.train()(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())  # DDP requires it
+
+
+def test_shared_ffn_is_averaged_with_experts():
+    model = small_model(shared_intermediate_size=40)
+    ffn = model.model.layers[0].ffn
+    x = torch.randn(2, 5, 32)
+    out, _ = ffn(x)
+    moe_out, _ = ffn.moe(x)
+    torch.testing.assert_close(out, (ffn.shared(x) + moe_out) / math.sqrt(2))
+
+
+def test_aux_losses_closed_forms():
+    E, k, N = 8, 2, 64
+    # uniform router probabilities: E * sum_e f_e * (1/E) = sum_e f_e = 1, whatever top-k picks
+    uniform = torch.full((N, E), 1.0 / E)
+    assert load_balancing_loss(uniform, uniform.topk(k).indices, E).item() == pytest.approx(1.0)
+    # fully collapsed routing: every token to experts 0 and 1 with probability 1/2 each -> E/2
+    collapsed = torch.zeros(N, E)
+    collapsed[:, :2] = 0.5
+    assert load_balancing_loss(collapsed, collapsed.topk(k).indices, E).item() == pytest.approx(E / 2)
+    # through the model: a zero router gives uniform probabilities, aux 1 and z-loss log(E)^2
+    model = small_model(num_local_experts=E)
+    for layer in model.model.layers:
+        layer.ffn.moe.router.weight.data.zero_()
+    out = model(torch.randint(0, 97, (2, 8)))
+    assert out.aux_loss.item() == pytest.approx(1.0)
+    assert out.z_loss.item() == pytest.approx(math.log(E) ** 2, rel=1e-6)
+
+
+def test_init_trains():
+    model = small_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 97, (4, 16))
+    first = model(ids, labels=ids).lm_loss.item()
+    assert first == pytest.approx(math.log(97), abs=0.5)  # near-uniform predictions at init
+    for _ in range(30):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert model(ids, labels=ids).lm_loss.item() < 0.5 * first
+
+
+def test_residual_projections_are_depth_scaled():
+    config = small_config(num_hidden_layers=8, hidden_size=128, intermediate_size=256)
+    model = GrokForCausalLM(config)
+    block = model.model.layers[0]
+    assert block.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert block.attn.o_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+    assert block.ffn.moe.w_down.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(128 ** -0.5, rel=0.1)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(Exception, match="attn_logit_softcap"):
+        small_config(attn_backend="sdpa", attn_logit_softcap=30.0)
+    with pytest.raises(Exception, match="num_key_value_heads"):
+        small_config(num_key_value_heads=3)
+    with pytest.raises(Exception, match="num_experts_per_tok"):
+        small_config(num_experts_per_tok=5)
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        preset_config("huge")
+
+
+def test_accounting_of_a_small_model_by_hand():
+    config = small_config()
+    counts = count_parameters(GrokForCausalLM(config))
+    d, f, E, k, L, V, hd = 32, 48, 4, 2, 2, 97, 8
+    attention = d * 4 * hd + 2 * d * 2 * hd + 4 * hd * d
+    experts = E * 3 * d * f
+    per_layer = attention + experts + d * E + 4 * d
+    assert counts.total == V * d + L * per_layer + d
+    assert counts.active == counts.total - L * experts * (E - k) // E
+    assert flops_per_token(config, counts.active, seq_len=16) == 6 * counts.active + 12 * L * 4 * hd * 16
+
+
+def test_grok1_preset_counts_on_meta_device():
+    with torch.device("meta"):
+        model = GrokForCausalLM(preset_config("grok-1"))
+    counts = count_parameters(model)
+    assert next(model.parameters()).is_meta
+    assert abs(counts.total - 314e9) / 314e9 < 0.02
+    assert 83e9 <= counts.active <= 87e9  # tied embedding (0.8B) counted once
+
+
+def test_every_preset_builds_on_meta_and_small_ones_are_sized_as_named():
+    sizes = {}
+    for name in ("tiny", "small", "125m", "350m", "1b", "grok-2"):
+        with torch.device("meta"):
+            sizes[name] = count_parameters(GrokForCausalLM(preset_config(name)))
+    assert 1e6 <= sizes["tiny"].total <= 2e6 and sizes["tiny"].active < sizes["tiny"].total
+    assert 10e6 <= sizes["small"].total <= 20e6
+    assert 110e6 <= sizes["125m"].total <= 140e6 and sizes["125m"].active == sizes["125m"].total
+    assert 300e6 <= sizes["350m"].total <= 400e6
+    assert 0.9e9 <= sizes["1b"].total <= 1.1e9
+    assert sizes["grok-2"].total > 250e9

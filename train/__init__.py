@@ -1,0 +1,1 @@
+"""Trainer: one config from a CPU to many nodes (DDP, FSDP2, HSDP), checkpoints and metrics."""
