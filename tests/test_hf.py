@@ -132,7 +132,7 @@ def test_cli_save_writes_a_loadable_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "total" in result.stdout
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
-    assert loaded.config.num_local_experts == 4
+    assert loaded.config.num_local_experts == 8
 
 
 def test_cli_rejects_bad_input_in_one_line():
