@@ -1,0 +1,145 @@
+"""Distributed, resumable loading of a prepared corpus (no `datasets` import: training needs none).
+
+Training sample i is the window tokens[i * seq_len : (i + 1) * seq_len + 1] of the train stream:
+inputs and shifted targets, packed across document boundaries. The order of samples is fixed by
+the seed alone: epoch e visits them in a seeded permutation, and global sample index g is sample
+perm_{g // n}[g % n]. Global batch k is global indices k*B .. k*B+B-1; rank r of R takes its
+contiguous 1/R slice. So the loader's whole state is how many global samples were consumed: restoring
+it, on any number of ranks, continues the exact order an uninterrupted run would have seen.
+"""
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .shards import DataError, TokenStream, check_tokenizer
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+class SampleOrder:
+    """Global sample index -> sample id, one seeded permutation per epoch."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+        self._epoch, self._perm = -1, None
+
+    def __getitem__(self, global_index: int) -> int:
+        epoch, position = divmod(global_index, self.num_samples)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return int(self._perm[position])
+
+
+class TrainLoader:
+    """Yields this rank's share of each global batch: (inputs, targets), each [B / R, seq_len] int64."""
+
+    def __init__(self, folder, seq_len: int, global_batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device="cpu", prefetch: int = 2, vocab_size: int | None = None,
+                 tokenizer_sha256: str | None = None, verify_checksums: bool = True):
+        if global_batch_size % world_size != 0:
+            raise DataError(f"global batch of {global_batch_size} sequences does not split over {world_size} ranks")
+        self.stream = TokenStream(folder, "train", verify_checksums)
+        check_tokenizer(self.stream.manifest, Path(folder), vocab_size, tokenizer_sha256)
+        self.seq_len, self.seed = seq_len, seed
+        self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
+        self.local_batch_size = global_batch_size // world_size
+        num_samples = (len(self.stream) - 1) // seq_len
+        if num_samples < 1:
+            raise DataError(f"{folder}: the train split has {len(self.stream)} tokens, fewer than seq_len + 1 = "
+                            f"{seq_len + 1}; use a shorter seq_len or more data")
+        self.order = SampleOrder(num_samples, seed)
+        self.device = torch.device(device)
+        self.samples_consumed = 0
+        self._prefetch = prefetch
+        self._executor = ThreadPoolExecutor(max_workers=1) if prefetch > 0 else None
+        self._pending: deque = deque()  # (global start index, future) of batches being read ahead
+
+    @property
+    def num_samples(self) -> int:
+        return self.order.num_samples
+
+    @property
+    def epoch(self) -> int:
+        return self.samples_consumed // self.num_samples
+
+    def sample_ids(self, global_start: int) -> list[int]:
+        """Sample ids of this rank's slice of the global batch that starts at global_start."""
+        first = global_start + self.rank * self.local_batch_size
+        return [self.order[g] for g in range(first, first + self.local_batch_size)]
+
+    def _read(self, global_start: int) -> np.ndarray:
+        ids = self.sample_ids(global_start)
+        return np.stack([self.stream.read(i * self.seq_len, self.seq_len + 1) for i in ids])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.samples_consumed
+        if self._executor is None:
+            windows = self._read(start)
+        else:
+            while len(self._pending) <= self._prefetch:  # keep `prefetch` batches in flight after this one
+                ahead = start + len(self._pending) * self.global_batch_size
+                self._pending.append((ahead, self._executor.submit(self._read, ahead)))
+            ahead, future = self._pending.popleft()
+            assert ahead == start
+            windows = future.result()
+        self.samples_consumed += self.global_batch_size
+        batch = _to_device(windows, self.device)
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"samples_consumed": self.samples_consumed, "epoch": self.epoch, "seed": self.seed,
+                "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seq_len"] != self.seq_len or state["seed"] != self.seed:
+            raise DataError(f"loader state is for seq_len {state['seq_len']} / seed {state['seed']}, this run uses "
+                            f"seq_len {self.seq_len} / seed {self.seed}; keep them fixed when resuming")
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self.samples_consumed = int(state["samples_consumed"])
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def val_batches(folder, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1, device="cpu",
+                max_batches: int | None = None, verify_checksums: bool = True):
+    """The whole val split in order, as non-overlapping seq_len windows, each window on exactly one rank.
+
+    Rank r takes windows r, r + R, ...; every rank yields the same number of batches (sharded models
+    run collectives in forward), padding its last ones with rows whose targets are all -100 (ignored).
+    """
+    stream = TokenStream(folder, "val", verify_checksums)
+    num_windows = (len(stream) - 1) // seq_len
+    if num_windows < 1:
+        raise DataError(f"{folder}: the val split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                        f"use a shorter seq_len or prepare with a larger --val-fraction")
+    windows = list(range(rank, num_windows, world_size))
+    per_rank = -(-num_windows // world_size)
+    num_batches = -(-per_rank // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    device = torch.device(device)
+    for b in range(num_batches):
+        chunk = windows[b * batch_size:(b + 1) * batch_size]
+        inputs = np.zeros((batch_size, seq_len), dtype=np.int64)
+        targets = np.full((batch_size, seq_len), -100, dtype=np.int64)
+        for row, w in enumerate(chunk):
+            tokens = stream.read(w * seq_len, seq_len + 1)
+            inputs[row], targets[row] = tokens[:-1], tokens[1:]
+        yield _to_device(inputs, device), _to_device(targets, device)

@@ -1,0 +1,180 @@
+"""python -m data.prepare --source SRC --out DIR: corpus -> tokenizer -> packed token shards.
+
+SRC is `stdlib` (the running Python's standard library, offline, the default corpus), a local file or
+folder (.txt, .txt.gz, .jsonl(.gz), .parquet), or a Hugging Face hub dataset name (needs network).
+Documents are split into train/val whole (seeded), the tokenizer is trained on train only, and both
+splits are tokenised with EOS after every document into flat binary shards plus manifest.json.
+The output appears atomically: everything is written to a temporary folder renamed at the end.
+Re-running with the same arguments reuses the finished folder; identical inputs give identical bytes.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import tokenizer as tok
+from .shards import FORMAT_VERSION, DataError, ShardWriter, token_dtype, write_manifest, read_manifest
+
+
+def split_documents(n_documents: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and val document indices (each sorted): a seeded choice of whole documents, not a tail slice."""
+    n_val = max(1, round(val_fraction * n_documents)) if val_fraction > 0 else 0
+    if n_val >= n_documents:
+        raise DataError(f"--val-fraction {val_fraction}: {n_documents} document(s) leave an empty train split; "
+                        f"use a larger corpus or a smaller --val-fraction")
+    order = np.random.default_rng(seed).permutation(n_documents)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+_worker_tokenizers: dict = {}
+
+
+def _encode_batch(batch, tokenizer_path: str):
+    """datasets.map worker: token ids of each document, EOS appended (the separator of the packed stream)."""
+    if tokenizer_path not in _worker_tokenizers:
+        _worker_tokenizers[tokenizer_path] = tok.Tokenizer.from_file(tokenizer_path)
+    encodings = _worker_tokenizers[tokenizer_path].encode_batch(batch["text"], add_special_tokens=False)
+    return {"ids": [e.ids + [tok.EOS_ID] for e in encodings]}
+
+
+def write_split(documents, folder: Path, split: str, dtype, shard_tokens: int, num_proc: int) -> dict:
+    encoded = documents.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                            fn_kwargs={"tokenizer_path": str(folder / "tokenizer.json")},
+                            remove_columns=["text"], desc=f"tokenising {split}")
+    writer = ShardWriter(folder, split, dtype, shard_tokens)
+    for start in range(0, len(encoded), 4096):
+        ids = encoded[start:start + 4096]["ids"]
+        writer.write(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]))
+    shards = writer.close()
+    return {"documents": len(documents), "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    from .sources import load_corpus  # imports `datasets`: only where data is prepared
+
+    out = Path(args.out)
+    settings = {k: getattr(args, k) for k in ("source", "tokenizer", "vocab_size", "val_fraction", "text_field",
+                                               "sample_by", "seed", "shard_tokens", "hub_config", "hub_split",
+                                               "max_documents")}
+    if (out / "manifest.json").exists() and not args.overwrite:
+        manifest = read_manifest(out)
+        if manifest["settings"] != settings:
+            raise DataError(f"{out}: already prepared with other settings; pass --overwrite or choose another --out")
+        _check_seq_len(manifest, args.seq_len, out)
+        print(f"{out}: already prepared with these settings, reusing it", file=sys.stderr)
+        return manifest
+
+    started = time.perf_counter()
+    corpus = load_corpus(args.source, args.text_field, args.sample_by, args.hub_config, args.hub_split,
+                         args.streaming, args.max_documents)
+    train_idx, val_idx = split_documents(len(corpus.documents), args.val_fraction, args.seed)
+    splits = {"train": corpus.documents.select(train_idx), "val": corpus.documents.select(val_idx)}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        if args.tokenizer == "bpe":
+            texts = (splits["train"][i:i + 1000]["text"] for i in range(0, len(splits["train"]), 1000))
+            tokenizer = tok.train_bpe(texts, args.vocab_size)
+        else:
+            tokenizer = tok.byte_tokenizer()
+        tokenizer_hash = tok.save(tokenizer, tmp)
+        vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        dtype = token_dtype(vocab_size)
+        written = {name: write_split(docs, tmp, name, dtype, args.shard_tokens, args.num_proc)
+                   for name, docs in splits.items()}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source": corpus.description,
+            "settings": settings,
+            "tokenizer": {"kind": args.tokenizer, "vocab_size": vocab_size, "sha256": tokenizer_hash,
+                          "pad_id": tok.PAD_ID, "bos_id": tok.BOS_ID, "eos_id": tok.EOS_ID, "unk_id": tok.UNK_ID},
+            "dtype": dtype.name,
+            "replaced_characters": corpus.replaced_characters,
+            "splits": written,
+        }
+        _check_seq_len(manifest, args.seq_len, out)
+        write_manifest(tmp, manifest)
+        if out.exists():  # --overwrite: swap in the new folder, then drop the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    seconds = time.perf_counter() - started
+    total = sum(s["tokens"] for s in written.values())
+    print(f"{out}: {corpus.description}; {vocab_size}-token {args.tokenizer} tokenizer; "
+          + ", ".join(f"{name} {s['documents']} docs / {s['tokens']:,} tokens" for name, s in written.items())
+          + f"; {total / seconds:,.0f} tokens/s end to end"
+          + (f"; {corpus.replaced_characters} undecodable bytes replaced" if corpus.replaced_characters else ""),
+          file=sys.stderr)
+    return manifest
+
+
+def _check_seq_len(manifest: dict, seq_len: int | None, out: Path) -> None:
+    if seq_len is None:
+        return
+    for name, split in manifest["splits"].items():
+        if split["tokens"] < seq_len + 1:
+            raise DataError(f"{out}: the {name} split has {split['tokens']} tokens, fewer than seq_len + 1 = "
+                            f"{seq_len + 1}; use a shorter --seq-len, a larger --val-fraction or more data")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, help="stdlib | a local file or folder | a hub dataset name")
+    p.add_argument("--out", required=True, help="output folder (created atomically)")
+    p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary incl. 4 specials (default 2048)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out (default 0.01)")
+    p.add_argument("--text-field", default="text", help="column holding the text in jsonl/parquet/hub data")
+    p.add_argument("--sample-by", choices=["paragraph", "line", "document"], default="paragraph",
+                   help="what one document is in .txt files (default: blank-line separated paragraphs)")
+    p.add_argument("--seq-len", type=int, help="check that every split holds at least one seq_len + 1 window")
+    p.add_argument("--num-proc", type=int, default=1, help="tokenisation processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val document split")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file (default 2^28)")
+    p.add_argument("--hub-config", help="hub dataset config name")
+    p.add_argument("--hub-split", default="train", help="hub dataset split (default train)")
+    p.add_argument("--streaming", action="store_true", help="stream a large hub dataset (with --max-documents)")
+    p.add_argument("--max-documents", type=int, help="use only the first N documents of a hub dataset")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
+    args = p.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.num_proc < 1 or args.shard_tokens < 1 or (args.seq_len is not None and args.seq_len < 1):
+        p.error("--num-proc, --shard-tokens and --seq-len must be positive")
+    if args.tokenizer == "bpe" and args.vocab_size < tok.BYTE_VOCAB_SIZE:
+        p.error(f"--vocab-size {args.vocab_size} is below the {tok.BYTE_VOCAB_SIZE} byte-level base vocabulary")
+    if args.vocab_size > 2**32:
+        p.error(f"--vocab-size {args.vocab_size} does not fit a uint32 token shard")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import datasets  # quiet library logging: errors reach the user as one line below
+    datasets.logging.set_verbosity_error()
+    try:
+        prepare(args)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
