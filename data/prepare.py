@@ -166,8 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import datasets  # quiet library logging: errors reach the user as one line below
+    import datasets  # quiet the library: the user gets one summary line, or one error line
     datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     try:
         prepare(args)
     except DataError as error:

@@ -4,6 +4,7 @@ Every source becomes a `datasets.Dataset` with one document per row in a `text` 
 deterministic order. Undecodable bytes are replaced (U+FFFD) and counted, never fatal.
 """
 
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from .shards import DataError
 REPLACEMENT = "\ufffd"
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # Folders of the standard library that are not its own source: installed packages and test suites.
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "owner/name"
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -39,6 +41,10 @@ def load_stdlib() -> Corpus:
     version = ".".join(map(str, sys.version_info[:3]))
     return Corpus(datasets.Dataset.from_dict({"text": texts}), f"stdlib: Python {version} standard library "
                   f"({len(texts)} .py files)", sum(t.count(REPLACEMENT) for t in texts))
+
+
+def _looks_like_a_file(source: str) -> bool:
+    return any(source.endswith(suffix) or source.endswith(suffix + ".gz") for suffix in LOCAL_SUFFIXES)
 
 
 def _local_format(path: Path) -> str:
@@ -104,7 +110,7 @@ def load_corpus(source: str, text_field: str = "text", sample_by: str = "paragra
         corpus = load_stdlib()
     elif Path(source).exists():
         corpus = load_local(Path(source), text_field, sample_by)
-    elif "/" in source or source.replace("-", "").replace("_", "").isalnum():
+    elif HUB_NAME.fullmatch(source) and not _looks_like_a_file(source):
         try:
             corpus = load_hub(source, hub_config, hub_split, text_field, streaming, max_documents)
         except DataError:
