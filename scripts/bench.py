@@ -1,15 +1,20 @@
 """Benchmarks that print numbers (never timed tests).
 
     python scripts/bench.py model [--preset tiny] [--batch 32] [--seq-len 128] [--steps 10] [--json]
+    python scripts/bench.py data  [--source stdlib] [--vocab-size 2048] [--batch 32] [--seq-len 128] [--json]
 
 `model`: one training step (forward, backward, AdamW) of a preset in this process, in fp32 on CPU or bf16
 autocast on GPU: tokens/s, achieved FLOP/s from the model's FLOPs-per-token accounting, and MFU where the
 device's peak is known.
+
+`data`: BPE training time and tokenisation throughput on a corpus, the loader's time per batch, and the
+share of a real `tiny` training loop spent waiting for the (prefetching) loader: the target is < 2%.
 """
 
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,6 +75,58 @@ def bench_model(args) -> dict:
     }
 
 
+def bench_data(args) -> dict:
+    import datasets
+    from data import tokenizer as tok
+    from data.loader import TrainLoader
+    from data.prepare import main as prepare_main
+    from data.sources import load_corpus
+
+    datasets.disable_progress_bars()
+    corpus = load_corpus(args.source)
+    texts = corpus.documents["text"]
+    start = time.perf_counter()
+    tokenizer = tok.train_bpe(texts, args.vocab_size)
+    bpe_train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    n_tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+    encode_s = time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "prepared"
+        prepare_main(["--source", args.source, "--out", str(folder), "--vocab-size", str(args.vocab_size)])
+        unprefetched = TrainLoader(folder, args.seq_len, args.batch, prefetch=0)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            next(unprefetched)
+        loader_ms = (time.perf_counter() - start) / args.steps * 1e3
+
+        # A real tiny training loop fed by the prefetching loader: how long does the step wait for data?
+        config = preset_config("tiny", vocab_size=unprefetched.stream.manifest["tokenizer"]["vocab_size"])
+        model = GrokForCausalLM(config).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        loader = TrainLoader(folder, args.seq_len, args.batch, prefetch=2)
+        waited = total = 0.0
+        for step in range(args.warmup + args.steps):
+            begin = time.perf_counter()
+            inputs, targets = next(loader)
+            fetched = time.perf_counter()
+            model(inputs, targets=targets).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                waited += fetched - begin
+                total += time.perf_counter() - begin
+        loader.close()
+    return {
+        "bench": "data", "source": corpus.description, "documents": len(texts), "tokens": n_tokens,
+        "bpe_vocab": tokenizer.get_vocab_size(), "bpe_train_s": round(bpe_train_s, 2),
+        "encode_tokens_per_s": round(n_tokens / encode_s), "batch": args.batch, "seq_len": args.seq_len,
+        "loader_ms_per_batch": round(loader_ms, 3), "tiny_step_ms": round(total / args.steps * 1e3, 1),
+        "loader_wait_share": round(waited / total, 5),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="section", required=True)
@@ -81,9 +138,17 @@ def main() -> int:
     m.add_argument("--warmup", type=int, default=3)
     m.add_argument("--attn-backend", choices=["eager", "sdpa", "flex"])
     m.add_argument("--json", action="store_true")
+    d = sub.add_parser("data", help="tokeniser throughput and loader cost against a tiny training step")
+    d.add_argument("--source", default="stdlib")
+    d.add_argument("--vocab-size", type=int, default=2048)
+    d.add_argument("--batch", type=int, default=32)
+    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--warmup", type=int, default=3)
+    d.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    result = bench_model(args)
+    result = {"model": bench_model, "data": bench_data}[args.section](args)
     if args.json:
         print(json.dumps(result))
     else:
