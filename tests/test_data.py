@@ -120,6 +120,18 @@ def test_split_is_by_whole_documents_and_seeded(tmp_path, corpus_file):
         assert texts == [docs[i] for i in indices]
 
 
+def test_gzipped_text_and_folder_sources(tmp_path):
+    docs = paragraphs(30)
+    (tmp_path / "books").mkdir()
+    with gzip.open(tmp_path / "books" / "a.txt.gz", "wt") as f:
+        f.write("\n\n".join(docs[:20]))
+    (tmp_path / "books" / "b.txt").write_text("\n\n".join(docs[20:]))
+    assert prepare("--source", tmp_path / "books", "--out", tmp_path / "o", "--tokenizer", "byte") == 0
+    manifest = read_manifest(tmp_path / "o")
+    assert sum(s["documents"] for s in manifest["splits"].values()) == 30
+    assert sum(s["tokens"] for s in manifest["splits"].values()) == sum(len(d) + 1 for d in docs)
+
+
 def test_jsonl_gz_and_parquet_sources(tmp_path):
     rows = [{"body": text, "id": i} for i, text in enumerate(paragraphs(40))]
     with gzip.open(tmp_path / "docs.jsonl.gz", "wt") as f:
