@@ -1,0 +1,39 @@
+"""python -m train --config configs/NAME.toml [--section.key=value ...]
+
+The same command under torchrun (any --nproc_per_node / --nnodes) runs the same training.
+"""
+
+import sys
+
+from data.shards import DataError
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, load_config
+from .trainer import run
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    config_path = None
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            print("error: --config needs a file, e.g. --config configs/tiny.toml", file=sys.stderr)
+            return 2
+        config_path = argv[at + 1]
+        del argv[at:at + 2]
+    argv = [a for a in argv if not a.startswith("--config=") or not (config_path := a.split("=", 1)[1])]
+    try:
+        config = load_config(config_path, argv)
+        run(config)
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The training config: one TOML file, validated by a pydantic schema, the same at every scale.
+
+    python -m train --config configs/tiny.toml --run.max_steps=100 --parallel.strategy=fsdp
+
+Every error is one line naming the key (`ConfigError`), raised before any process group starts.
+The batch is fixed globally (sequences or tokens) plus a micro batch per device; gradient
+accumulation is derived from the data-parallel world size, so the optimisation is the same math on
+1 CPU process or 1,000 GPUs.
+"""
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model import GrokConfig
+from model.presets import PRESETS
+
+
+class ConfigError(ValueError):
+    """A config problem; the message is one line naming the key and what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    preset: str = "tiny"
+    # GrokConfig fields to override, e.g. {attn_backend = "sdpa", attn_logit_softcap = 0}.
+    # vocab_size defaults to the prepared data's tokenizer.
+    overrides: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        fields = GrokConfig.__dataclass_fields__
+        for key in self.overrides:
+            if key not in fields:
+                raise ValueError(f"model.overrides.{key} is not a GrokConfig field")
+        return self
+
+
+class DataSection(Section):
+    path: str = "runs/data/stdlib"  # a folder made by `python -m data.prepare`
+    seq_len: int = Field(128, gt=0)
+    prefetch: int = Field(2, ge=0)
+    verify_checksums: bool = True
+
+
+class OptimSection(Section):
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # final lr = lr * min_lr_ratio
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: the last fraction of steps decays
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping (the norm is still logged)
+
+
+class BatchSection(Section):
+    global_batch_size: int | None = Field(None, gt=0)  # sequences per optimizer step (default 32)
+    global_batch_tokens: int | None = Field(None, gt=0)  # or tokens per step (a multiple of data.seq_len)
+    micro_batch_size: int = Field(8, gt=0)  # sequences per forward/backward on one device
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.global_batch_size is not None and self.global_batch_tokens is not None:
+            raise ValueError("batch: set only one of batch.global_batch_size and batch.global_batch_tokens")
+        if self.global_batch_size is None and self.global_batch_tokens is None:
+            self.__dict__["global_batch_size"] = 32
+        return self
+
+
+class ParallelSection(Section):
+    strategy: Literal["none", "ddp", "fsdp", "hsdp"] = "none"
+    replicate_size: int | None = Field(None, gt=0)  # hsdp: replicas (nodes); default world / shard_size
+    shard_size: int | None = Field(None, gt=0)  # hsdp: shard group (GPUs per node); default LOCAL_WORLD_SIZE
+    reshard_after_forward: bool = True  # fsdp/hsdp: free gathered params after forward (ZeRO-3 memory)
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block (GPU; costs ~30 s cold and gains nothing on CPU)
+
+
+class PrecisionSection(Section):
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+
+
+class CheckpointSection(Section):
+    dir: str | None = None  # default: {run.out_dir}/checkpoints
+    every: int = Field(0, ge=0)  # steps; 0 = only at the end
+    keep: int = Field(2, gt=0)  # complete checkpoints kept
+
+
+class EvalSection(Section):
+    every: int = Field(0, ge=0)  # steps; 0 = only at the end
+    max_sequences: int | None = Field(None, gt=0)  # first N val windows (same at any scale); None = all
+    batch_size: int | None = Field(None, gt=0)  # default: batch.micro_batch_size
+
+
+class LogSection(Section):
+    every: int = Field(1, gt=0)
+    progress: bool = True  # progress bar on rank 0
+    tensorboard: bool = False
+
+
+class RunSection(Section):
+    out_dir: str = "runs/tiny"
+    max_steps: int = Field(200, gt=0)
+    seed: int = 0
+    resume: str = "auto"  # auto: latest complete checkpoint if any | never | a checkpoint folder
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    timeout_s: int = Field(600, gt=0)  # process-group (collective) timeout
+
+
+class TrainConfig(Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    batch: BatchSection = BatchSection()
+    parallel: ParallelSection = ParallelSection()
+    precision: PrecisionSection = PrecisionSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    eval: EvalSection = EvalSection()
+    log: LogSection = LogSection()
+    run: RunSection = RunSection()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run.out_dir) / "checkpoints")
+
+    def global_batch_sequences(self) -> int:
+        if self.batch.global_batch_size is not None:
+            return self.batch.global_batch_size
+        if self.batch.global_batch_tokens % self.data.seq_len:
+            raise ConfigError(f"batch.global_batch_tokens {self.batch.global_batch_tokens} is not a multiple of "
+                              f"data.seq_len {self.data.seq_len}")
+        return self.batch.global_batch_tokens // self.data.seq_len
+
+    def grad_accumulation(self, data_parallel_size: int) -> int:
+        """Micro-batches per rank per step; errors with the nearest valid global batch sizes."""
+        sequences = self.global_batch_sequences()
+        per_step = self.batch.micro_batch_size * data_parallel_size
+        if sequences % per_step:
+            lower = max(per_step, sequences // per_step * per_step)
+            upper = (sequences // per_step + 1) * per_step
+            raise ConfigError(
+                f"batch.global_batch_size {sequences} is not divisible by micro_batch_size "
+                f"{self.batch.micro_batch_size} x {data_parallel_size} data-parallel ranks; use {lower} or {upper} "
+                f"(or change batch.micro_batch_size)")
+        return sequences // per_step
+
+    def dump_toml(self) -> str:
+        lines = []
+        for name, section in self:
+            lines.append(f"[{name}]")
+            for key, value in section.model_dump().items():
+                if value is not None and not isinstance(value, dict):
+                    lines.append(f"{key} = {_toml_value(value)}")
+            for key, value in section.model_dump().items():
+                if isinstance(value, dict) and value:
+                    lines.append(f"[{name}.{key}]")
+                    lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if not item.startswith("--") or "=" not in item:
+        raise ConfigError(f"argument {item!r}: overrides look like --section.key=value")
+    key, raw = item[2:].split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as --run.out_dir=runs/x
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file; see configs/ for examples")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    for item in overrides:
+        keys, value = _parse_override(item)
+        if len(keys) < 2:
+            raise ConfigError(f"argument {item!r}: name a section and a key, e.g. --run.max_steps=100")
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"argument {item!r}: {key} is not a section")
+        node[keys[-1]] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        prefix = "" if message.startswith(where) else f"{where}: "
+        raise ConfigError(f"{prefix}{message}" + (f" (got {first['input']!r})" if first["type"] not in (
+            "value_error", "missing") and not isinstance(first["input"], dict) else "")) from error

@@ -1,0 +1,174 @@
+"""Everything distributed, applied from outside the model (as torchtitan does).
+
+  none  one process;
+  ddp   DistributedDataParallel: full replicas, gradients all-reduced;
+  fsdp  FSDP2 `fully_shard` per block and on the root: parameters, gradients and optimizer state
+        sharded over all ranks (ZeRO-3);
+  hsdp  FSDP2 on a 2-D mesh: replicate across nodes x shard inside a node.
+The same code runs with gloo on CPU and NCCL on GPU.
+"""
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import ConfigError, TrainConfig
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    dtype: torch.dtype  # compute dtype: bf16 autocast on GPU, fp32 on CPU
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_initialized()
+
+
+def setup(config: TrainConfig) -> Env:
+    """Read the launcher's environment, pick device and dtype, and start the process group."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    strategy = config.parallel.strategy
+    if strategy == "none" and world_size > 1:
+        raise ConfigError(f"parallel.strategy 'none' runs one process, but {world_size} were launched; "
+                          f"use ddp, fsdp or hsdp")
+    use_cuda = config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("run.device 'cuda': no CUDA device is visible; use run.device = \"cpu\" or \"auto\"")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if config.precision.dtype == "bf16" or (config.precision.dtype == "auto" and use_cuda):
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 or strategy != "none":
+        if "MASTER_ADDR" not in os.environ:  # one process, started without a launcher: a private rendezvous
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=config.run.timeout_s),
+                                device_id=device if use_cuda else None, rank=rank, world_size=world_size)
+    return Env(rank, world_size, local_rank, local_world_size, device, dtype)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def build_mesh(config: TrainConfig, env: Env) -> DeviceMesh | None:
+    strategy = config.parallel.strategy
+    if strategy in ("none", "ddp"):
+        return None
+    if strategy == "fsdp":
+        return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
+    shard = config.parallel.shard_size or env.local_world_size
+    replicate = config.parallel.replicate_size or env.world_size // shard
+    if replicate * shard != env.world_size:
+        raise ConfigError(f"parallel.replicate_size {replicate} x parallel.shard_size {shard} != world size "
+                          f"{env.world_size}; set them so their product is the number of processes")
+    return init_device_mesh(env.device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def parallelize(model: nn.Module, config: TrainConfig, env: Env) -> nn.Module:
+    """Activation checkpointing and compile per block, then the data-parallel wrapper."""
+    blocks = model.model.layers
+    for i, block in enumerate(blocks):
+        if config.parallel.activation_checkpointing:
+            block = checkpoint_wrapper(block)
+        if config.parallel.compile:
+            block.compile()
+        blocks[i] = block
+
+    strategy = config.parallel.strategy
+    if strategy == "ddp":
+        return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if strategy in ("fsdp", "hsdp"):
+        mesh = build_mesh(config, env)
+        # bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU.
+        policy = MixedPrecisionPolicy(param_dtype=env.dtype, reduce_dtype=torch.float32)
+        reshard = config.parallel.reshard_after_forward
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def autocast(env: Env):
+    """bf16 autocast for ddp/none on GPU; FSDP casts through its MixedPrecisionPolicy instead."""
+    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.dtype == torch.bfloat16)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Clip by the norm of the *global* gradient; returns that norm (before clipping).
+
+    Under FSDP each rank holds a shard of every gradient (DTensor): the total norm is reduced across
+    the mesh, so every rank clips by the same, true norm. max_norm 0 only measures.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+    return total
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,204 @@
+"""The training loop: one code path for 1 CPU process, a GPU node or many nodes.
+
+Each optimizer step consumes one global batch. This rank's share (global / data-parallel ranks) is
+split into micro-batches of batch.micro_batch_size; gradients accumulate over them and are synced on
+the last. Every micro-batch has the same number of tokens (packed data, no padding), so averaging
+per-micro-batch mean losses gives exactly the global mean: the same math at every scale.
+"""
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from data.loader import TrainLoader, val_batches
+from data.shards import DataError, read_manifest
+from data.tokenizer import load as load_tokenizer
+from data.tokenizer import token_byte_lengths
+from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
+
+from . import checkpoint
+from .config import ConfigError, TrainConfig
+from .metrics import MetricsLogger, peak_memory_mib
+from .optim import build_optimizer, lr_at, set_lr
+from .parallel import (Env, all_reduce_max, all_reduce_sum, autocast, barrier, clip_grad_norm, gradient_sync,
+                       parallelize, setup, teardown, unwrap)
+
+
+def build_model_config(config: TrainConfig, manifest: dict):
+    overrides = {"vocab_size": manifest["tokenizer"]["vocab_size"], **config.model.overrides}
+    try:
+        model_config = preset_config(config.model.preset, **overrides)
+    except Exception as error:  # GrokConfig's validation: keep its first line, which names the field
+        message = next(line.strip() for line in str(error).splitlines()[::-1] if line.strip())
+        raise ConfigError(f"model.overrides: {message}") from error
+    if config.data.seq_len > model_config.max_position_embeddings:
+        raise ConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's context "
+                          f"{model_config.max_position_embeddings}; lower data.seq_len or set "
+                          f"model.overrides.max_position_embeddings")
+    return model_config
+
+
+def check_before_start(config: TrainConfig) -> None:
+    """Everything that can be checked without a process group: fail in one line, before heavy work."""
+    manifest = read_manifest(Path(config.data.path))
+    build_model_config(config, manifest)
+    config.global_batch_sequences()
+    out = Path(config.run.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"run.out_dir / checkpoint.dir: cannot create folder ({error.strerror}: "
+                          f"{error.filename}); choose a writable location") from error
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, env: Env):
+        self.config, self.env = config, env
+        self.grad_accumulation = config.grad_accumulation(env.world_size)
+        self.global_batch = config.global_batch_sequences()
+        manifest = read_manifest(Path(config.data.path))
+        self.model_config = build_model_config(config, manifest)
+
+        torch.manual_seed(config.run.seed)  # identical initial weights on every rank
+        model = GrokForCausalLM(self.model_config).to(env.device)
+        counts = count_parameters(model)
+        self.params_total, self.params_active = counts.total, counts.active
+        self.flops_per_token = flops_per_token(self.model_config, counts.active, config.data.seq_len)
+        self.model = parallelize(model, config, env)
+        self.optimizer = build_optimizer(self.model, config.optim, env.device)
+        self.loader = TrainLoader(config.data.path, config.data.seq_len, self.global_batch, env.rank,
+                                  env.world_size, config.run.seed, env.device, config.data.prefetch,
+                                  vocab_size=self.model_config.vocab_size,
+                                  verify_checksums=config.data.verify_checksums)
+        self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(config.data.path))).to(env.device)
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def resume(self) -> Path | None:
+        root, choice = self.config.checkpoint_dir, self.config.run.resume
+        if self.env.is_main:
+            checkpoint.remove_partial(root)
+        barrier()
+        if choice == "never":
+            return None
+        path = checkpoint.latest_checkpoint(root) if choice == "auto" else Path(choice)
+        if path is None:
+            return None
+        state = checkpoint.load(path, self.model, self.optimizer, self.env)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.loader.load_state_dict(state["loader"])
+        return path
+
+    def save(self) -> Path:
+        state = {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict()}
+        return checkpoint.save(self.config.checkpoint_dir, self.step, self.model, self.optimizer, state,
+                               self.env, self.config.checkpoint.keep, self.config.parallel.strategy)
+
+    # --- one optimizer step --------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        self.model.train()
+        inputs, targets = next(self.loader)
+        micro = self.config.batch.micro_batch_size
+        sums = torch.zeros(4, device=self.env.device)  # loss, lm_loss, aux_loss, z_loss
+        expert_counts = None
+        for i in range(self.grad_accumulation):
+            last = i == self.grad_accumulation - 1
+            rows = slice(i * micro, (i + 1) * micro)
+            with gradient_sync(self.model, enabled=last), autocast(self.env):
+                out = self.model(inputs[rows], targets=targets[rows])
+                (out.loss / self.grad_accumulation).backward()
+            sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
+            counts = out.expert_token_counts.detach()
+            expert_counts = counts if expert_counts is None else expert_counts + counts
+        grad_norm = clip_grad_norm(self.model.parameters(), self.config.optim.grad_clip)
+        lr = lr_at(self.step, self.config.run.max_steps, self.config.optim)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.global_batch * self.config.data.seq_len
+
+        # One reduction for everything logged: means over micro-batches and ranks.
+        reduced = all_reduce_sum(torch.cat([sums, expert_counts.flatten().float()]))
+        means = (reduced[:4] / (self.grad_accumulation * self.env.world_size)).tolist()
+        row = {"step": self.step, "loss": means[0], "lm_loss": means[1], "aux_loss": means[2],
+               "z_loss": means[3], "lr": lr, "grad_norm": float(grad_norm), "tokens_seen": self.tokens_seen}
+        if expert_counts.numel():
+            load = reduced[4:].view_as(expert_counts)
+            # per layer: busiest expert's share relative to a perfectly even share (1.0 = balanced)
+            row["expert_load_max"] = (load.max(dim=1).values / load.mean(dim=1)).tolist()
+        return row
+
+    # --- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Val loss (nats/token) and bits per byte over the val split, summed across ranks."""
+        self.model.eval()
+        batch_size = self.config.eval.batch_size or self.config.batch.micro_batch_size
+        sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # nats, tokens, bytes
+        for inputs, targets in val_batches(self.config.data.path, self.config.data.seq_len, batch_size,
+                                           self.env.rank, self.env.world_size, self.env.device,
+                                           self.config.eval.max_sequences, verify_checksums=False):
+            with autocast(self.env):
+                out = self.model(inputs, targets=targets)
+            valid = targets != -100
+            n_valid = valid.sum()
+            nats = out.lm_loss.double() * n_valid if n_valid > 0 else torch.zeros((), dtype=torch.float64,
+                                                                                    device=self.env.device)
+            sums += torch.stack([nats, n_valid.double(), self.byte_lengths[targets[valid]].sum().double()])
+        nats, tokens, n_bytes = all_reduce_sum(sums).tolist()
+        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / n_bytes, "val_tokens": int(tokens)}
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        config, env = self.config, self.env
+        resumed_from = self.resume()
+        out_dir = Path(config.run.out_dir)
+        if env.is_main:
+            (out_dir / "config.toml").write_text(config.dump_toml())
+            shutil.copy(Path(config.data.path) / "manifest.json", out_dir / "data_manifest.json")
+            print(f"minicolossus: {config.model.preset} ({self.params_total:,} params, {self.params_active:,} active) "
+                  f"| {config.parallel.strategy} x {env.world_size} on {env.device.type} "
+                  f"{str(env.dtype).removeprefix('torch.')} | global batch {self.global_batch} x "
+                  f"{config.data.seq_len} tokens = {self.grad_accumulation} micro-batch(es) of "
+                  f"{config.batch.micro_batch_size} per rank"
+                  + (f" | resumed from {resumed_from}" if resumed_from else ""), flush=True)
+        logger = MetricsLogger(out_dir, env.is_main, self.flops_per_token, env.device, config.run.max_steps,
+                               self.step, config.log.progress, config.log.tensorboard)
+        logger.throughput(self.tokens_seen)
+        last = {}
+        try:
+            while self.step < config.run.max_steps:
+                row = self.train_step()
+                done = self.step == config.run.max_steps
+                if config.eval.every and self.step % config.eval.every == 0 or done:
+                    row.update(self.evaluate())
+                if self.step % config.log.every == 0 or done:
+                    row.update(logger.throughput(self.tokens_seen))
+                    row["peak_mem_mib"] = float(all_reduce_max(torch.tensor(peak_memory_mib(env.device))))
+                    logger.log(row)
+                    last = row
+                logger.advance(self.step)
+                if config.checkpoint.every and self.step % config.checkpoint.every == 0 or done:
+                    self.save()
+        finally:
+            logger.close()
+            self.loader.close()
+        return last
+
+
+def run(config: TrainConfig) -> dict:
+    check_before_start(config)
+    env = setup(config)
+    try:
+        return Trainer(config, env).fit()
+    finally:
+        teardown()
+
+
+__all__ = ["run", "Trainer", "check_before_start", "ConfigError", "DataError"]
