@@ -7,13 +7,14 @@ per-micro-batch mean losses gives exactly the global mean: the same math at ever
 """
 
 import math
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from data.loader import TrainLoader, val_batches
-from data.shards import DataError, read_manifest
+from data.shards import DataError, check_tokenizer, read_manifest
 from data.tokenizer import load as load_tokenizer
 from data.tokenizer import token_byte_lengths
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
@@ -43,8 +44,9 @@ def build_model_config(config: TrainConfig, manifest: dict):
 def check_before_start(config: TrainConfig) -> None:
     """Everything that can be checked without a process group: fail in one line, before heavy work."""
     manifest = read_manifest(Path(config.data.path))
-    build_model_config(config, manifest)
-    config.global_batch_sequences()
+    model_config = build_model_config(config, manifest)
+    check_tokenizer(manifest, Path(config.data.path), vocab_size=model_config.vocab_size)
+    config.grad_accumulation(int(os.environ.get("WORLD_SIZE", 1)))
     out = Path(config.run.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,179 @@
+"""The trainer with real processes (torchrun + gloo): the same math at every scale, exact resume."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from data.prepare import main as prepare_main
+from model import GrokForCausalLM, preset_config
+from train.__main__ import main as train_main
+from train.config import load_config
+
+from test_data import paragraphs
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("train-data")
+    (folder / "corpus.txt").write_text("\n\n".join(paragraphs(150)))
+    assert prepare_main(["--source", str(folder / "corpus.txt"), "--out", str(folder / "p"), "--tokenizer", "byte",
+                         "--val-fraction", "0.05"]) == 0
+    return folder / "p"
+
+
+def base_args(data_dir: Path, out: Path, steps: int = STEPS) -> list[str]:
+    # grad_clip 0.5 is below the norms of these steps, so every step clips: a wrong (per-shard) norm
+    # would change the updates and the losses would diverge from the single process.
+    return ["--config", str(REPO / "configs" / "tiny.toml"), f"--data.path={data_dir}", "--data.seq_len=64",
+            "--batch.global_batch_size=8", "--batch.micro_batch_size=4", "--optim.warmup_steps=2",
+            "--optim.grad_clip=0.5", f"--run.max_steps={steps}", "--log.every=1", "--log.progress=false",
+            "--eval.every=0", "--eval.max_sequences=16", "--checkpoint.every=0", f"--run.out_dir={out}"]
+
+
+def train(data_dir, out, *overrides, nproc: int = 1, steps: int = STEPS) -> list[dict]:
+    launcher = [sys.executable, "-m", "train"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
+    strategy = [] if any(o.startswith("--parallel.strategy") for o in overrides) else [
+        "--parallel.strategy=none" if nproc == 1 else "--parallel.strategy=fsdp"]
+    result = subprocess.run(launcher + base_args(data_dir, out, steps) + strategy + list(overrides), cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> list[dict]:
+    """One process, no parallelism, checkpoints at steps 6 and 12."""
+    out = tmp_path_factory.mktemp("reference")
+    return train(data_dir, out, "--checkpoint.every=6", "--checkpoint.keep=3"), out
+
+
+def losses(rows):
+    return [row["loss"] for row in rows]
+
+
+@pytest.mark.parametrize("strategy", [
+    ["--parallel.strategy=ddp"],
+    ["--parallel.strategy=fsdp"],
+    ["--parallel.strategy=fsdp", "--parallel.reshard_after_forward=false"],
+    ["--parallel.strategy=hsdp", "--parallel.replicate_size=1", "--parallel.shard_size=2"],
+    ["--parallel.strategy=hsdp", "--parallel.replicate_size=2", "--parallel.shard_size=1"],
+], ids=["ddp", "fsdp", "fsdp-no-reshard", "hsdp-1x2", "hsdp-2x1"])
+def test_two_processes_follow_the_single_process_loss_curve(data_dir, reference, tmp_path, strategy):
+    single, _ = reference
+    rows = train(data_dir, tmp_path, *strategy, nproc=2)
+    assert len(rows) == len(single) == STEPS
+    assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-5
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(rows, single)) < 1e-4
+    assert all(row["grad_norm"] > 0.5 for row in single)  # clipping was active on every step
+    assert abs(rows[-1]["val_loss"] - single[-1]["val_loss"]) < 1e-5
+
+
+def test_gradient_accumulation_is_the_same_step(data_dir, tmp_path):
+    # The router aux losses depend on which tokens share a micro-batch; without them, accumulation is exact.
+    no_aux = ["--model.overrides.router_aux_loss_coef=0", "--model.overrides.router_z_loss_coef=0"]
+    whole = train(data_dir, tmp_path / "a", *no_aux, "--batch.micro_batch_size=8", steps=6)
+    accumulated = train(data_dir, tmp_path / "b", *no_aux, "--batch.micro_batch_size=2", steps=6)
+    assert max(abs(a - b) for a, b in zip(losses(whole), losses(accumulated))) < 1e-5
+
+
+def model_weights(checkpoint: Path, vocab_size: int) -> dict:
+    state = GrokForCausalLM(preset_config("tiny", vocab_size=vocab_size)).state_dict()
+    dcp.load({"model": state}, checkpoint_id=checkpoint)
+    return state
+
+
+def test_resume_is_bitwise_exact_on_two_processes(data_dir, tmp_path):
+    straight = train(data_dir, tmp_path / "straight", "--checkpoint.every=6", "--checkpoint.keep=2", nproc=2)
+    # a second run starts from the straight run's step-6 checkpoint, as after a crash at step 6
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_00000006",
+                    resumed_dir / "checkpoints" / "step_00000006")
+    resumed = train(data_dir, resumed_dir, nproc=2)
+    assert [row["step"] for row in resumed] == list(range(7, STEPS + 1))
+    assert losses(resumed) == losses(straight)[6:]  # bitwise: floats from JSON compare exactly
+    a = model_weights(tmp_path / "straight" / "checkpoints" / "step_00000012", 260)
+    b = model_weights(resumed_dir / "checkpoints" / "step_00000012", 260)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((resumed_dir / "checkpoints" / "step_00000012" / "trainer.json").read_text())
+    assert state["loader"]["samples_consumed"] == STEPS * 8 and state["world_size"] == 2
+
+
+@pytest.mark.parametrize("direction", ["2->1", "1->2"])
+def test_resume_on_another_world_size(data_dir, reference, tmp_path, direction):
+    single, single_out = reference
+    if direction == "2->1":
+        source = tmp_path / "two"
+        train(data_dir, source, "--checkpoint.every=6", nproc=2)
+        resumed = train(data_dir, tmp_path / "resumed",
+                        f"--run.resume={source / 'checkpoints' / 'step_00000006'}")
+    else:
+        resumed = train(data_dir, tmp_path / "resumed",
+                        f"--run.resume={single_out / 'checkpoints' / 'step_00000006'}", nproc=2)
+    assert [row["step"] for row in resumed] == list(range(7, STEPS + 1))
+    assert max(abs(a - b) for a, b in zip(losses(resumed), losses(single)[6:])) < 1e-5
+
+
+def test_metrics_config_and_checkpoints_of_a_run(reference):
+    rows, out = reference
+    for row in rows:
+        for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_seen",
+                    "peak_mem_mib", "expert_load_max"):
+            assert key in row, key
+    assert all("tokens_per_s" in row and "mfu" in row and "flops_per_s" in row for row in rows[1:])
+    assert rows[-1]["val_loss"] > 0 and 0 < rows[-1]["val_bpb"] < 10
+    assert rows[-1]["tokens_seen"] == STEPS * 8 * 64
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert len(rows[0]["expert_load_max"]) == 4  # one entry per layer
+    saved = load_config(out / "config.toml")
+    assert saved.run.max_steps == STEPS and saved.data.seq_len == 64 and saved.optim.grad_clip == 0.5
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step_00000006", "step_00000012"]
+    assert all((out / "checkpoints" / n / "COMPLETE").is_file() for n in names)
+
+
+def test_partial_checkpoint_is_ignored_and_removed(data_dir, reference, tmp_path):
+    _, single_out = reference
+    out = tmp_path / "run"
+    shutil.copytree(single_out / "checkpoints" / "step_00000006", out / "checkpoints" / "step_00000006")
+    # a crash during the step-9 save left a temp folder, and a folder without its completion marker
+    shutil.copytree(out / "checkpoints" / "step_00000006", out / "checkpoints" / "step_00000009.tmp")
+    shutil.copytree(out / "checkpoints" / "step_00000006", out / "checkpoints" / "step_00000010")
+    (out / "checkpoints" / "step_00000010" / "COMPLETE").unlink()
+    rows = train(data_dir, out)
+    assert rows[0]["step"] == 7  # resumed from the complete step-6 checkpoint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000012"]
+
+
+def error_of(capsys, *args) -> str:
+    assert train_main(list(args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_config_errors_are_one_line_and_name_the_key(data_dir, tmp_path, capsys):
+    args = base_args(data_dir, tmp_path / "out")
+    assert "run.bogus" in error_of(capsys, *args, "--run.bogus=1")
+    assert "run.max_steps" in error_of(capsys, *args, "--run.max_steps=many")
+    assert "unknown" in error_of(capsys, *args, "--model.preset=huge")
+    message = error_of(capsys, *args, "--batch.global_batch_size=10")
+    assert "batch.global_batch_size 10" in message and "use 8 or 12" in message
+    assert "data.seq_len 1024 exceeds the model's context 256" in error_of(capsys, *args, "--data.seq_len=1024")
+    assert "no manifest.json" in error_of(capsys, *args, f"--data.path={tmp_path / 'missing'}")
+    message = error_of(capsys, *args, "--model.overrides.vocab_size=999")
+    assert "260-token vocabulary" in message and "vocab_size" in message
+    assert "model.overrides" in error_of(capsys, *args, "--model.overrides.num_key_value_heads=3")
+    (tmp_path / "file").write_text("")
+    assert "cannot create folder" in error_of(capsys, *args, f"--run.out_dir={tmp_path / 'file' / 'x'}")
+    assert "no such file" in error_of(capsys, "--config", str(tmp_path / "nope.toml"))
+    assert not (tmp_path / "out").exists()
