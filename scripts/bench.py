@@ -2,6 +2,7 @@
 
     python scripts/bench.py model [--preset tiny] [--batch 32] [--seq-len 128] [--steps 10] [--json]
     python scripts/bench.py data  [--source stdlib] [--vocab-size 2048] [--batch 32] [--seq-len 128] [--json]
+    python scripts/bench.py strategies [--presets tiny small] [--nproc 2] [--steps 12] [--json]
 
 `model`: one training step (forward, backward, AdamW) of a preset in this process, in fp32 on CPU or bf16
 autocast on GPU: tokens/s, achieved FLOP/s from the model's FLOPs-per-token accounting, and MFU where the
@@ -9,10 +10,17 @@ device's peak is known.
 
 `data`: BPE training time and tokenisation throughput on a corpus, the loader's time per batch, and the
 share of a real `tiny` training loop spent waiting for the (prefetching) loader: the target is < 2%.
+
+`strategies`: the real trainer (`python -m train` / torchrun) per preset and strategy: tokens/s, per-rank
+peak memory and per-rank parameter + gradient + optimizer-state bytes, against a 1-thread single process.
+Targets on 2 CPU ranks: fsdp state <= 0.55x ddp's; ddp tokens/s >= 0.9x twice the 1-thread process.
 """
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -127,6 +135,59 @@ def bench_data(args) -> dict:
     }
 
 
+STRATEGY_RUNS = {  # name -> (processes, overrides)
+    "none-1thread": (1, ["--parallel.strategy=none"]),
+    "ddp": (None, ["--parallel.strategy=ddp"]),
+    "fsdp": (None, ["--parallel.strategy=fsdp"]),
+    "hsdp": (None, ["--parallel.strategy=hsdp"]),  # shard group = LOCAL_WORLD_SIZE: all ranks of this machine
+}
+PRESET_RUNS = {  # preset -> (config file, prepare arguments for its vocabulary)
+    "tiny": ("configs/tiny.toml", ["--vocab-size", "2048"]),
+    "small": ("configs/small.toml", ["--vocab-size", "8192"]),
+}
+
+
+def bench_strategies(args) -> list[dict]:
+    repo = Path(__file__).resolve().parents[1]
+    results = []
+    for preset in args.presets:
+        config, prepare_args = PRESET_RUNS[preset]
+        data = Path(args.data_root) / f"stdlib-{prepare_args[-1]}"
+        subprocess.run([sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data),
+                        *prepare_args], cwd=repo, check=True, capture_output=True)
+        for name, (nproc, overrides) in STRATEGY_RUNS.items():
+            nproc = nproc or args.nproc
+            with tempfile.TemporaryDirectory() as out:
+                launcher = [sys.executable, "-m", "train"] if nproc == 1 else [
+                    sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "train"]
+                command = launcher + ["--config", config, f"--data.path={data}", f"--run.out_dir={out}",
+                                      f"--run.max_steps={args.steps}", "--log.every=1", "--log.progress=false",
+                                      "--eval.every=0", "--eval.max_sequences=1", "--checkpoint.every=0",
+                                      "--run.resume=never", *overrides]
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                subprocess.run(command, cwd=repo, check=True, capture_output=True, env=env)
+                rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+            timed = rows[2:-1]  # skip warm-up steps and the last one (it includes the final evaluation)
+            results.append({
+                "bench": "strategies", "preset": preset, "strategy": name, "processes": nproc,
+                "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed)),
+                "peak_mem_mib_per_rank": round(rows[-1]["peak_mem_mib"], 1),
+                "state_mib_per_rank": round(rows[-1]["state_mib"], 2),
+            })
+            print(json.dumps(results[-1]) if args.json else results[-1], flush=True)
+        by_name = {r["strategy"]: r for r in results if r["preset"] == preset}
+        summary = {
+            "bench": "strategies-summary", "preset": preset,
+            "fsdp_state_vs_ddp": round(by_name["fsdp"]["state_mib_per_rank"] / by_name["ddp"]["state_mib_per_rank"], 3),
+            "ddp_vs_2x_single_thread": round(
+                by_name["ddp"]["tokens_per_s"] / (args.nproc * by_name["none-1thread"]["tokens_per_s"]), 3),
+        }
+        results.append(summary)
+        print(json.dumps(summary) if args.json else summary, flush=True)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="section", required=True)
@@ -146,8 +207,17 @@ def main() -> int:
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--warmup", type=int, default=3)
     d.add_argument("--json", action="store_true")
+    st = sub.add_parser("strategies", help="the trainer under none/ddp/fsdp/hsdp: throughput and memory per rank")
+    st.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(PRESET_RUNS))
+    st.add_argument("--nproc", type=int, default=2)
+    st.add_argument("--steps", type=int, default=12)
+    st.add_argument("--data-root", default="runs/data", help="where the stdlib corpora are prepared (reused)")
+    st.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    if args.section == "strategies":
+        bench_strategies(args)  # prints one line per run as it goes
+        return 0
     result = {"model": bench_model, "data": bench_data}[args.section](args)
     if args.json:
         print(json.dumps(result))

@@ -86,6 +86,12 @@ def test_gradient_accumulation_is_the_same_step(data_dir, tmp_path):
     assert max(abs(a - b) for a, b in zip(losses(whole), losses(accumulated))) < 1e-5
 
 
+def test_activation_checkpointing_recomputes_the_same_step(data_dir, reference, tmp_path):
+    single, _ = reference
+    rows = train(data_dir, tmp_path, "--parallel.activation_checkpointing=true")
+    assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-6
+
+
 def model_weights(checkpoint: Path, vocab_size: int) -> dict:
     state = GrokForCausalLM(preset_config("tiny", vocab_size=vocab_size)).state_dict()
     dcp.load({"model": state}, checkpoint_id=checkpoint)

@@ -109,7 +109,9 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Env) -> nn.Module:
 
     strategy = config.parallel.strategy
     if strategy == "ddp":
-        return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        # gradient_as_bucket_view: gradients live in the all-reduce buckets, saving a copy and memory
+        return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)
     if strategy in ("fsdp", "hsdp"):
         mesh = build_mesh(config, env)
         # bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU.
@@ -119,10 +121,6 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Env) -> nn.Module:
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def autocast(env: Env):
@@ -154,6 +152,24 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
         total = total.full_tensor()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+    return total
+
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters + gradients + optimizer state this rank holds (its shards only under FSDP).
+
+    Gradients are counted at their size during a step (one per parameter, sharded like it), since they
+    are freed between steps.
+    """
+    def nbytes(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    total = 0
+    for p in model.parameters():
+        total += 2 * nbytes(p)
+    for state in optimizer.state.values():
+        total += sum(nbytes(v) for v in state.values() if torch.is_tensor(v) and v.numel() > 1)
     return total
 
 

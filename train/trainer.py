@@ -24,7 +24,7 @@ from .config import ConfigError, TrainConfig
 from .metrics import MetricsLogger, peak_memory_mib
 from .optim import build_optimizer, lr_at, set_lr
 from .parallel import (Env, all_reduce_max, all_reduce_sum, autocast, barrier, clip_grad_norm, gradient_sync,
-                       parallelize, setup, teardown, unwrap)
+                       local_state_bytes, parallelize, setup, teardown)
 
 
 def build_model_config(config: TrainConfig, manifest: dict):
@@ -47,6 +47,11 @@ def check_before_start(config: TrainConfig) -> None:
     model_config = build_model_config(config, manifest)
     check_tokenizer(manifest, Path(config.data.path), vocab_size=model_config.vocab_size)
     config.grad_accumulation(int(os.environ.get("WORLD_SIZE", 1)))
+    if config.log.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("log.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
     out = Path(config.run.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +187,9 @@ class Trainer:
                     row.update(self.evaluate())
                 if self.step % config.log.every == 0 or done:
                     row.update(logger.throughput(self.tokens_seen))
-                    row["peak_mem_mib"] = float(all_reduce_max(torch.tensor(peak_memory_mib(env.device))))
+                    memory = torch.tensor([peak_memory_mib(env.device),
+                                           local_state_bytes(self.model, self.optimizer) / 2**20])
+                    row["peak_mem_mib"], row["state_mib"] = all_reduce_max(memory).tolist()
                     logger.log(row)
                     last = row
                 logger.advance(self.step)
