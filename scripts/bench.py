@@ -2,7 +2,7 @@
 
     python scripts/bench.py model [--preset tiny] [--batch 32] [--seq-len 128] [--steps 10] [--json]
     python scripts/bench.py data  [--source stdlib] [--vocab-size 2048] [--batch 32] [--seq-len 128] [--json]
-    python scripts/bench.py strategies [--presets tiny small] [--nproc 2] [--steps 12] [--json]
+    python scripts/bench.py strategies [--presets tiny small] [--nproc 2] [--steps 24] [--log-every 4] [--json]
 
 `model`: one training step (forward, backward, AdamW) of a preset in this process, in fp32 on CPU or bf16
 autocast on GPU: tokens/s, achieved FLOP/s from the model's FLOPs-per-token accounting, and MFU where the
@@ -162,13 +162,14 @@ def bench_strategies(args) -> list[dict]:
                     sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                     "-m", "train"]
                 command = launcher + ["--config", config, f"--data.path={data}", f"--run.out_dir={out}",
-                                      f"--run.max_steps={args.steps}", "--log.every=1", "--log.progress=false",
+                                      f"--run.max_steps={args.steps}", f"--log.every={args.log_every}",
+                                      "--log.progress=false",
                                       "--eval.every=0", "--eval.max_sequences=1", "--checkpoint.every=0",
                                       "--run.resume=never", *overrides]
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
                 subprocess.run(command, cwd=repo, check=True, capture_output=True, env=env)
                 rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-            timed = rows[2:-1]  # skip warm-up steps and the last one (it includes the final evaluation)
+            timed = rows[1:-1]  # skip the warm-up interval and the last one (it includes the final evaluation)
             results.append({
                 "bench": "strategies", "preset": preset, "strategy": name, "processes": nproc,
                 "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed)),
@@ -210,7 +211,8 @@ def main() -> int:
     st = sub.add_parser("strategies", help="the trainer under none/ddp/fsdp/hsdp: throughput and memory per rank")
     st.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(PRESET_RUNS))
     st.add_argument("--nproc", type=int, default=2)
-    st.add_argument("--steps", type=int, default=12)
+    st.add_argument("--steps", type=int, default=24)
+    st.add_argument("--log-every", type=int, default=4, help="steps per metrics row (tokens/s is per interval)")
     st.add_argument("--data-root", default="runs/data", help="where the stdlib corpora are prepared (reused)")
     st.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -108,6 +108,7 @@ class Trainer:
 
     # --- one optimizer step --------------------------------------------------------------------------
     def train_step(self) -> dict:
+        """Forward/backward over this rank's micro-batches, clip, update. Returns rank-local sums."""
         self.model.train()
         inputs, targets = next(self.loader)
         micro = self.config.batch.micro_batch_size
@@ -130,13 +131,18 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.global_batch * self.config.data.seq_len
 
-        # One reduction for everything logged: means over micro-batches and ranks.
-        reduced = all_reduce_sum(torch.cat([sums, expert_counts.flatten().float()]))
+        return {"sums": sums, "expert_counts": expert_counts, "grad_norm": grad_norm, "lr": lr}
+
+    def metrics_row(self, local: dict) -> dict:
+        """One reduction (on log steps only) for everything logged: means over micro-batches and ranks."""
+        counts = local["expert_counts"]
+        reduced = all_reduce_sum(torch.cat([local["sums"], counts.flatten().float()]))
         means = (reduced[:4] / (self.grad_accumulation * self.env.world_size)).tolist()
         row = {"step": self.step, "loss": means[0], "lm_loss": means[1], "aux_loss": means[2],
-               "z_loss": means[3], "lr": lr, "grad_norm": float(grad_norm), "tokens_seen": self.tokens_seen}
-        if expert_counts.numel():
-            load = reduced[4:].view_as(expert_counts)
+               "z_loss": means[3], "lr": local["lr"], "grad_norm": float(local["grad_norm"]),
+               "tokens_seen": self.tokens_seen}
+        if counts.numel():
+            load = reduced[4:].view_as(counts)
             # per layer: busiest expert's share relative to a perfectly even share (1.0 = balanced)
             row["expert_load_max"] = (load.max(dim=1).values / load.mean(dim=1)).tolist()
         return row
@@ -181,12 +187,13 @@ class Trainer:
         last = {}
         try:
             while self.step < config.run.max_steps:
-                row = self.train_step()
+                local = self.train_step()
                 done = self.step == config.run.max_steps
+                row = {}
                 if config.eval.every and self.step % config.eval.every == 0 or done:
                     row.update(self.evaluate())
-                if self.step % config.log.every == 0 or done:
-                    row.update(logger.throughput(self.tokens_seen))
+                if self.step % config.log.every == 0 or done or row:  # an evaluation is always logged
+                    row = {**self.metrics_row(local), **row, **logger.throughput(self.tokens_seen)}
                     memory = torch.tensor([peak_memory_mib(env.device),
                                            local_state_bytes(self.model, self.optimizer) / 2**20])
                     row["peak_mem_mib"], row["state_mib"] = all_reduce_max(memory).tolist()
