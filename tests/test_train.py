@@ -2,63 +2,16 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from data.prepare import main as prepare_main
+from conftest import STEPS, base_args, losses, train
 from model import GrokForCausalLM, preset_config
 from train.__main__ import main as train_main
 from train.config import load_config
-
-from test_data import paragraphs
-
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("train-data")
-    (folder / "corpus.txt").write_text("\n\n".join(paragraphs(150)))
-    assert prepare_main(["--source", str(folder / "corpus.txt"), "--out", str(folder / "p"), "--tokenizer", "byte",
-                         "--val-fraction", "0.05"]) == 0
-    return folder / "p"
-
-
-def base_args(data_dir: Path, out: Path, steps: int = STEPS) -> list[str]:
-    # grad_clip 0.5 is below the norms of these steps, so every step clips: a wrong (per-shard) norm
-    # would change the updates and the losses would diverge from the single process.
-    return ["--config", str(REPO / "configs" / "tiny.toml"), f"--data.path={data_dir}", "--data.seq_len=64",
-            "--batch.global_batch_size=8", "--batch.micro_batch_size=4", "--optim.warmup_steps=2",
-            "--optim.grad_clip=0.5", f"--run.max_steps={steps}", "--log.every=1", "--log.progress=false",
-            "--eval.every=0", "--eval.max_sequences=16", "--checkpoint.every=0", f"--run.out_dir={out}"]
-
-
-def train(data_dir, out, *overrides, nproc: int = 1, steps: int = STEPS) -> list[dict]:
-    launcher = [sys.executable, "-m", "train"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
-    strategy = [] if any(o.startswith("--parallel.strategy") for o in overrides) else [
-        "--parallel.strategy=none" if nproc == 1 else "--parallel.strategy=fsdp"]
-    result = subprocess.run(launcher + base_args(data_dir, out, steps) + strategy + list(overrides), cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory) -> list[dict]:
-    """One process, no parallelism, checkpoints at steps 6 and 12."""
-    out = tmp_path_factory.mktemp("reference")
-    return train(data_dir, out, "--checkpoint.every=6", "--checkpoint.keep=3"), out
-
-
-def losses(rows):
-    return [row["loss"] for row in rows]
 
 
 @pytest.mark.parametrize("strategy", [
@@ -90,6 +43,21 @@ def test_activation_checkpointing_recomputes_the_same_step(data_dir, reference, 
     single, _ = reference
     rows = train(data_dir, tmp_path, "--parallel.activation_checkpointing=true")
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-6
+
+
+def test_clipping_scales_gradients_to_the_limit():
+    from conftest import small_model
+    from train.parallel import clip_grad_norm
+    model = small_model().train()
+    ids = torch.randint(0, 97, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    norm = clip_grad_norm(model.parameters(), 0.0)  # measures only
+    assert norm > 0.1 and all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+    assert torch.equal(clip_grad_norm(model.parameters(), 0.1), norm)  # returns the norm before clipping
+    after = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert abs(after.item() - 0.1) < 1e-6
+    torch.testing.assert_close([p.grad for p in model.parameters()], [g * (0.1 / norm) for g in before])
 
 
 def model_weights(checkpoint: Path, vocab_size: int) -> dict:

@@ -9,11 +9,14 @@ from data.shards import DataError
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
+from .parallel import LaunchError
 from .trainer import run
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    argv = [a for a in argv if not a.startswith("--local_rank=") and not a.startswith("--local-rank=")]
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -29,7 +32,7 @@ def main(argv=None) -> int:
     try:
         config = load_config(config_path, argv)
         run(config)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, LaunchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,12 +1,15 @@
-"""Sharded, atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+"""Sharded, atomic, resumable checkpoints: torch.distributed.checkpoint (DCP), or DeepSpeed's ZeRO files.
 
 Layout of one checkpoint, `{dir}/step_00000100/`:
-  DCP files       model and optimizer state, each rank writing its own shards (any world size can load them)
-  trainer.json    step, loader state, world size and strategy (written by rank 0)
+  DCP files       model and optimizer state, each rank writing its own shards (any world size can load them),
+                  or deepspeed/ with DeepSpeed's ZeRO files (parallel.strategy = "deepspeed")
+  trainer.json    step, loader state, world size, strategy and state format (written by rank 0)
+  config.json     the model's GrokConfig, so export needs nothing but this folder
   rng_rank{r}.safetensors   each rank's RNG state
   COMPLETE        the marker, written last
 Everything is written to `step_00000100.tmp/` and renamed when complete, so a crash mid-save never leaves
-a folder that looks like a checkpoint; leftovers are removed at the next start. Nothing is unpickled.
+a folder that looks like a checkpoint; leftovers are removed at the next start. Our files are JSON and
+safetensors and DCP unpickles nothing; only DeepSpeed's own files are torch pickles, read by DeepSpeed.
 """
 
 import json
@@ -18,14 +21,17 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from model import GrokConfig, GrokForCausalLM
+
+from .engine import StateLoadError
 from .parallel import Env, barrier
 
 # DCP warns when saving without a process group; one process is a supported case here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MARKER = "COMPLETE"
+MODEL_CONFIG = "config.json"
 STEP_DIR = re.compile(r"step_(\d{8})")
 
 
@@ -66,20 +72,22 @@ def _rng_state(env: Env) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(root: Path, step: int, model, optimizer, trainer_state: dict, env: Env, keep: int, strategy: str) -> Path:
+def save(root: Path, step: int, engine, trainer_state: dict, model_config, env: Env, keep: int,
+         strategy: str) -> Path:
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    engine.save_state(tmp)
     save_file(_rng_state(env), tmp / f"rng_rank{env.rank}.safetensors")
     barrier()
     if env.is_main:
-        meta = {"step": step, "world_size": env.world_size, "strategy": strategy, **trainer_state}
+        meta = {"step": step, "world_size": env.world_size, "strategy": strategy,
+                "format": engine.checkpoint_format, **trainer_state}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
+        model_config.to_json_file(tmp / MODEL_CONFIG)  # what export needs to rebuild the model
         (tmp / MARKER).write_text(str(step))
         if final.exists():  # a checkpoint of this step from an earlier attempt
             shutil.rmtree(final)
@@ -90,25 +98,72 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, env: Env,
     return final
 
 
-def load(path: Path, model, optimizer, env: Env) -> dict:
-    """Restores model and optimizer in place (resharding as needed); returns trainer.json's contents."""
+def read_meta(path: Path) -> dict:
     path = Path(path)
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {MARKER} marker); pass run.resume=auto to "
                               f"use the latest complete one, or run.resume=never")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(state, checkpoint_id=path)
-    except Exception as error:  # DCP reports shape/key mismatches as long multi-rank traces
-        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise CheckpointError(f"{path}: cannot be loaded into this model/optimizer ({first.strip()[:300]}); "
-                              f"resume with the config it was saved with, or run.resume=never") from error
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        meta = json.loads((path / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}/trainer.json: unreadable ({error}); resume from another checkpoint "
+                              f"or with run.resume=never") from error
+    meta.setdefault("format", "dcp")
+    return meta
+
+
+def load(path: Path, engine, env: Env) -> dict:
+    """Restores model and optimizer in place (resharding as the engine allows); returns trainer.json."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta["format"] != engine.checkpoint_format:
+        raise CheckpointError(
+            f"{path}: saved by parallel.strategy {meta['strategy']!r} ({meta['format']} format), which this run's "
+            f"strategy cannot read; resume with a strategy of the same engine ("
+            f"{'deepspeed' if meta['format'] == 'deepspeed' else 'none, ddp, fsdp or hsdp'}), or export the "
+            f"weights with scripts/export_hf.py and start over with run.resume=never")
+    try:
+        engine.load_state(path)
+    except StateLoadError as error:
+        raise CheckpointError(f"{path}: {error}") from error
     rng_file = path / f"rng_rank{env.rank}.safetensors"
     if rng_file.is_file():  # absent when resuming on more ranks than saved: those ranks keep their seed
         rng = load_file(rng_file)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and env.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], env.device)
-    return json.loads((path / "trainer.json").read_text())
+    return meta
+
+
+def load_model_weights(path: Path) -> tuple[GrokConfig, dict[str, torch.Tensor]]:
+    """The model config and full (unsharded) fp32 weights of any checkpoint, DCP or DeepSpeed, written at
+    any world size; read in one process, for export and evaluation."""
+    path = Path(path)
+    meta = read_meta(path)
+    if not (path / MODEL_CONFIG).is_file():
+        raise CheckpointError(f"{path}: no {MODEL_CONFIG} (written by minicolossus >= 0.1 checkpoints); "
+                              f"re-save it by resuming and finishing one step")
+    config = GrokConfig.from_json_file(path / MODEL_CONFIG)
+    if meta["format"] == "deepspeed":
+        from .deepspeed_engine import consolidated_weights
+        return config, consolidated_weights(path)
+    with torch.device("meta"):
+        skeleton = GrokForCausalLM(config).state_dict()
+    state = {key: torch.empty(t.shape, dtype=torch.float32) for key, t in skeleton.items()}
+    try:
+        dcp.load({"model": state}, checkpoint_id=path)
+    except Exception as error:
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise CheckpointError(f"{path}: model state unreadable ({first.strip()[:300]})") from error
+    return config, state
+
+
+def initial_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Weights to start a run from (model.init_from): a checkpoint folder, or an exported HF folder."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return load_model_weights(path)[1]
+    if (path / MODEL_CONFIG).is_file() and any(path.glob("*.safetensors")):
+        return GrokForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    raise CheckpointError(f"model.init_from {path}: neither a complete checkpoint (no {MARKER}) nor an exported "
+                          f"Hugging Face folder (config.json + *.safetensors)")

@@ -31,6 +31,10 @@ class ModelSection(Section):
     # GrokConfig fields to override, e.g. {attn_backend = "sdpa", attn_logit_softcap = 0}.
     # vocab_size defaults to the prepared data's tokenizer.
     overrides: dict[str, Any] = {}
+    # Start from these weights instead of a random init: a checkpoint folder (any strategy, any world size)
+    # or an exported Hugging Face folder. Optimizer, schedule and data order start fresh; a checkpoint to
+    # resume from (run.resume) takes precedence.
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _known(self):
@@ -78,12 +82,14 @@ class BatchSection(Section):
 
 
 class ParallelSection(Section):
-    strategy: Literal["none", "ddp", "fsdp", "hsdp"] = "none"
+    strategy: Literal["none", "ddp", "fsdp", "hsdp", "deepspeed"] = "none"
     replicate_size: int | None = Field(None, gt=0)  # hsdp: replicas (nodes); default world / shard_size
     shard_size: int | None = Field(None, gt=0)  # hsdp: shard group (GPUs per node); default LOCAL_WORLD_SIZE
     reshard_after_forward: bool = True  # fsdp/hsdp: free gathered params after forward (ZeRO-3 memory)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (GPU; costs ~30 s cold and gains nothing on CPU)
+    zero_stage: Literal[1, 2, 3] = 2  # deepspeed: 1 shards optimizer state, 2 + gradients, 3 + parameters
+    offload_optimizer: bool = False  # deepspeed: optimizer state and its update on the CPU (ZeRO-Offload)
 
 
 class PrecisionSection(Section):

@@ -5,6 +5,7 @@
   fsdp  FSDP2 `fully_shard` per block and on the root: parameters, gradients and optimizer state
         sharded over all ranks (ZeRO-3);
   hsdp  FSDP2 on a 2-D mesh: replicate across nodes x shard inside a node.
+(deepspeed, ZeRO-1/2/3, wraps the model itself: see deepspeed_engine.py.)
 The same code runs with gloo on CPU and NCCL on GPU.
 """
 
@@ -24,6 +25,10 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import ConfigError, TrainConfig
+
+
+class LaunchError(RuntimeError):
+    """The processes of a job could not form a group; the message says what to check."""
 
 
 @dataclass
@@ -67,8 +72,17 @@ def setup(config: TrainConfig) -> Env:
     if world_size > 1 or strategy != "none":
         if "MASTER_ADDR" not in os.environ:  # one process, started without a launcher: a private rendezvous
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=config.run.timeout_s),
-                                device_id=device if use_cuda else None, rank=rank, world_size=world_size)
+            for key, value in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1)):
+                os.environ.setdefault(key, str(value))  # what a launcher would say (DeepSpeed reads them)
+        try:
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=config.run.timeout_s),
+                                    device_id=device if use_cuda else None, rank=rank, world_size=world_size)
+        except (dist.DistError, RuntimeError) as error:  # a rank that never came: fail within the timeout
+            first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise LaunchError(
+                f"the {world_size} processes did not all join at {os.environ['MASTER_ADDR']}:"
+                f"{os.environ['MASTER_PORT']} within run.timeout_s={config.run.timeout_s} ({first[:200]}); start "
+                f"every node, check that they reach that address, or raise run.timeout_s") from error
     return Env(rank, world_size, local_rank, local_world_size, device, dtype)
 
 
@@ -97,8 +111,8 @@ def build_mesh(config: TrainConfig, env: Env) -> DeviceMesh | None:
     return init_device_mesh(env.device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
 
 
-def parallelize(model: nn.Module, config: TrainConfig, env: Env) -> nn.Module:
-    """Activation checkpointing and compile per block, then the data-parallel wrapper."""
+def apply_block_options(model: nn.Module, config: TrainConfig) -> None:
+    """Activation checkpointing and torch.compile per transformer block (every strategy, DeepSpeed too)."""
     blocks = model.model.layers
     for i, block in enumerate(blocks):
         if config.parallel.activation_checkpointing:
@@ -107,6 +121,11 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Env) -> nn.Module:
             block.compile()
         blocks[i] = block
 
+
+def parallelize(model: nn.Module, config: TrainConfig, env: Env) -> nn.Module:
+    """Block options, then the data-parallel wrapper."""
+    apply_block_options(model, config)
+    blocks = model.model.layers
     strategy = config.parallel.strategy
     if strategy == "ddp":
         # gradient_as_bucket_view: gradients live in the all-reduce buckets, saving a copy and memory
@@ -146,30 +165,12 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     Under FSDP each rank holds a shard of every gradient (DTensor): the total norm is reduced across
     the mesh, so every rank clips by the same, true norm. max_norm 0 only measures.
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    with_grad = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in with_grad], foreach=True)
     if isinstance(total, DTensor):
         total = total.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
-    return total
-
-
-def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of parameters + gradients + optimizer state this rank holds (its shards only under FSDP).
-
-    Gradients are counted at their size during a step (one per parameter, sharded like it), since they
-    are freed between steps.
-    """
-    def nbytes(t):
-        t = t.to_local() if isinstance(t, DTensor) else t
-        return t.numel() * t.element_size()
-
-    total = 0
-    for p in model.parameters():
-        total += 2 * nbytes(p)
-    for state in optimizer.state.values():
-        total += sum(nbytes(v) for v in state.values() if torch.is_tensor(v) and v.numel() > 1)
+    if max_norm > 0:  # takes the parameters, and scales their .grad
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total, foreach=True)
     return total
 
 

@@ -22,9 +22,9 @@ from model import GrokForCausalLM, count_parameters, flops_per_token, preset_con
 from . import checkpoint
 from .config import ConfigError, TrainConfig
 from .metrics import MetricsLogger, peak_memory_mib
-from .optim import build_optimizer, lr_at, set_lr
-from .parallel import (Env, all_reduce_max, all_reduce_sum, autocast, barrier, clip_grad_norm, gradient_sync,
-                       local_state_bytes, parallelize, setup, teardown)
+from .optim import lr_at
+from .engine import build_engine
+from .parallel import Env, all_reduce_max, all_reduce_sum, barrier, setup, teardown
 
 
 def build_model_config(config: TrainConfig, manifest: dict):
@@ -41,12 +41,33 @@ def build_model_config(config: TrainConfig, manifest: dict):
     return model_config
 
 
+def load_initial_weights(model: GrokForCausalLM, path: str) -> None:
+    state = checkpoint.initial_weights(Path(path))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0].strip()
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
+        raise ConfigError(f"model.init_from {path}: its weights do not fit this model ({first} {detail[:200]}); "
+                          f"use the model preset and overrides it was trained with") from error
+
+
 def check_before_start(config: TrainConfig) -> None:
     """Everything that can be checked without a process group: fail in one line, before heavy work."""
     manifest = read_manifest(Path(config.data.path))
     model_config = build_model_config(config, manifest)
     check_tokenizer(manifest, Path(config.data.path), vocab_size=model_config.vocab_size)
     config.grad_accumulation(int(os.environ.get("WORLD_SIZE", 1)))
+    if config.model.init_from:
+        init = Path(config.model.init_from)
+        if not (init / checkpoint.MARKER).is_file() and not (init / checkpoint.MODEL_CONFIG).is_file():
+            raise ConfigError(f"model.init_from {init}: not a complete checkpoint or exported model folder")
+    if config.parallel.strategy == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("parallel.strategy 'deepspeed' needs DeepSpeed: pip install -e '.[deepspeed]' "
+                              "(or choose none, ddp, fsdp or hsdp)") from None
     if config.log.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -70,12 +91,15 @@ class Trainer:
         self.model_config = build_model_config(config, manifest)
 
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
-        model = GrokForCausalLM(self.model_config).to(env.device)
+        model = GrokForCausalLM(self.model_config)
+        if config.model.init_from:
+            load_initial_weights(model, config.model.init_from)
+        model = model.to(env.device)
         counts = count_parameters(model)
         self.params_total, self.params_active = counts.total, counts.active
         self.flops_per_token = flops_per_token(self.model_config, counts.active, config.data.seq_len)
-        self.model = parallelize(model, config, env)
-        self.optimizer = build_optimizer(self.model, config.optim, env.device)
+        self.engine = build_engine(model, config, env, self.grad_accumulation)
+        self.model = self.engine.model
         self.loader = TrainLoader(config.data.path, config.data.seq_len, self.global_batch, env.rank,
                                   env.world_size, config.run.seed, env.device, config.data.prefetch,
                                   vocab_size=self.model_config.vocab_size,
@@ -96,14 +120,15 @@ class Trainer:
         path = checkpoint.latest_checkpoint(root) if choice == "auto" else Path(choice)
         if path is None:
             return None
-        state = checkpoint.load(path, self.model, self.optimizer, self.env)
+        state = checkpoint.load(path, self.engine, self.env)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.loader.load_state_dict(state["loader"])
         return path
 
     def save(self) -> Path:
-        state = {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict()}
-        return checkpoint.save(self.config.checkpoint_dir, self.step, self.model, self.optimizer, state,
+        state = {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
+                 "data_path": str(Path(self.config.data.path).resolve())}  # export ships its tokenizer
+        return checkpoint.save(self.config.checkpoint_dir, self.step, self.engine, state, self.model_config,
                                self.env, self.config.checkpoint.keep, self.config.parallel.strategy)
 
     # --- one optimizer step --------------------------------------------------------------------------
@@ -117,17 +142,14 @@ class Trainer:
         for i in range(self.grad_accumulation):
             last = i == self.grad_accumulation - 1
             rows = slice(i * micro, (i + 1) * micro)
-            with gradient_sync(self.model, enabled=last), autocast(self.env):
+            with self.engine.micro_batch(last):
                 out = self.model(inputs[rows], targets=targets[rows])
-                (out.loss / self.grad_accumulation).backward()
+                self.engine.backward(out.loss)
             sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
             counts = out.expert_token_counts.detach()
             expert_counts = counts if expert_counts is None else expert_counts + counts
-        grad_norm = clip_grad_norm(self.model.parameters(), self.config.optim.grad_clip)
         lr = lr_at(self.step, self.config.run.max_steps, self.config.optim)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.step(lr)
         self.step += 1
         self.tokens_seen += self.global_batch * self.config.data.seq_len
 
@@ -157,7 +179,7 @@ class Trainer:
         for inputs, targets in val_batches(self.config.data.path, self.config.data.seq_len, batch_size,
                                            self.env.rank, self.env.world_size, self.env.device,
                                            self.config.eval.max_sequences, verify_checksums=False):
-            with autocast(self.env):
+            with self.engine.autocast():
                 out = self.model(inputs, targets=targets)
             valid = targets != -100
             n_valid = valid.sum()
@@ -194,9 +216,10 @@ class Trainer:
                     row.update(self.evaluate())
                 if self.step % config.log.every == 0 or done or row:  # an evaluation is always logged
                     row = {**self.metrics_row(local), **row, **logger.throughput(self.tokens_seen)}
-                    memory = torch.tensor([peak_memory_mib(env.device),
-                                           local_state_bytes(self.model, self.optimizer) / 2**20])
-                    row["peak_mem_mib"], row["state_mib"] = all_reduce_max(memory).tolist()
+                    held = self.engine.memory_bytes()
+                    memory = torch.tensor([peak_memory_mib(env.device), held["params"] / 2**20,
+                                           sum(held.values()) / 2**20])
+                    row["peak_mem_mib"], row["param_mib"], row["state_mib"] = all_reduce_max(memory).tolist()
                     logger.log(row)
                     last = row
                 logger.advance(self.step)

@@ -1,0 +1,107 @@
+"""DeepSpeed ZeRO-1/2/3 as the second engine behind the same loop: 2 CPU processes, gloo, our AdamW."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, STEPS, base_args, losses, train
+from train.checkpoint import load_model_weights
+
+try:
+    import deepspeed  # noqa: F401
+except ImportError:
+    pytest.skip("DeepSpeed is not installed: pip install -e '.[deepspeed]'", allow_module_level=True)
+
+ZERO = ["--parallel.strategy=deepspeed"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_on_two_processes_follows_the_single_process_loss_curve(data_dir, reference, tmp_path, stage):
+    single, _ = reference
+    rows = train(data_dir, tmp_path, *ZERO, f"--parallel.zero_stage={stage}", nproc=2)
+    assert len(rows) == STEPS
+    assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-5
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(rows, single)) < 1e-4
+    assert abs(rows[-1]["val_loss"] - single[-1]["val_loss"]) < 1e-5
+    # ZeRO-3 partitions the parameters: each of the 2 ranks holds half; ZeRO-1/2 keep full replicas.
+    expected = 0.5 if stage == 3 else 1.0
+    assert abs(rows[-1]["param_mib"] / single[-1]["param_mib"] - expected) < 0.01
+
+
+@pytest.fixture(scope="module")
+def zero3_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero3")
+    return train(data_dir, out, *ZERO, "--parallel.zero_stage=3", "--checkpoint.every=6", "--checkpoint.keep=2",
+                 nproc=2), out
+
+
+def test_zero3_resume_is_bitwise_exact(data_dir, zero3_run, tmp_path):
+    straight, straight_out = zero3_run
+    shutil.copytree(straight_out / "checkpoints" / "step_00000006", tmp_path / "checkpoints" / "step_00000006")
+    resumed = train(data_dir, tmp_path, *ZERO, "--parallel.zero_stage=3", nproc=2)
+    assert [row["step"] for row in resumed] == list(range(7, STEPS + 1))
+    assert losses(resumed) == losses(straight)[6:]
+    _, a = load_model_weights(straight_out / "checkpoints" / "step_00000012")
+    _, b = load_model_weights(tmp_path / "checkpoints" / "step_00000012")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero_checkpoint_on_another_world_size_says_how_to_continue(data_dir, reference, zero3_run, tmp_path):
+    single, _ = reference
+    checkpoint = zero3_run[1] / "checkpoints" / "step_00000012"
+    result = subprocess.run([sys.executable, "-m", "train", *base_args(data_dir, tmp_path), *ZERO,
+                             "--parallel.zero_stage=3", f"--run.resume={checkpoint}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "loads only on 2 ranks" in error and "--model.init_from=" in error
+    # ... and the way it names works: a new single-process run from those weights starts where they were
+    rows = train(data_dir, tmp_path / "warm", f"--model.init_from={checkpoint}", "--run.resume=never", steps=2)
+    assert rows[0]["loss"] < losses(single)[-1] + 0.2 < losses(single)[0]
+
+
+def test_zero3_checkpoint_exports_to_hugging_face(reference, zero3_run, tmp_path):
+    _, single_out = reference
+    export = subprocess.run([sys.executable, "scripts/export_hf.py", str(zero3_run[1] / "checkpoints" / "step_00000012"),
+                             str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    import model  # noqa: F401  (registers the Auto classes)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    _, single_weights = load_model_weights(single_out / "checkpoints" / "step_00000012")
+    for name, tensor in exported.state_dict().items():  # ZeRO-3 on 2 ranks trained the same weights
+        torch.testing.assert_close(tensor, single_weights[name], rtol=0, atol=1e-4)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    ids = torch.randint(0, 260, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(exported(ids).logits).all()
+
+
+def test_without_deepspeed_installed_the_error_names_the_install_command(data_dir, tmp_path):
+    hide = "import sys; sys.modules['deepspeed'] = None; from train.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", hide, *base_args(data_dir, tmp_path), *ZERO], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: parallel.strategy 'deepspeed' needs DeepSpeed: pip install -e "
+                                     "'.[deepspeed]' (or choose none, ddp, fsdp or hsdp)")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_generated_deepspeed_config_is_consistent_with_ours():
+    from train.config import load_config
+    from train.deepspeed_engine import deepspeed_config
+    from train.parallel import Env
+    config = load_config(REPO / "configs" / "tiny.toml", ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3",
+                                                          "--parallel.offload_optimizer=true"])
+    env = Env(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"),
+              dtype=torch.float32)
+    generated = deepspeed_config(config, env, config.grad_accumulation(2))
+    assert generated["train_batch_size"] == 32 == (generated["train_micro_batch_size_per_gpu"]
+                                                   * generated["gradient_accumulation_steps"] * 2)
+    assert generated["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert generated["gradient_clipping"] == 1.0 and generated["bf16"] == {"enabled": False}
+    json.dumps(generated)  # DeepSpeed takes it as JSON

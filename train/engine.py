@@ -1,0 +1,96 @@
+"""The engine: the few calls the training loop makes, with two implementations behind them.
+
+    with engine.micro_batch(last):            # gradient sync only on the last micro-batch; autocast
+        out = engine.model(inputs, targets=targets)
+        engine.backward(out.loss)             # scaled by 1 / gradient accumulation
+    grad_norm = engine.step(lr)               # clip by the global norm, update, zero the gradients
+
+  TorchEngine      none / ddp / fsdp / hsdp on torch.distributed (wrapping in parallel.py), DCP state
+  DeepSpeedEngine  ZeRO-1/2/3 through deepspeed.initialize (deepspeed_engine.py), DeepSpeed state
+Both save and load their model and optimizer state into a folder that train/checkpoint.py makes
+atomic and completes with the loader state, RNG and step, so the loop has one shape for both.
+"""
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from .config import TrainConfig
+from .optim import build_optimizer, set_lr
+from .parallel import Env, autocast, clip_grad_norm, gradient_sync, parallelize
+
+
+class StateLoadError(ValueError):
+    """Saved model/optimizer state that this engine cannot restore; one line: what is wrong, what to do."""
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.numel() * tensor.element_size()
+
+
+class TorchEngine:
+    """none / ddp / fsdp / hsdp: our AdamW on the wrapped model, DCP for sharded state."""
+
+    # DCP files sit directly in the checkpoint folder, which any world size and strategy of this engine reads.
+    checkpoint_format = "dcp"
+
+    def __init__(self, model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int):
+        self.env, self.grad_accumulation = env, grad_accumulation
+        self.grad_clip = config.optim.grad_clip
+        self.model = parallelize(model, config, env)
+        self.optimizer = build_optimizer(self.model, config.optim, env.device)
+
+    def micro_batch(self, last: bool):
+        stack = contextlib.ExitStack()
+        stack.enter_context(gradient_sync(self.model, enabled=last))
+        stack.enter_context(autocast(self.env))
+        return stack
+
+    def autocast(self):
+        return autocast(self.env)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accumulation).backward()
+
+    def step(self, lr: float) -> torch.Tensor:
+        grad_norm = clip_grad_norm(self.model.parameters(), self.grad_clip)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def memory_bytes(self) -> dict[str, int]:
+        """What this rank holds: its shards only under FSDP. Gradients are counted at their size during a
+        step (one per parameter, sharded like it), since they are freed between steps."""
+        params = sum(_nbytes(p) for p in self.model.parameters())
+        optim = sum(_nbytes(v) for state in self.optimizer.state.values() for v in state.values()
+                    if torch.is_tensor(v) and v.numel() > 1)
+        return {"params": params, "grads": params, "optim": optim}
+
+    def save_state(self, folder: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+
+    def load_state(self, folder: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        try:
+            dcp.load(state, checkpoint_id=folder)
+        except Exception as error:  # DCP reports shape/key mismatches as long multi-rank traces
+            first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise StateLoadError(f"cannot be loaded into this model/optimizer ({first.strip()[:300]}); resume with "
+                                 f"the config it was saved with, or run.resume=never") from error
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def build_engine(model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int):
+    if config.parallel.strategy == "deepspeed":
+        from .deepspeed_engine import DeepSpeedEngine  # deepspeed is an optional extra
+        return DeepSpeedEngine(model, config, env, grad_accumulation)
+    return TorchEngine(model, config, env, grad_accumulation)
