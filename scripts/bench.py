@@ -2,7 +2,8 @@
 
     python scripts/bench.py model [--preset tiny] [--batch 32] [--seq-len 128] [--steps 10] [--json]
     python scripts/bench.py data  [--source stdlib] [--vocab-size 2048] [--batch 32] [--seq-len 128] [--json]
-    python scripts/bench.py strategies [--presets tiny small] [--nproc 2] [--steps 24] [--log-every 4] [--json]
+    python scripts/bench.py strategies [--presets tiny small] [--strategies none-1thread ddp fsdp hsdp zero1 zero2 zero3]
+                                       [--nproc 2] [--steps 24] [--log-every 4] [--json]
 
 `model`: one training step (forward, backward, AdamW) of a preset in this process, in fp32 on CPU or bf16
 autocast on GPU: tokens/s, achieved FLOP/s from the model's FLOPs-per-token accounting, and MFU where the
@@ -30,16 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config  # noqa: E402
-
-# Dense bf16 peak FLOP/s (no sparsity) by device name fragment.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+from train.metrics import peak_flops  # noqa: E402  (the trainer's MFU uses the same peak table)
 
 
 def bench_model(args) -> dict:
@@ -140,6 +132,9 @@ STRATEGY_RUNS = {  # name -> (processes, overrides)
     "ddp": (None, ["--parallel.strategy=ddp"]),
     "fsdp": (None, ["--parallel.strategy=fsdp"]),
     "hsdp": (None, ["--parallel.strategy=hsdp"]),  # shard group = LOCAL_WORLD_SIZE: all ranks of this machine
+    "zero1": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=1"]),
+    "zero2": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=2"]),
+    "zero3": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3"]),
 }
 PRESET_RUNS = {  # preset -> (config file, prepare arguments for its vocabulary)
     "tiny": ("configs/tiny.toml", ["--vocab-size", "2048"]),
@@ -155,7 +150,8 @@ def bench_strategies(args) -> list[dict]:
         data = Path(args.data_root) / f"stdlib-{prepare_args[-1]}"
         subprocess.run([sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data),
                         *prepare_args], cwd=repo, check=True, capture_output=True)
-        for name, (nproc, overrides) in STRATEGY_RUNS.items():
+        for name in args.strategies:
+            nproc, overrides = STRATEGY_RUNS[name]
             nproc = nproc or args.nproc
             with tempfile.TemporaryDirectory() as out:
                 launcher = [sys.executable, "-m", "train"] if nproc == 1 else [
@@ -174,18 +170,21 @@ def bench_strategies(args) -> list[dict]:
                 "bench": "strategies", "preset": preset, "strategy": name, "processes": nproc,
                 "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed)),
                 "peak_mem_mib_per_rank": round(rows[-1]["peak_mem_mib"], 1),
+                "param_mib_per_rank": round(rows[-1]["param_mib"], 2),
                 "state_mib_per_rank": round(rows[-1]["state_mib"], 2),
             })
             print(json.dumps(results[-1]) if args.json else results[-1], flush=True)
         by_name = {r["strategy"]: r for r in results if r["preset"] == preset}
-        summary = {
-            "bench": "strategies-summary", "preset": preset,
-            "fsdp_state_vs_ddp": round(by_name["fsdp"]["state_mib_per_rank"] / by_name["ddp"]["state_mib_per_rank"], 3),
-            "ddp_vs_2x_single_thread": round(
-                by_name["ddp"]["tokens_per_s"] / (args.nproc * by_name["none-1thread"]["tokens_per_s"]), 3),
-        }
-        results.append(summary)
-        print(json.dumps(summary) if args.json else summary, flush=True)
+        if {"none-1thread", "ddp", "fsdp"} <= by_name.keys():
+            summary = {
+                "bench": "strategies-summary", "preset": preset,
+                "fsdp_state_vs_ddp": round(by_name["fsdp"]["state_mib_per_rank"]
+                                           / by_name["ddp"]["state_mib_per_rank"], 3),
+                "ddp_vs_2x_single_thread": round(
+                    by_name["ddp"]["tokens_per_s"] / (args.nproc * by_name["none-1thread"]["tokens_per_s"]), 3),
+            }
+            results.append(summary)
+            print(json.dumps(summary) if args.json else summary, flush=True)
     return results
 
 
@@ -210,6 +209,8 @@ def main() -> int:
     d.add_argument("--json", action="store_true")
     st = sub.add_parser("strategies", help="the trainer under none/ddp/fsdp/hsdp: throughput and memory per rank")
     st.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(PRESET_RUNS))
+    st.add_argument("--strategies", nargs="+", default=["none-1thread", "ddp", "fsdp", "hsdp"],
+                    choices=list(STRATEGY_RUNS), help="zero1/zero2/zero3 need DeepSpeed")
     st.add_argument("--nproc", type=int, default=2)
     st.add_argument("--steps", type=int, default=24)
     st.add_argument("--log-every", type=int, default=4, help="steps per metrics row (tokens/s is per interval)")

@@ -15,7 +15,7 @@ if [ "$(id -u)" != 0 ] || ! command -v ip >/dev/null; then
     echo "multinode_local.sh: needs root and iproute2 (ip netns) to make two test hosts" >&2
     exit 77
 fi
-python=$(realpath "${PYTHON:-.venv/bin/python}")
+python=${PYTHON:-.venv/bin/python}  # a venv's python, not resolved: the symlink is what selects the venv
 nproc=${NPROC_PER_NODE:-1}
 subnet=${SUBNET:-10.231.7}
 port=${PORT:-29500}
@@ -40,11 +40,12 @@ done
 
 pids=()
 for i in 0 1; do
-    # GLOO_SOCKET_IFNAME: gloo must talk over the veth, the only link between the two hosts.
+    # GLOO_SOCKET_IFNAME: gloo must talk over the veth, the only link between the two hosts. is_host: both
+    # "hosts" share this machine's hostname, so torchrun cannot tell by name which one serves the rendezvous.
     ip netns exec "${hosts[$i]}" env GLOO_SOCKET_IFNAME="${tag}$i" NCCL_SOCKET_IFNAME="${tag}$i" \
         "$python" -m torch.distributed.run --nnodes=2 --nproc_per_node="$nproc" --node_rank="$i" \
         --rdzv-backend=c10d --rdzv-endpoint="$subnet.1:$port" --rdzv-id="$tag" \
-        --rdzv-conf=join_timeout="${RDZV_TIMEOUT_S:-60}" --local-addr="$subnet.$((i + 1))" \
+        --rdzv-conf=join_timeout="${RDZV_TIMEOUT_S:-60}",is_host=$((i == 0)) --local-addr="$subnet.$((i + 1))" \
         -m train "$@" &
     pids+=($!)
 done

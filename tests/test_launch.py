@@ -1,0 +1,188 @@
+"""Every launcher starts the same trainer with the same config: accelerate, the deepspeed launcher, torchrun
+as two nodes (on loopback, and as two hosts in network namespaces), SLURM and Kubernetes; and a node that
+never comes produces an error within the timeout, not a hang."""
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from torch.distributed.run import get_args_parser
+
+from conftest import REPO, STEPS, base_args, losses, train
+from train.config import load_config
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_curve(rows, reference_rows):
+    assert len(rows) == len(reference_rows) == STEPS
+    assert max(abs(a - b) for a, b in zip(losses(rows), losses(reference_rows))) < 1e-5
+
+
+def run(command, timeout=300, **kwargs):
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_accelerate_launch(data_dir, reference, tmp_path):
+    run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+         "--mixed_precision=no", "--dynamo_backend=no", "-m", "train", *base_args(data_dir, tmp_path),
+         "--parallel.strategy=fsdp"])
+    assert_same_curve(metrics(tmp_path), reference[0])
+
+
+def test_deepspeed_launcher(data_dir, reference, tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install -e '.[deepspeed]'")
+    # the launcher appends --local_rank=N to the trainer's arguments
+    run([str(BIN / "deepspeed"), "--num_gpus=2", f"--master_port={free_port()}", "--module", "train",
+         *base_args(data_dir, tmp_path), "--parallel.strategy=deepspeed", "--parallel.zero_stage=2"])
+    assert_same_curve(metrics(tmp_path), reference[0])
+
+
+def two_nodes(data_dir, out, nproc_per_node, *overrides, rdzv_timeout=60):
+    """Two torchrun agents, node ranks 0 and 1, meeting at a c10d rendezvous on 127.0.0.1."""
+    port = free_port()
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={nproc_per_node}",
+         f"--node_rank={rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test",
+         f"--rdzv-conf=join_timeout={rdzv_timeout}", "-m", "train", *base_args(data_dir, out), *overrides],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-4000:]
+    return metrics(out)
+
+
+def test_two_nodes_fsdp(data_dir, reference, tmp_path):
+    assert_same_curve(two_nodes(data_dir, tmp_path, 1, "--parallel.strategy=fsdp"), reference[0])
+
+
+def test_two_nodes_of_two_processes_hsdp(data_dir, tmp_path):
+    # 4 ranks: replicate across the 2 nodes x shard over each node's 2 processes (from LOCAL_WORLD_SIZE).
+    # One micro-batch of 2 sequences per rank; the single process accumulates 4 of the same size.
+    single = train(data_dir, tmp_path / "single", "--batch.micro_batch_size=2")
+    rows = two_nodes(data_dir, tmp_path / "nodes", 2, "--parallel.strategy=hsdp", "--batch.micro_batch_size=2")
+    assert_same_curve(rows, single)
+
+
+def test_a_node_that_never_joins_fails_within_the_rendezvous_timeout(data_dir, tmp_path):
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--node_rank=0",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=lonely",
+         "--rdzv-conf=join_timeout=3", "-m", "train", *base_args(data_dir, tmp_path), "--parallel.strategy=fsdp"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and time.monotonic() - started < 60
+    assert "RendezvousTimeoutError" in result.stderr
+
+
+def test_a_rank_that_never_joins_gives_a_one_line_error(data_dir, tmp_path):
+    # Launched without an agent (srun, mpirun, by hand): the process group's own rendezvous, run.timeout_s.
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+           "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    result = subprocess.run([sys.executable, "-m", "train", *base_args(data_dir, tmp_path), "--parallel.strategy=fsdp",
+                             "--run.timeout_s=3"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the 2 processes did not all join") and \
+        "run.timeout_s=3" in lines[0]
+
+
+def test_two_hosts_in_network_namespaces(data_dir, reference, tmp_path):
+    result = subprocess.run(["bash", "scripts/multinode_local.sh", *base_args(data_dir, tmp_path),
+                             "--parallel.strategy=fsdp"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHON": sys.executable, "PORT": str(free_port())})
+    if result.returncode == 77:
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_same_curve(metrics(tmp_path), reference[0])
+
+
+# --- cluster job files: checked as far as can be without a cluster -----------------------------------------
+
+def executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def recorded_launches(record: Path) -> list[list[str]]:
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def check_torchrun_command(argv: list[str], nnodes: int, nproc: int, node_rank: int, endpoint: str):
+    args = get_args_parser().parse_args(argv)
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == (str(nnodes), str(nproc), node_rank)
+    assert args.rdzv_backend == "c10d" and args.rdzv_endpoint == endpoint
+    assert args.module and args.training_script == "train"
+    train_args = list(args.training_script_args)
+    at = train_args.index("--config")
+    config_path = train_args.pop(at + 1)
+    train_args.pop(at)
+    return load_config(REPO / config_path, train_args)  # the trainer accepts what the job passes
+
+
+def test_slurm_script_starts_one_torchrun_per_node(tmp_path):
+    subprocess.run(["bash", "-n", "scripts/slurm/train.sbatch"], cwd=REPO, check=True)
+    record = tmp_path / "launches.jsonl"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    # scontrol expands the node list; srun runs its command once per node with SLURM_NODEID set
+    executable(fake / "scontrol", "#!/usr/bin/env bash\nprintf 'gpu-node-17\\ngpu-node-18\\n'\n")
+    executable(fake / "srun", "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n"
+                              "for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n \"$@\" || exit; done\n")
+    executable(fake / "python", f"#!{sys.executable}\nimport json, sys\n"
+                                f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": str(fake / "python"),
+           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-node-[17-18]",
+           "SLURM_GPUS_ON_NODE": "8"}
+    run(["bash", "scripts/slurm/train.sbatch", "configs/gpu-350m.toml", "--run.max_steps=10"], env=env)
+    launches = recorded_launches(record)
+    assert len(launches) == 2
+    for node_rank, argv in enumerate(launches):
+        assert argv[:2] == ["-m", "torch.distributed.run"]
+        config = check_torchrun_command(argv[2:], 2, 8, node_rank, "gpu-node-17:29500")
+        assert config.parallel.strategy == "hsdp" and config.run.max_steps == 10
+
+
+def test_kubernetes_job_is_consistent_and_builds_the_torchrun_command(tmp_path):
+    service, job = yaml.safe_load_all((REPO / "scripts" / "k8s" / "train.yaml").read_text())
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
+    pod = job["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    container = pod["spec"]["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    nnodes, gpus = int(env["NNODES"]), int(env["GPUS_PER_NODE"])
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == nnodes
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    record = tmp_path / "launches.jsonl"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    executable(fake / "torchrun", f"#!{sys.executable}\nimport json, sys\n"
+                                  f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    endpoint = f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500"
+    for index in range(nnodes):  # what each pod runs
+        run([*container["command"], *container["args"]],
+            env={**os.environ, **env, "PATH": f"{fake}:{os.environ['PATH']}", "JOB_COMPLETION_INDEX": str(index)})
+    for index, argv in enumerate(recorded_launches(record)):
+        config = check_torchrun_command(argv, nnodes, gpus, index, endpoint)
+        assert config.parallel.strategy == "hsdp"
