@@ -20,10 +20,12 @@ except ImportError:
 ZERO = ["--parallel.strategy=deepspeed"]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_on_two_processes_follows_the_single_process_loss_curve(data_dir, reference, tmp_path, stage):
+@pytest.mark.parametrize("stage, offload", [(1, False), (2, False), (3, False), (3, True)],
+                         ids=["zero1", "zero2", "zero3", "zero3-offload"])
+def test_zero_on_two_processes_follows_the_single_process_loss_curve(data_dir, reference, tmp_path, stage, offload):
     single, _ = reference
-    rows = train(data_dir, tmp_path, *ZERO, f"--parallel.zero_stage={stage}", nproc=2)
+    rows = train(data_dir, tmp_path, *ZERO, f"--parallel.zero_stage={stage}",
+                 f"--parallel.offload_optimizer={str(offload).lower()}", nproc=2)
     assert len(rows) == STEPS
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-5
     assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(rows, single)) < 1e-4

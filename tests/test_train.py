@@ -2,13 +2,15 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from conftest import STEPS, base_args, losses, train
+from conftest import REPO, STEPS, base_args, losses, train
 from model import GrokForCausalLM, preset_config
 from train.__main__ import main as train_main
 from train.config import load_config
@@ -128,6 +130,16 @@ def test_partial_checkpoint_is_ignored_and_removed(data_dir, reference, tmp_path
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000012"]
 
 
+def test_init_from_a_checkpoint_or_its_export_starts_from_its_weights(data_dir, reference, tmp_path):
+    single, single_out = reference
+    checkpoint = single_out / "checkpoints" / "step_00000012"
+    subprocess.run([sys.executable, "scripts/export_hf.py", str(checkpoint), str(tmp_path / "hf")], cwd=REPO,
+                   check=True, capture_output=True)
+    from_checkpoint = train(data_dir, tmp_path / "a", f"--model.init_from={checkpoint}", steps=1)
+    from_export = train(data_dir, tmp_path / "b", f"--model.init_from={tmp_path / 'hf'}", steps=1)
+    assert from_checkpoint[0]["loss"] == from_export[0]["loss"] < losses(single)[0] - 1
+
+
 def error_of(capsys, *args) -> str:
     assert train_main(list(args)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -150,4 +162,5 @@ def test_config_errors_are_one_line_and_name_the_key(data_dir, tmp_path, capsys)
     (tmp_path / "file").write_text("")
     assert "cannot create folder" in error_of(capsys, *args, f"--run.out_dir={tmp_path / 'file' / 'x'}")
     assert "no such file" in error_of(capsys, "--config", str(tmp_path / "nope.toml"))
+    assert "model.init_from" in error_of(capsys, *args, f"--model.init_from={tmp_path}")
     assert not (tmp_path / "out").exists()

@@ -158,12 +158,19 @@ def load_model_weights(path: Path) -> tuple[GrokConfig, dict[str, torch.Tensor]]
     return config, state
 
 
-def initial_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Weights to start a run from (model.init_from): a checkpoint folder, or an exported HF folder."""
+def weights_kind(path: Path) -> str:
+    """What model.init_from points at: "checkpoint" or "export" (checked before any heavy work)."""
     path = Path(path)
     if (path / MARKER).is_file():
-        return load_model_weights(path)[1]
+        return "checkpoint"
     if (path / MODEL_CONFIG).is_file() and any(path.glob("*.safetensors")):
-        return GrokForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+        return "export"
     raise CheckpointError(f"model.init_from {path}: neither a complete checkpoint (no {MARKER}) nor an exported "
                           f"Hugging Face folder (config.json + *.safetensors)")
+
+
+def initial_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Weights to start a run from (model.init_from): a checkpoint folder, or an exported HF folder."""
+    if weights_kind(path) == "checkpoint":
+        return load_model_weights(path)[1]
+    return GrokForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()

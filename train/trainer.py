@@ -22,8 +22,8 @@ from model import GrokForCausalLM, count_parameters, flops_per_token, preset_con
 from . import checkpoint
 from .config import ConfigError, TrainConfig
 from .metrics import MetricsLogger, peak_memory_mib
-from .optim import lr_at
 from .engine import build_engine
+from .optim import lr_at
 from .parallel import Env, all_reduce_max, all_reduce_sum, barrier, setup, teardown
 
 
@@ -59,9 +59,7 @@ def check_before_start(config: TrainConfig) -> None:
     check_tokenizer(manifest, Path(config.data.path), vocab_size=model_config.vocab_size)
     config.grad_accumulation(int(os.environ.get("WORLD_SIZE", 1)))
     if config.model.init_from:
-        init = Path(config.model.init_from)
-        if not (init / checkpoint.MARKER).is_file() and not (init / checkpoint.MODEL_CONFIG).is_file():
-            raise ConfigError(f"model.init_from {init}: not a complete checkpoint or exported model folder")
+        checkpoint.weights_kind(Path(config.model.init_from))
     if config.parallel.strategy == "deepspeed":
         try:
             import deepspeed  # noqa: F401
