@@ -10,7 +10,7 @@ from data.shards import DataError
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .parallel import LaunchError
-from .trainer import run
+from .trainer import PREEMPTED_EXIT, Preempted, TrainingError, run
 
 
 def main(argv=None) -> int:
@@ -32,9 +32,12 @@ def main(argv=None) -> int:
     try:
         config = load_config(config_path, argv)
         run(config)
-    except (ConfigError, DataError, CheckpointError, LaunchError) as error:
+    except (ConfigError, DataError, CheckpointError, LaunchError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(str(stop), file=sys.stderr)
+        return PREEMPTED_EXIT
     return 0
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from model import GrokConfig, GrokForCausalLM
 
-from .engine import StateLoadError
+from .engine import DCP_ERRORS, StateLoadError, first_line
 from .parallel import Env, barrier
 
 # DCP warns when saving without a process group; one process is a supported case here.
@@ -73,15 +73,28 @@ def _rng_state(env: Env) -> dict[str, torch.Tensor]:
 
 
 def save(root: Path, step: int, engine, trainer_state: dict, model_config, env: Env, keep: int,
-         strategy: str) -> Path:
+         strategy: str, after_state=lambda: None) -> Path:
+    """Collective: every rank writes its shards, rank 0 completes and renames. `after_state` runs between
+    the shards and the marker (where the fault tests kill a rank)."""
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_state(tmp)
-    save_file(_rng_state(env), tmp / f"rng_rank{env.rank}.safetensors")
+    try:
+        engine.save_state(tmp)
+        save_file(_rng_state(env), tmp / f"rng_rank{env.rank}.safetensors")
+    except DCP_ERRORS as error:  # DCP gathers every rank's write errors, so all ranks raise here together
+        free_mib = shutil.disk_usage(tmp).free / 2**20  # measured before the partial files are removed
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        raise CheckpointError(
+            f"{root}: writing the step-{step} checkpoint failed ({first_line(error)}) with {free_mib:.1f} MiB left on "
+            f"that filesystem; the previous checkpoint ({previous.name if previous else 'none'}) is intact. Free "
+            f"space, lower checkpoint.keep, or set checkpoint.dir elsewhere") from error
+    after_state()
     barrier()
     if env.is_main:
         meta = {"step": step, "world_size": env.world_size, "strategy": strategy,
@@ -152,9 +165,8 @@ def load_model_weights(path: Path) -> tuple[GrokConfig, dict[str, torch.Tensor]]
     state = {key: torch.empty(t.shape, dtype=torch.float32) for key, t in skeleton.items()}
     try:
         dcp.load({"model": state}, checkpoint_id=path)
-    except Exception as error:
-        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise CheckpointError(f"{path}: model state unreadable ({first.strip()[:300]})") from error
+    except DCP_ERRORS as error:
+        raise CheckpointError(f"{path}: model state unreadable ({first_line(error)})") from error
     return config, state
 
 

@@ -121,6 +121,8 @@ class RunSection(Section):
     resume: str = "auto"  # auto: latest complete checkpoint if any | never | a checkpoint folder
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_s: int = Field(600, gt=0)  # process-group (collective) timeout
+    max_skipped_steps: int = Field(5, gt=0)  # consecutive skipped updates (non-finite, spikes) before stopping
+    loss_spike_factor: float = Field(0.0, ge=0)  # skip an update whose loss exceeds this x the recent mean; 0 = off
 
 
 class TrainConfig(Section):
@@ -134,6 +136,13 @@ class TrainConfig(Section):
     eval: EvalSection = EvalSection()
     log: LogSection = LogSection()
     run: RunSection = RunSection()
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.run.loss_spike_factor and self.parallel.strategy == "deepspeed":
+            raise ValueError("run.loss_spike_factor: DeepSpeed applies every update it is given (it skips only "
+                             "non-finite ones); set it to 0 or use none/ddp/fsdp/hsdp")
+        return self
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -89,7 +89,9 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # divides by gradient_accumulation_steps
 
-    def step(self, lr: float) -> torch.Tensor:
+    def step(self, lr: float, skip: bool = False) -> torch.Tensor:
+        # `skip` is for non-finite losses, whose gradients DeepSpeed's own overflow check finds and skips
+        # (config validation keeps loss-spike skipping, which it cannot do, away from this engine).
         set_lr(self.model.optimizer, lr)
         self.model.step()  # clip by the global norm, update, zero the gradients
         norm = self.model.get_global_grad_norm()

@@ -3,7 +3,7 @@
     with engine.micro_batch(last):            # gradient sync only on the last micro-batch; autocast
         out = engine.model(inputs, targets=targets)
         engine.backward(out.loss)             # scaled by 1 / gradient accumulation
-    grad_norm = engine.step(lr)               # clip by the global norm, update, zero the gradients
+    grad_norm = engine.step(lr, skip)         # clip by the global norm, update (unless skipped), zero grads
 
   TorchEngine      none / ddp / fsdp / hsdp on torch.distributed (wrapping in parallel.py), DCP state
   DeepSpeedEngine  ZeRO-1/2/3 through deepspeed.initialize (deepspeed_engine.py), DeepSpeed state
@@ -17,12 +17,26 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from .config import TrainConfig
 from .optim import build_optimizer, set_lr
 from .parallel import Env, autocast, clip_grad_norm, gradient_sync, parallelize
+
+
+# DCP raises CheckpointException, a BaseException (not an Exception), gathering every rank's failure.
+DCP_ERRORS = (Exception, CheckpointException)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line that says something: DCP nests each rank's traceback inside its message."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Traceback", "CheckpointException")):
+            return line[:300]
+    return type(error).__name__
 
 
 class StateLoadError(ValueError):
@@ -58,10 +72,12 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accumulation).backward()
 
-    def step(self, lr: float) -> torch.Tensor:
+    def step(self, lr: float, skip: bool = False) -> torch.Tensor:
+        """Update unless told to skip or the gradient norm is not finite; returns the norm either way."""
         grad_norm = clip_grad_norm(self.model.parameters(), self.grad_clip)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
+        if not skip and torch.isfinite(grad_norm):
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -79,14 +95,36 @@ class TorchEngine:
 
     def load_state(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        check_model_shapes(folder, model_state)
         state = {"model": model_state, "optim": optim_state}
         try:
             dcp.load(state, checkpoint_id=folder)
-        except Exception as error:  # DCP reports shape/key mismatches as long multi-rank traces
-            first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-            raise StateLoadError(f"cannot be loaded into this model/optimizer ({first.strip()[:300]}); resume with "
-                                 f"the config it was saved with, or run.resume=never") from error
+        except DCP_ERRORS as error:
+            cause = error.__cause__ or error
+            raise StateLoadError(f"cannot be loaded into this model/optimizer ({type(cause).__name__}: "
+                                 f"{first_line(error)}); the checkpoint may be incomplete or corrupted: resume from "
+                                 f"another one or with run.resume=never") from error
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def check_model_shapes(folder: Path, model_state: dict) -> None:
+    """Name the parameters that differ between a DCP checkpoint and this model, before DCP fails on them."""
+    try:
+        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    except DCP_ERRORS as error:
+        raise StateLoadError(f"unreadable checkpoint metadata ({type(error).__name__}: {str(error)[:200]}); resume "
+                             f"from another checkpoint or with run.resume=never") from error
+    saved = {key.removeprefix("model."): list(meta.size) for key, meta in saved.items()
+             if key.startswith("model.") and hasattr(meta, "size")}
+    ours = {key: list(tensor.shape) for key, tensor in model_state.items()}
+    differences = [f"{key} saved {saved[key]} vs model {ours[key]}" for key in ours
+                   if key in saved and saved[key] != ours[key]]
+    differences += [f"{key} not in checkpoint" for key in ours if key not in saved]
+    differences += [f"{key} not in model" for key in saved if key not in ours]
+    if differences:
+        more = f" (+{len(differences) - 3} more)" if len(differences) > 3 else ""
+        raise StateLoadError(f"saved by a model of another shape: {'; '.join(differences[:3])}{more}; resume with "
+                             f"the model preset and overrides it was trained with, or run.resume=never")
 
 
 def build_engine(model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int):

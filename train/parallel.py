@@ -74,8 +74,9 @@ def setup(config: TrainConfig) -> Env:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
             for key, value in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1)):
                 os.environ.setdefault(key, str(value))  # what a launcher would say (DeepSpeed reads them)
+        timeout = timedelta(seconds=config.run.timeout_s)
         try:
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=config.run.timeout_s),
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, store=_restart_store(timeout),
                                     device_id=device if use_cuda else None, rank=rank, world_size=world_size)
         except (dist.DistError, RuntimeError) as error:  # a rank that never came: fail within the timeout
             first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
@@ -84,6 +85,20 @@ def setup(config: TrainConfig) -> Env:
                 f"{os.environ['MASTER_PORT']} within run.timeout_s={config.run.timeout_s} ({first[:200]}); start "
                 f"every node, check that they reach that address, or raise run.timeout_s") from error
     return Env(rank, world_size, local_rank, local_world_size, device, dtype)
+
+
+def _restart_store(timeout: timedelta) -> dist.Store | None:
+    """After torchrun restarts a failed job, its store still holds the dead attempt's keys (gloo's peer
+    addresses among them), which the new processes would read and fail to connect to. Give each attempt
+    its own key space. None (the default env:// store) for a first attempt."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=not agent_hosts_store and os.environ["RANK"] == "0",
+                          timeout=timeout)
+    return dist.PrefixStore(f"minicolossus/attempt_{attempt}", store)
 
 
 def _free_port() -> int:

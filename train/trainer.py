@@ -9,6 +9,7 @@ per-micro-batch mean losses gives exactly the global mean: the same math at ever
 import math
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -19,12 +20,22 @@ from data.tokenizer import load as load_tokenizer
 from data.tokenizer import token_byte_lengths
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
 
-from . import checkpoint
+from . import checkpoint, faults
 from .config import ConfigError, TrainConfig
 from .metrics import MetricsLogger, peak_memory_mib
 from .engine import build_engine
 from .optim import lr_at
-from .parallel import Env, all_reduce_max, all_reduce_sum, barrier, setup, teardown
+from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, barrier, setup, teardown
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; relaunching resumes
+
+
+class TrainingError(RuntimeError):
+    """Training cannot usefully go on (e.g. only non-finite losses); one line, the last good checkpoint kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived: every rank finished its step and the checkpoint is written."""
 
 
 def build_model_config(config: TrainConfig, manifest: dict):
@@ -58,6 +69,7 @@ def check_before_start(config: TrainConfig) -> None:
     model_config = build_model_config(config, manifest)
     check_tokenizer(manifest, Path(config.data.path), vocab_size=model_config.vocab_size)
     config.grad_accumulation(int(os.environ.get("WORLD_SIZE", 1)))
+    faults.from_env()  # a malformed MINICOLOSSUS_FAULT fails here, not mid-run
     if config.model.init_from:
         checkpoint.weights_kind(Path(config.model.init_from))
     if config.parallel.strategy == "deepspeed":
@@ -105,7 +117,11 @@ class Trainer:
         self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(config.data.path))).to(env.device)
         self.step = 0
         self.tokens_seen = 0
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient, or a loss spike
+        self.bad_streak = 0  # ... of them in a row
+        self.loss_mean = None  # running mean of accepted losses, for the spike guard
+        self.preempt_requested = False  # set by the SIGTERM handler, agreed on by all ranks each step
+        self.fault = faults.from_env()
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def resume(self) -> Path | None:
@@ -127,11 +143,16 @@ class Trainer:
         state = {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
                  "data_path": str(Path(self.config.data.path).resolve())}  # export ships its tokenizer
         return checkpoint.save(self.config.checkpoint_dir, self.step, self.engine, state, self.model_config,
-                               self.env, self.config.checkpoint.keep, self.config.parallel.strategy)
+                               self.env, self.config.checkpoint.keep, self.config.parallel.strategy,
+                               after_state=lambda: faults.inject(self.fault, "killsave", self.step, self.env.rank))
 
     # --- one optimizer step --------------------------------------------------------------------------
     def train_step(self) -> dict:
-        """Forward/backward over this rank's micro-batches, clip, update. Returns rank-local sums."""
+        """Forward/backward over this rank's micro-batches, clip, update (or skip). Returns rank-local sums."""
+        step, rank = self.step + 1, self.env.rank
+        faults.inject(self.fault, "kill", step, rank)
+        faults.inject(self.fault, "hang", step, rank)
+        poison = faults.inject(self.fault, "nan", step, rank)
         self.model.train()
         inputs, targets = next(self.loader)
         micro = self.config.batch.micro_batch_size
@@ -142,16 +163,30 @@ class Trainer:
             rows = slice(i * micro, (i + 1) * micro)
             with self.engine.micro_batch(last):
                 out = self.model(inputs[rows], targets=targets[rows])
-                self.engine.backward(out.loss)
-            sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
+                loss = out.loss * float("nan") if poison else out.loss
+                self.engine.backward(loss)
+            sums += torch.stack([loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
             counts = out.expert_token_counts.detach()
             expert_counts = counts if expert_counts is None else expert_counts + counts
+        # One small reduction per step so that every rank takes the same decisions: skip or not, stop or not.
+        agreed = all_reduce_sum(torch.stack([sums[0], torch.tensor(float(self.preempt_requested),
+                                                                   device=sums.device)])).tolist()
+        loss = agreed[0] / (self.grad_accumulation * self.env.world_size)
+        spike = bool(self.config.run.loss_spike_factor and self.loss_mean is not None
+                     and loss > self.config.run.loss_spike_factor * self.loss_mean)
         lr = lr_at(self.step, self.config.run.max_steps, self.config.optim)
-        grad_norm = self.engine.step(lr)
+        grad_norm = self.engine.step(lr, skip=spike or not math.isfinite(loss))
+        if spike or not math.isfinite(loss) or not math.isfinite(float(grad_norm)):
+            self.skipped_steps += 1
+            self.bad_streak += 1
+        else:
+            self.bad_streak = 0
+            self.loss_mean = loss if self.loss_mean is None else 0.9 * self.loss_mean + 0.1 * loss
         self.step += 1
         self.tokens_seen += self.global_batch * self.config.data.seq_len
 
-        return {"sums": sums, "expert_counts": expert_counts, "grad_norm": grad_norm, "lr": lr}
+        return {"sums": sums, "expert_counts": expert_counts, "grad_norm": grad_norm, "lr": lr,
+                "skipped": self.bad_streak > 0, "preempt": agreed[1] > 0}
 
     def metrics_row(self, local: dict) -> dict:
         """One reduction (on log steps only) for everything logged: means over micro-batches and ranks."""
@@ -160,7 +195,7 @@ class Trainer:
         means = (reduced[:4] / (self.grad_accumulation * self.env.world_size)).tolist()
         row = {"step": self.step, "loss": means[0], "lm_loss": means[1], "aux_loss": means[2],
                "z_loss": means[3], "lr": local["lr"], "grad_norm": float(local["grad_norm"]),
-               "tokens_seen": self.tokens_seen}
+               "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
         if counts.numel():
             load = reduced[4:].view_as(counts)
             # per layer: busiest expert's share relative to a perfectly even share (1.0 = balanced)
@@ -205,6 +240,8 @@ class Trainer:
                                self.step, config.log.progress, config.log.tensorboard)
         logger.throughput(self.tokens_seen)
         last = {}
+        for signum in (signal.SIGTERM, signal.SIGUSR1):  # what SLURM and Kubernetes send before a kill
+            signal.signal(signum, self._request_preemption)
         try:
             while self.step < config.run.max_steps:
                 local = self.train_step()
@@ -212,7 +249,7 @@ class Trainer:
                 row = {}
                 if config.eval.every and self.step % config.eval.every == 0 or done:
                     row.update(self.evaluate())
-                if self.step % config.log.every == 0 or done or row:  # an evaluation is always logged
+                if self.step % config.log.every == 0 or done or row or local["skipped"]:  # always log those
                     row = {**self.metrics_row(local), **row, **logger.throughput(self.tokens_seen)}
                     held = self.engine.memory_bytes()
                     memory = torch.tensor([peak_memory_mib(env.device), held["params"] / 2**20,
@@ -221,12 +258,24 @@ class Trainer:
                     logger.log(row)
                     last = row
                 logger.advance(self.step)
-                if config.checkpoint.every and self.step % config.checkpoint.every == 0 or done:
-                    self.save()
+                if self.bad_streak >= config.run.max_skipped_steps:
+                    last_good = checkpoint.latest_checkpoint(config.checkpoint_dir)
+                    raise TrainingError(
+                        f"{self.bad_streak} updates in a row skipped (non-finite loss or gradient norm, or loss "
+                        f"spikes) up to step {self.step}; stopped without saving. Last good checkpoint: "
+                        f"{last_good or 'none'}; lower optim.lr or raise run.max_skipped_steps")
+                if config.checkpoint.every and self.step % config.checkpoint.every == 0 or done or local["preempt"]:
+                    saved = self.save()
+                if local["preempt"] and not done:
+                    raise Preempted(f"preempted at step {self.step}: checkpoint {saved} written; launch the same "
+                                    f"command again to resume")
         finally:
             logger.close()
             self.loader.close()
         return last
+
+    def _request_preemption(self, signum, frame) -> None:
+        self.preempt_requested = True  # acted on at the end of the current step, on every rank together
 
 
 def run(config: TrainConfig) -> dict:
@@ -234,8 +283,17 @@ def run(config: TrainConfig) -> dict:
     env = setup(config)
     try:
         return Trainer(config, env).fit()
+    except RuntimeError as error:  # a peer that hangs or died leaves this rank's collective to time out
+        text = str(error)
+        if "timed out" not in text.lower() and "timeout" not in text.lower():
+            raise
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        raise LaunchError(f"rank {env.rank}: a collective did not finish within run.timeout_s={config.run.timeout_s} "
+                          f"({first[:160]}); a rank is stuck or gone: check the other ranks' logs, or raise "
+                          f"run.timeout_s for slow steps") from error
     finally:
         teardown()
 
 
-__all__ = ["run", "Trainer", "check_before_start", "ConfigError", "DataError"]
+__all__ = ["run", "Trainer", "check_before_start", "ConfigError", "DataError", "TrainingError", "Preempted",
+           "PREEMPTED_EXIT"]
