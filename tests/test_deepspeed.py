@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,41 @@ def test_zero_checkpoint_on_another_world_size_says_how_to_continue(data_dir, re
     # ... and the way it names works: a new single-process run from those weights starts where they were
     rows = train(data_dir, tmp_path / "warm", f"--model.init_from={checkpoint}", "--run.resume=never", steps=2)
     assert rows[0]["loss"] < losses(single)[-1] + 0.2 < losses(single)[0]
+
+
+class Payload:
+    """What a hostile checkpoint could hold: unpickling it would create a file (it must never run)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_deepspeed_state_is_read_without_running_pickled_code(data_dir, zero3_run, tmp_path):
+    checkpoint = tmp_path / "checkpoints" / "step_00000006"
+    shutil.copytree(zero3_run[1] / "checkpoints" / "step_00000006", checkpoint)
+    marker = tmp_path / "code-ran"
+    for state in (checkpoint / "deepspeed").glob("*model_states.pt"):
+        torch.save({"module": Payload(marker)}, state)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "train", *base_args(data_dir, tmp_path), *ZERO, "--parallel.zero_stage=3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert not marker.exists()
+    assert result.returncode != 0
+    assert "which the weights-only loader refuses" in result.stderr
+
+
+def test_a_dcp_checkpoint_cannot_be_resumed_by_deepspeed_and_says_so(data_dir, reference, tmp_path):
+    checkpoint = reference[1] / "checkpoints" / "step_00000006"
+    result = subprocess.run([sys.executable, "-m", "train", *base_args(data_dir, tmp_path), *ZERO,
+                             f"--run.resume={checkpoint}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error == (f"error: {checkpoint}: saved by parallel.strategy 'none' (dcp format), which this run's strategy "
+                     f"cannot read; resume with a strategy of the same engine (none, ddp, fsdp or hsdp), or start from "
+                     f"its weights: --model.init_from={checkpoint} --run.resume=never")
 
 
 def test_zero3_checkpoint_exports_to_hugging_face(reference, zero3_run, tmp_path):

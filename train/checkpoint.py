@@ -133,8 +133,8 @@ def load(path: Path, engine, env: Env) -> dict:
         raise CheckpointError(
             f"{path}: saved by parallel.strategy {meta['strategy']!r} ({meta['format']} format), which this run's "
             f"strategy cannot read; resume with a strategy of the same engine ("
-            f"{'deepspeed' if meta['format'] == 'deepspeed' else 'none, ddp, fsdp or hsdp'}), or export the "
-            f"weights with scripts/export_hf.py and start over with run.resume=never")
+            f"{'deepspeed' if meta['format'] == 'deepspeed' else 'none, ddp, fsdp or hsdp'}), or start from its "
+            f"weights: --model.init_from={path} --run.resume=never")
     try:
         engine.load_state(path)
     except StateLoadError as error:

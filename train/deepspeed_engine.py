@@ -7,11 +7,14 @@ would compile for a minute on a fresh machine). ZeRO-1 shards optimizer state, Z
 ZeRO-3 also parameters; `parallel.offload_optimizer` keeps optimizer state and its update on the CPU.
 
 Checkpoints are DeepSpeed's own files in `{checkpoint}/deepspeed/`, one set per data-parallel rank: they
-resume on the same number of ranks. `consolidated_weights` merges them into full fp32 weights for export.
+resume on the same number of ranks, read with torch's weights-only unpickler (see weights_only_loading). `consolidated_weights` merges them into full fp32 weights for export.
 """
 
 import contextlib
 import logging
+import os
+import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -60,6 +63,24 @@ def register_outside_uses(model: nn.Module) -> None:
         if isinstance(module, MoE):
             deepspeed.zero.register_external_parameter(module, module.router.weight)
     deepspeed.zero.register_external_parameter(model, model.model.embed_tokens.weight)
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """DeepSpeed reads its files with torch.load(weights_only=False), which would run any pickled code in a
+    checkpoint. Force torch's safe unpickler, allowing the few plain DeepSpeed types its ZeRO files hold."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 def _nbytes(tensors) -> int:
@@ -122,7 +143,13 @@ class DeepSpeedEngine:
                 f"DeepSpeed ZeRO state of {saved} ranks loads only on {saved} ranks; resume with {saved} processes, "
                 f"or start a new run on {self.env.world_size} from its weights (optimizer state and schedule "
                 f"restart): --model.init_from={folder} --run.resume=never")
-        path, _ = self.model.load_checkpoint(str(folder), tag=STATE_DIR, load_module_strict=True)
+        try:
+            with weights_only_loading():
+                path, _ = self.model.load_checkpoint(str(folder), tag=STATE_DIR, load_module_strict=True)
+        except pickle.UnpicklingError as error:
+            unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+            raise StateLoadError(f"DeepSpeed state holds {unsafe.group(1) if unsafe else 'an object'}, which the "
+                                 f"weights-only loader refuses; resume only from checkpoints this project wrote") from None
         if path is None:
             raise StateLoadError(f"DeepSpeed found no state in {Path(folder) / STATE_DIR}; resume from another "
                                  f"checkpoint or with run.resume=never")
@@ -138,5 +165,6 @@ def saved_world_size(folder: Path) -> int:
 
 def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights merged from every rank's ZeRO partition (runs in one process, on CPU)."""
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=STATE_DIR)
+    with weights_only_loading():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=STATE_DIR)
     return {key.replace("_checkpoint_wrapped_module.", ""): value for key, value in state.items()}
