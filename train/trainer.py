@@ -136,11 +136,13 @@ class Trainer:
             return None
         state = checkpoint.load(path, self.engine, self.env)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped_steps, self.loss_mean = state.get("skipped_steps", 0), state.get("loss_mean")
         self.loader.load_state_dict(state["loader"])
         return path
 
     def save(self) -> Path:
         state = {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
+                 "skipped_steps": self.skipped_steps, "loss_mean": self.loss_mean,  # the guards resume too
                  "data_path": str(Path(self.config.data.path).resolve())}  # export ships its tokenizer
         return checkpoint.save(self.config.checkpoint_dir, self.step, self.engine, state, self.model_config,
                                self.env, self.config.checkpoint.keep, self.config.parallel.strategy,
