@@ -118,17 +118,17 @@ class TrainLoader:
 
 
 def val_batches(folder, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1, device="cpu",
-                max_windows: int | None = None, verify_checksums: bool = True):
-    """The whole val split in order (or its first max_windows windows, the same at any world size), as
-    non-overlapping seq_len windows, each window on exactly one rank.
+                max_windows: int | None = None, verify_checksums: bool = True, split: str = "val"):
+    """The whole val split (or another) in order (or its first max_windows windows, the same at any world
+    size), as non-overlapping seq_len windows, each window on exactly one rank.
 
     Rank r takes windows r, r + R, ...; every rank yields the same number of batches (sharded models
     run collectives in forward), padding its last ones with rows whose targets are all -100 (ignored).
     """
-    stream = TokenStream(folder, "val", verify_checksums)
+    stream = TokenStream(folder, split, verify_checksums)
     num_windows = (len(stream) - 1) // seq_len
     if num_windows < 1:
-        raise DataError(f"{folder}: the val split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+        raise DataError(f"{folder}: the {split} split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
                         f"use a shorter seq_len or prepare with a larger --val-fraction")
     if max_windows is not None:
         num_windows = min(num_windows, max_windows)

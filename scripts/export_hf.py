@@ -13,7 +13,6 @@ load it. OUT is written to a temporary folder and renamed when complete.
 """
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -23,22 +22,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GrokForCausalLM  # noqa: E402
 from train.checkpoint import CheckpointError, load_model_weights  # noqa: E402
+from train.checkpoint import tokenizer_dir as checkpoint_tokenizer_dir  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def tokenizer_folder(checkpoint: Path, given: str | None) -> Path | None:
-    """--tokenizer, else the prepared data folder the run trained on (recorded in trainer.json)."""
-    if given:
-        return Path(given)
-    data_path = json.loads((checkpoint / "trainer.json").read_text()).get("data_path")
-    return Path(data_path) if data_path else None
 
 
 def export(checkpoint: Path, out: Path, tokenizer: str | None = None, dtype: str = "fp32",
            max_shard_size: str = "2GB") -> Path:
     config, weights = load_model_weights(checkpoint)
-    tokenizer_dir = tokenizer_folder(checkpoint, tokenizer)
+    tokenizer_dir = Path(tokenizer) if tokenizer else checkpoint_tokenizer_dir(checkpoint)
     if tokenizer_dir is not None and not (tokenizer_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{tokenizer_dir}: no tokenizer.json; pass --tokenizer with the prepared data folder")
     with torch.device("meta"):

@@ -170,14 +170,14 @@ def load_model_weights(path: Path) -> tuple[GrokConfig, dict[str, torch.Tensor]]
     return config, state
 
 
-def weights_kind(path: Path) -> str:
-    """What model.init_from points at: "checkpoint" or "export" (checked before any heavy work)."""
+def weights_kind(path: Path, option: str = "model.init_from") -> str:
+    """What a weights path points at: "checkpoint" or "export" (checked before any heavy work)."""
     path = Path(path)
     if (path / MARKER).is_file():
         return "checkpoint"
     if (path / MODEL_CONFIG).is_file() and any(path.glob("*.safetensors")):
         return "export"
-    raise CheckpointError(f"model.init_from {path}: neither a complete checkpoint (no {MARKER}) nor an exported "
+    raise CheckpointError(f"{option} {path}: neither a complete checkpoint (no {MARKER}) nor an exported "
                           f"Hugging Face folder (config.json + *.safetensors)")
 
 
@@ -186,3 +186,22 @@ def initial_weights(path: Path) -> dict[str, torch.Tensor]:
     if weights_kind(path) == "checkpoint":
         return load_model_weights(path)[1]
     return GrokForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+def tokenizer_dir(checkpoint: Path) -> Path | None:
+    """The prepared data folder (with tokenizer.json) that the run of this checkpoint trained on."""
+    data_path = json.loads((Path(checkpoint) / "trainer.json").read_text()).get("data_path")
+    return Path(data_path) if data_path else None
+
+
+def load_for_inference(path: Path, option: str, dtype=torch.float32, device_map=None):
+    """(model in eval mode, folder of its tokenizer) from a checkpoint or an exported folder. An export
+    loads through transformers, so device_map="auto" spreads one larger than memory over devices."""
+    path = Path(path)
+    if weights_kind(path, option) == "export":
+        return GrokForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map).eval(), path
+    config, weights = load_model_weights(path)
+    with torch.device("meta"):
+        model = GrokForCausalLM(config)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.to(dtype).eval(), tokenizer_dir(path)

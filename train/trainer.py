@@ -24,6 +24,7 @@ from . import checkpoint, faults
 from .config import ConfigError, TrainConfig
 from .metrics import MetricsLogger, peak_memory_mib
 from .engine import build_engine
+from .evaluation import loss_sums, summarize
 from .optim import lr_at
 from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, barrier, setup, teardown
 
@@ -205,24 +206,13 @@ class Trainer:
         return row
 
     # --- evaluation ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """Val loss (nats/token) and bits per byte over the val split, summed across ranks."""
-        self.model.eval()
-        batch_size = self.config.eval.batch_size or self.config.batch.micro_batch_size
-        sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # nats, tokens, bytes
-        for inputs, targets in val_batches(self.config.data.path, self.config.data.seq_len, batch_size,
-                                           self.env.rank, self.env.world_size, self.env.device,
-                                           self.config.eval.max_sequences, verify_checksums=False):
-            with self.engine.autocast():
-                out = self.model(inputs, targets=targets)
-            valid = targets != -100
-            n_valid = valid.sum()
-            nats = out.lm_loss.double() * n_valid if n_valid > 0 else torch.zeros((), dtype=torch.float64,
-                                                                                    device=self.env.device)
-            sums += torch.stack([nats, n_valid.double(), self.byte_lengths[targets[valid]].sum().double()])
-        nats, tokens, n_bytes = all_reduce_sum(sums).tolist()
-        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / n_bytes, "val_tokens": int(tokens)}
+        batches = val_batches(self.config.data.path, self.config.data.seq_len,
+                              self.config.eval.batch_size or self.config.batch.micro_batch_size, self.env.rank,
+                              self.env.world_size, self.env.device, self.config.eval.max_sequences,
+                              verify_checksums=False)
+        return summarize(all_reduce_sum(loss_sums(self.model, batches, self.byte_lengths, self.engine.autocast)))
 
     # --- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict:

@@ -1,0 +1,88 @@
+"""Sample text from a checkpoint or an exported model, streaming tokens to the terminal.
+
+    python scripts/generate.py MODEL [--prompt TEXT ...] [--prompt-file FILE] [--max-new-tokens 200]
+                               [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--greedy] [--seed 0]
+                               [--device auto|cpu|cuda] [--no-stream]
+
+MODEL is a checkpoint folder (its run's tokenizer is found through trainer.json) or an exported folder
+(with its tokenizer). Generation is transformers' `generate()` with the model's KV cache; on a GPU an
+export larger than one device is spread with Accelerate (`device_map="auto"`). Each prompt (one per line
+of --prompt-file) prints its continuation; without a prompt, sampling starts from end-of-text.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, TextStreamer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train.checkpoint import CheckpointError, load_for_inference  # noqa: E402
+
+
+def load(model_path: Path, device: str):
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    model, tokenizer_dir = load_for_inference(model_path, "MODEL", dtype=torch.bfloat16 if on_gpu else torch.float32,
+                                              device_map="auto" if on_gpu else None)
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"MODEL {model_path}: no tokenizer found (looked in {tokenizer_dir}); export the "
+                              f"checkpoint with --tokenizer DIR, or keep its prepared data folder in place")
+    if on_gpu and model.device.type != "cuda":
+        model = model.to("cuda")
+    return model, AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, greedy: bool, temperature: float, top_k: int,
+             top_p: float, stream: bool) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]])
+    ids = ids.to(model.device)
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": top_k,
+                                                    "top_p": top_p}
+    streamer = TextStreamer(tokenizer, skip_prompt=False) if stream else None
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None, streamer=streamer, **sampling)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/generate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="checkpoint folder or exported Hugging Face folder")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompt-file", type=Path, help="one prompt per line")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling options)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-stream", action="store_true", help="print each continuation when it is complete")
+    args = parser.parse_args(argv)
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
+        parser.error("--temperature must be > 0, --top-p in (0, 1], --top-k >= 0, --max-new-tokens >= 1")
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        if not args.prompt_file.is_file():
+            parser.error(f"--prompt-file {args.prompt_file}: no such file")
+        prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    try:
+        model, tokenizer = load(args.model, args.device)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    for prompt in prompts or [""]:
+        text = generate(model, tokenizer, prompt, args.max_new_tokens, args.greedy, args.temperature, args.top_k,
+                        args.top_p, stream=not args.no_stream)
+        if args.no_stream:
+            print(text)
+        print(flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

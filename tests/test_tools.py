@@ -1,0 +1,74 @@
+"""The user's tools on a trained checkpoint and its export: evaluate.py (the trainer's own numbers) and
+generate.py (transformers generate with the KV cache, streaming)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO
+
+
+def tool(*args, ok=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(reference, tmp_path_factory):
+    rows, out = reference
+    checkpoint = out / "checkpoints" / "step_00000012"
+    export = tmp_path_factory.mktemp("tools") / "hf"
+    tool("scripts/export_hf.py", str(checkpoint), str(export))
+    return rows, checkpoint, export
+
+
+def test_evaluate_reproduces_the_trainers_validation(trained, data_dir):
+    rows, checkpoint, export = trained
+    for model in (checkpoint, export):
+        result = json.loads(tool("scripts/evaluate.py", str(model), "--data", str(data_dir), "--seq-len", "64",
+                                 "--batch-size", "4", "--max-sequences", "16").stdout)
+        assert abs(result["val_loss"] - rows[-1]["val_loss"]) < 1e-6
+        assert abs(result["val_bpb"] - rows[-1]["val_bpb"]) < 1e-6
+        assert result["val_tokens"] == rows[-1]["val_tokens"]
+        assert result["perplexity"] == pytest.approx(math.exp(result["val_loss"]))
+
+
+def test_generate_greedy_from_checkpoint_and_export_matches_transformers(trained):
+    _, checkpoint, export = trained
+    args = ["--prompt", "The ", "--prompt", "def ", "--max-new-tokens", "24", "--greedy"]
+    from_checkpoint = tool("scripts/generate.py", str(checkpoint), *args, "--no-stream").stdout
+    streamed = tool("scripts/generate.py", str(export), *args).stdout
+    import model  # noqa: F401  (registers the Auto classes)
+    lm, tokenizer = AutoModelForCausalLM.from_pretrained(export).eval(), AutoTokenizer.from_pretrained(export)
+    expected = []
+    for prompt in ("The ", "def "):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                          eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+        assert out.shape[1] == ids.shape[1] + 24
+        expected.append(tokenizer.decode(out[0], skip_special_tokens=True))
+    assert [line for line in from_checkpoint.split("\n\n") if line.strip()][:2] == expected
+    assert streamed.replace("\n", "") == from_checkpoint.replace("\n", "")
+
+
+def test_sampling_is_seeded(trained):
+    _, checkpoint, _ = trained
+    runs = [tool("scripts/generate.py", str(checkpoint), "--max-new-tokens", "32", "--seed", str(seed),
+                 "--no-stream").stdout for seed in (7, 7, 8)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_tools_reject_a_bad_model_path_in_one_line(tmp_path, data_dir):
+    for script in ("scripts/generate.py", "scripts/evaluate.py"):
+        extra = ["--data", str(data_dir)] if "evaluate" in script else []
+        result = tool(script, str(tmp_path), *extra, ok=False)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: MODEL {tmp_path}: neither a complete checkpoint")
