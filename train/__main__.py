@@ -1,6 +1,8 @@
 """python -m train --config configs/NAME.toml [--section.key=value ...]
 
-The same command under torchrun (any --nproc_per_node / --nnodes) runs the same training.
+The same command under torchrun (any --nproc_per_node / --nnodes), accelerate launch or the deepspeed
+launcher runs the same training. Exit codes: 0 done, 2 bad input or a stop explained in one line,
+75 preempted (SIGTERM/SIGUSR1) with a checkpoint written: launch the same command again to resume.
 """
 
 import sys
