@@ -72,3 +72,12 @@ def test_tools_reject_a_bad_model_path_in_one_line(tmp_path, data_dir):
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: MODEL {tmp_path}: neither a complete checkpoint")
+
+
+def test_plot_writes_a_png_of_one_or_several_runs(reference, tmp_path):
+    _, out = reference
+    tool("scripts/plot.py", str(out), str(out), "--out", str(tmp_path / "two.png"))
+    png = (tmp_path / "two.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    result = tool("scripts/plot.py", str(tmp_path / "nothing"), ok=False)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and "metrics.jsonl" in result.stderr
