@@ -81,3 +81,14 @@ def test_plot_writes_a_png_of_one_or_several_runs(reference, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     result = tool("scripts/plot.py", str(tmp_path / "nothing"), ok=False)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and "metrics.jsonl" in result.stderr
+
+
+def test_export_has_a_model_card_and_runs_in_a_text_generation_pipeline(trained):
+    rows, _, export = trained
+    card = (export / "README.md").read_text()
+    assert "| preset | tiny |" in card and f"{rows[-1]['val_loss']:.4f} nats/token" in card
+    import model  # noqa: F401  (registers the Auto classes)
+    from transformers import pipeline
+    generator = pipeline("text-generation", model=str(export))
+    text = generator("The ", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The ") and len(text) > len("The ")

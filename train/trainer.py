@@ -144,6 +144,7 @@ class Trainer:
     def save(self) -> Path:
         state = {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
                  "skipped_steps": self.skipped_steps, "loss_mean": self.loss_mean,  # the guards resume too
+                 "preset": self.config.model.preset,
                  "data_path": str(Path(self.config.data.path).resolve())}  # export ships its tokenizer
         return checkpoint.save(self.config.checkpoint_dir, self.step, self.engine, state, self.model_config,
                                self.env, self.config.checkpoint.keep, self.config.parallel.strategy,
