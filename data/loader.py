@@ -117,19 +117,38 @@ class TrainLoader:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+class ArrayStream:
+    """Tokens already in memory, read like a TokenStream (e.g. a text file tokenised for evaluation)."""
+
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        return self.tokens[start:start + length]
+
+
 def val_batches(folder, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1, device="cpu",
                 max_windows: int | None = None, verify_checksums: bool = True, split: str = "val"):
-    """The whole val split (or another) in order (or its first max_windows windows, the same at any world
-    size), as non-overlapping seq_len windows, each window on exactly one rank.
+    """The val split (or another) of a prepared folder as window_batches."""
+    stream = TokenStream(folder, split, verify_checksums)
+    if len(stream) < seq_len + 1:
+        raise DataError(f"{folder}: the {split} split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                        f"use a shorter seq_len or prepare with a larger --val-fraction")
+    return window_batches(stream, seq_len, batch_size, rank, world_size, device, max_windows)
+
+
+def window_batches(stream, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1, device="cpu",
+                   max_windows: int | None = None):
+    """A token stream in order (or its first max_windows windows, the same at any world size), as
+    non-overlapping seq_len windows, each window on exactly one rank.
 
     Rank r takes windows r, r + R, ...; every rank yields the same number of batches (sharded models
     run collectives in forward), padding its last ones with rows whose targets are all -100 (ignored).
     """
-    stream = TokenStream(folder, split, verify_checksums)
     num_windows = (len(stream) - 1) // seq_len
-    if num_windows < 1:
-        raise DataError(f"{folder}: the {split} split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                        f"use a shorter seq_len or prepare with a larger --val-fraction")
     if max_windows is not None:
         num_windows = min(num_windows, max_windows)
     windows = list(range(rank, num_windows, world_size))

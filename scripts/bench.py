@@ -188,6 +188,14 @@ def bench_strategies(args) -> list[dict]:
     return results
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The runs as one table, the form the README's Performance section uses."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(f"{r[k]:,}" if isinstance(r[k], int) else str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="section", required=True)
@@ -219,7 +227,9 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.section == "strategies":
-        bench_strategies(args)  # prints one line per run as it goes
+        results = bench_strategies(args)  # prints one line per run as it goes
+        if not args.json:
+            print(markdown_table([r for r in results if r["bench"] == "strategies"]))
         return 0
     result = {"model": bench_model, "data": bench_data}[args.section](args)
     if args.json:

@@ -40,6 +40,19 @@ def test_evaluate_reproduces_the_trainers_validation(trained, data_dir):
         assert result["perplexity"] == pytest.approx(math.exp(result["val_loss"]))
 
 
+def test_evaluate_a_text_file_with_the_models_tokenizer(trained, tmp_path):
+    _, checkpoint, export = trained
+    text = "Natürlich: every byte is one token of this byte-level model.\n" * 40
+    (tmp_path / "t.txt").write_text(text)
+    for model in (checkpoint, export):
+        result = json.loads(tool("scripts/evaluate.py", str(model), "--text", str(tmp_path / "t.txt"),
+                                 "--seq-len", "64").stdout)
+        n_tokens = len(text.encode()) + 1  # + the EOS after the document
+        assert result["val_tokens"] == (n_tokens - 1) // 64 * 64
+        assert result["val_bpb"] == pytest.approx(result["val_loss"] / math.log(2))  # one byte per token
+        assert 0 < result["val_loss"] < 10
+
+
 def test_generate_greedy_from_checkpoint_and_export_matches_transformers(trained):
     _, checkpoint, export = trained
     args = ["--prompt", "The ", "--prompt", "def ", "--max-new-tokens", "24", "--greedy"]
