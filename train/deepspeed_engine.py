@@ -26,7 +26,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from model.moe import MoE
 
 from .config import TrainConfig
-from .engine import StateLoadError
+from .engine import StateLoadError, optimizer_state_tensors, tensor_bytes
 from .optim import build_optimizer, set_lr
 from .parallel import Env, apply_block_options
 
@@ -83,10 +83,6 @@ def weights_only_loading():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 class DeepSpeedEngine:
     checkpoint_format = "deepspeed"
 
@@ -122,14 +118,13 @@ class DeepSpeedEngine:
         """This rank's parameters (ZeRO-3: its partition), gradients (ZeRO-2/3: a partition) and optimizer
         state: the fp32 master partition and AdamW's moments on it."""
         params = list(self.model.module.parameters())
-        held = _nbytes(p.ds_tensor for p in params) if self.stage == 3 else _nbytes(params)
+        held = tensor_bytes(p.ds_tensor for p in params) if self.stage == 3 else tensor_bytes(params)
         zero = self.model.optimizer
         # the flat fp32 partitions that our AdamW (zero.optimizer) steps
         master = zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups
-        moments = [v for state in zero.optimizer.state.values() for v in state.values()
-                   if torch.is_tensor(v) and v.numel() > 1]
-        grads = _nbytes(master) if self.stage >= 2 else _nbytes(params)
-        return {"params": held, "grads": grads, "optim": _nbytes(master) + _nbytes(moments)}
+        grads = tensor_bytes(master) if self.stage >= 2 else tensor_bytes(params)
+        return {"params": held, "grads": grads,
+                "optim": tensor_bytes(master) + tensor_bytes(optimizer_state_tensors(zero.optimizer))}
 
     def save_state(self, folder: Path) -> None:
         self.model.save_checkpoint(str(folder), tag=STATE_DIR, client_state={}, save_latest=False)

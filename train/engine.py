@@ -43,9 +43,15 @@ class StateLoadError(ValueError):
     """Saved model/optimizer state that this engine cannot restore; one line: what is wrong, what to do."""
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return tensor.numel() * tensor.element_size()
+def tensor_bytes(tensors) -> int:
+    """Bytes this rank holds for these tensors (a DTensor counts its local shard)."""
+    local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The per-parameter state tensors (AdamW's moments), not the scalar step counters."""
+    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.numel() > 1]
 
 
 class TorchEngine:
@@ -84,10 +90,8 @@ class TorchEngine:
     def memory_bytes(self) -> dict[str, int]:
         """What this rank holds: its shards only under FSDP. Gradients are counted at their size during a
         step (one per parameter, sharded like it), since they are freed between steps."""
-        params = sum(_nbytes(p) for p in self.model.parameters())
-        optim = sum(_nbytes(v) for state in self.optimizer.state.values() for v in state.values()
-                    if torch.is_tensor(v) and v.numel() > 1)
-        return {"params": params, "grads": params, "optim": optim}
+        params = tensor_bytes(self.model.parameters())
+        return {"params": params, "grads": params, "optim": tensor_bytes(optimizer_state_tensors(self.optimizer))}
 
     def save_state(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
