@@ -96,7 +96,8 @@ class MoE(nn.Module):
             geglu(chunk, self.w_gate[e], self.w_up[e], self.w_down[e]) for e, chunk in enumerate(grouped)
         ])
         weighted = expert_out * gates.flatten()[order, None].to(expert_out.dtype)
-        out = torch.zeros_like(tokens).index_add_(0, token_of_slot, weighted)
+        # In the experts' dtype: under autocast they compute in bf16 while the residual stream is fp32.
+        out = weighted.new_zeros(tokens.shape).index_add_(0, token_of_slot, weighted)
         return out.view(shape), stats
 
 

@@ -36,6 +36,20 @@ def test_dense_model_has_no_router_and_zero_aux():
     torch.testing.assert_close(out.loss, out.lm_loss)
 
 
+@pytest.mark.parametrize("experts", [4, 1])
+def test_bf16_autocast_trains_close_to_fp32(experts):
+    """The GPU path of `none`/`ddp`: fp32 weights, bf16 autocast (CPU runs the same casts, slowly)."""
+    model = small_model(num_local_experts=experts, num_experts_per_tok=min(2, experts)).train()
+    ids = torch.randint(0, 97, (2, 16))
+    reference = model(ids, labels=ids).lm_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert abs(out.lm_loss.item() - reference.item()) < 0.05
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("backend,cap", [("eager", 30.0), ("sdpa", 0.0)])
 def test_causality(backend, cap):
     model = small_model(attn_backend=backend, attn_logit_softcap=cap)
