@@ -159,6 +159,8 @@ def test_config_errors_are_one_line_and_name_the_key(data_dir, tmp_path, capsys)
     message = error_of(capsys, *args, "--model.overrides.vocab_size=999")
     assert "260-token vocabulary" in message and "vocab_size" in message
     assert "model.overrides" in error_of(capsys, *args, "--model.overrides.num_key_value_heads=3")
+    message = error_of(capsys, *args, "--run.device=cpu", "--model.overrides.attn_backend=flex")
+    assert "cannot train on CPU" in message and 'attn_backend = "eager"' in message
     (tmp_path / "file").write_text("")
     assert "cannot create folder" in error_of(capsys, *args, f"--run.out_dir={tmp_path / 'file' / 'x'}")
     assert "no such file" in error_of(capsys, "--config", str(tmp_path / "nope.toml"))

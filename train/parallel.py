@@ -49,6 +49,13 @@ class Env:
         return dist.is_initialized()
 
 
+def uses_cuda(config: TrainConfig) -> bool:
+    """run.device resolved: "auto" is CUDA when one is visible."""
+    if config.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device 'cuda': no CUDA device is visible; use run.device = \"cpu\" or \"auto\"")
+    return config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
+
+
 def setup(config: TrainConfig) -> Env:
     """Read the launcher's environment, pick device and dtype, and start the process group."""
     rank = int(os.environ.get("RANK", 0))
@@ -59,9 +66,7 @@ def setup(config: TrainConfig) -> Env:
     if strategy == "none" and world_size > 1:
         raise ConfigError(f"parallel.strategy 'none' runs one process, but {world_size} were launched; "
                           f"use ddp, fsdp or hsdp")
-    use_cuda = config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("run.device 'cuda': no CUDA device is visible; use run.device = \"cpu\" or \"auto\"")
+    use_cuda = uses_cuda(config)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if config.precision.dtype == "bf16" or (config.precision.dtype == "auto" and use_cuda):
         dtype = torch.bfloat16

@@ -26,7 +26,7 @@ from .metrics import MetricsLogger, peak_memory_mib
 from .engine import build_engine
 from .evaluation import loss_sums, summarize
 from .optim import lr_at
-from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, barrier, setup, teardown
+from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, barrier, setup, teardown, uses_cuda
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; relaunching resumes
 
@@ -69,6 +69,9 @@ def check_before_start(config: TrainConfig) -> None:
     manifest = read_manifest(Path(config.data.path))
     model_config = build_model_config(config, manifest)
     check_tokenizer(manifest, Path(config.data.path), vocab_size=model_config.vocab_size)
+    if model_config.attn_backend == "flex" and not uses_cuda(config):
+        raise ConfigError(f"model: preset {config.model.preset!r} attends with flex_attention, which PyTorch cannot "
+                          f"train on CPU (no backward there); on CPU set model.overrides.attn_backend = \"eager\"")
     config.grad_accumulation(int(os.environ.get("WORLD_SIZE", 1)))
     faults.from_env()  # a malformed MINICOLOSSUS_FAULT fails here, not mid-run
     if config.model.init_from:
