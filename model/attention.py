@@ -77,6 +77,14 @@ class AttentionInputs:
     allowed: torch.Tensor | None
     block_mask: BlockMask | None  # flex only
 
+    def to(self, device, non_blocking: bool = False) -> "AttentionInputs":
+        """A copy on `device`: Accelerate calls this when a device_map puts blocks on several devices."""
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+        block_mask = None if self.block_mask is None else self.block_mask.to(device)
+        return AttentionInputs(move(self.cos), move(self.sin), self.query_len, self.key_len, move(self.allowed),
+                               block_mask)
+
 
 def causal_allowed(query_len: int, key_len: int, key_keep: torch.Tensor | None, device) -> torch.Tensor:
     """Bool mask [B|1, 1, query_len, key_len]: causal (bottom-right aligned) and not a padding key.

@@ -19,6 +19,15 @@ from .config import GrokConfig
 from .moe import MoE, FeedForward, RouterStats
 
 
+class TiedEmbedding(nn.Embedding):
+    """Token embedding that is also the output projection (grok-1 ties them): forward(h, as_output=True)
+    gives logits h @ E^T. Both uses go through forward, so tools that manage weights per module
+    (Accelerate's device_map dispatch and disk offload, DeepSpeed ZeRO-3) see and place both."""
+
+    def forward(self, x: torch.Tensor, as_output: bool = False) -> torch.Tensor:
+        return F.linear(x, self.weight) if as_output else super().forward(x)
+
+
 class GrokBlock(nn.Module):
     """grok-1's DecoderLayer: h = h + norm(attn(norm(h))); h = h + norm(ffn(norm(h)))."""
 
@@ -88,7 +97,7 @@ class GrokModel(GrokPreTrainedModel):
 
     def __init__(self, config: GrokConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GrokBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
@@ -154,7 +163,7 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
         h = out.last_hidden_state
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
-        logits = F.linear(h, self.model.embed_tokens.weight) * self.config.output_multiplier
+        logits = self.model.embed_tokens(h, as_output=True) * self.config.output_multiplier
         logits = softcap(logits, self.config.final_logit_softcap)
 
         result = GrokCausalLMOutput(logits=logits, past_key_values=out.past_key_values)

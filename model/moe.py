@@ -35,6 +35,20 @@ class DenseFFN(nn.Module):
         return self.w_down(F.gelu(self.w_gate(x), approximate="tanh") * self.w_up(x))
 
 
+class Router(nn.Linear):
+    """Expert logits in fp32 whatever the weights' dtype: grok-1 routes in full precision.
+
+    The router goes through its own forward (not a read of its weight from MoE.forward) so that tools
+    managing weights per module (Accelerate's offload, DeepSpeed ZeRO-3) see the use.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__(hidden_size, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
 @dataclass
 class RouterStats:
     """Per-layer router outputs for the training losses and for logging expert load."""
@@ -65,7 +79,7 @@ class MoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.normalize_gates = config.normalize_router_gates
         self.router_softcap = config.router_logit_softcap
-        self.router = nn.Linear(d, E, bias=False)
+        self.router = Router(d, E)
         self.w_gate = nn.Parameter(torch.empty(E, d, f))
         self.w_up = nn.Parameter(torch.empty(E, d, f))
         self.w_down = nn.Parameter(torch.empty(E, f, d))
@@ -74,7 +88,7 @@ class MoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         with full_precision(x):
-            logits = softcap(F.linear(tokens.float(), self.router.weight.float()), self.router_softcap)
+            logits = softcap(self.router(tokens), self.router_softcap)
             probs = torch.softmax(logits, dim=-1)
             gates, expert_index = probs.topk(self.top_k, dim=-1)  # [N, k]
             if self.normalize_gates:

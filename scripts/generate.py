@@ -2,35 +2,71 @@
 
     python scripts/generate.py MODEL [--prompt TEXT ...] [--prompt-file FILE] [--max-new-tokens 200]
                                [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--greedy] [--seed 0]
-                               [--device auto|cpu|cuda] [--no-stream]
+                               [--device auto|cpu|cuda] [--no-stream] [--max-memory SPEC] [--offload-folder DIR]
 
 MODEL is a checkpoint folder (its run's tokenizer is found through trainer.json) or an exported folder
-(with its tokenizer). Generation is transformers' `generate()` with the model's KV cache; on a GPU an
-export larger than one device is spread with Accelerate (`device_map="auto"`). Each prompt (one per line
-of --prompt-file) prints its continuation; without a prompt, sampling starts from end-of-text.
+(with its tokenizer). Generation is transformers' `generate()` with the model's KV cache. An export larger
+than one device is placed by Accelerate (`device_map="auto"`): on GPUs always, and wherever --max-memory
+gives a budget per device (`0=70GiB,cpu=200GiB`); blocks that fit nowhere stream from disk. Each prompt
+(one per line of --prompt-file) prints its continuation; without a prompt, sampling starts from end-of-text.
 """
 
 import argparse
 import sys
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, TextStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train.checkpoint import CheckpointError, load_for_inference  # noqa: E402
+from train.checkpoint import CheckpointError, load_for_inference, weights_kind  # noqa: E402
 
 
-def load(model_path: Path, device: str):
+def parse_max_memory(spec: str) -> dict:
+    """"0=70GiB,cpu=200GiB" -> {0: "70GiB", "cpu": "200GiB"}: Accelerate's per-device budget."""
+    budget = {}
+    for item in spec.split(","):
+        device, _, size = item.strip().partition("=")
+        if not size or not (device.isdigit() or device == "cpu"):
+            raise ValueError(f"--max-memory {spec!r}: write DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=200GiB "
+                             f"(DEVICE a GPU index or cpu)")
+        budget[int(device) if device.isdigit() else device] = size
+    return budget
+
+
+def load(model_path: Path, device: str, max_memory: dict | None = None, offload_folder: str | None = None):
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    placement = {}
+    if on_gpu or max_memory:  # Accelerate places the blocks: GPUs first, then the CPU, then disk
+        placement = {"device_map": "auto", "max_memory": max_memory, "offload_folder": offload_folder}
+        if max_memory and weights_kind(model_path, "MODEL") != "export":
+            raise CheckpointError(f"MODEL {model_path}: --max-memory places an exported model; export this "
+                                  f"checkpoint with scripts/export_hf.py and generate from the export")
     model, tokenizer_dir = load_for_inference(model_path, "MODEL", dtype=torch.bfloat16 if on_gpu else torch.float32,
-                                              device_map="auto" if on_gpu else None)
+                                              **placement)
     if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"MODEL {model_path}: no tokenizer found (looked in {tokenizer_dir}); export the "
                               f"checkpoint with --tokenizer DIR, or keep its prepared data folder in place")
-    if on_gpu and model.device.type != "cuda":
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        counts = Counter(str(where) for where in placed.values())
+        print("placed by Accelerate: " + ", ".join(f"{n} module(s) on {where}" for where, n in counts.items()),
+              file=sys.stderr)
+    elif on_gpu and model.device.type != "cuda":
         model = model.to("cuda")
     return model, AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def input_device(model) -> torch.device:
+    """Where the prompt goes. Under a device_map, Accelerate runs CPU- and disk-offloaded blocks on its main
+    device, the first GPU in the map (the CPU if none); model.device would name the first weight's, maybe meta."""
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return model.device
+    gpu = next((where for where in placed.values() if isinstance(where, int)), None)
+    return torch.device("cuda", gpu) if gpu is not None else torch.device("cpu")
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, greedy: bool, temperature: float, top_k: int,
@@ -38,7 +74,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, greedy: bool, t
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]])
-    ids = ids.to(model.device)
+    ids = ids.to(input_device(model))
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": top_k,
                                                     "top_p": top_p}
     streamer = TextStreamer(tokenizer, skip_prompt=False) if stream else None
@@ -61,6 +97,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-stream", action="store_true", help="print each continuation when it is complete")
+    parser.add_argument("--max-memory", help="memory per device for an export larger than one, e.g. "
+                        "0=70GiB,1=70GiB,cpu=200GiB: Accelerate fills them in order and puts the rest on disk")
+    parser.add_argument("--offload-folder", help="where weights that fit nowhere go (default: a temporary folder)")
     args = parser.parse_args(argv)
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
         parser.error("--temperature must be > 0, --top-p in (0, 1], --top-k >= 0, --max-new-tokens >= 1")
@@ -70,7 +109,12 @@ def main(argv=None) -> int:
             parser.error(f"--prompt-file {args.prompt_file}: no such file")
         prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
     try:
-        model, tokenizer = load(args.model, args.device)
+        max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
+    except ValueError as error:
+        parser.error(str(error))
+    offload = tempfile.TemporaryDirectory(prefix="minicolossus-offload-")  # removed when generation ends
+    try:
+        model, tokenizer = load(args.model, args.device, max_memory, args.offload_folder or offload.name)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

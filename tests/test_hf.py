@@ -140,3 +140,21 @@ def test_cli_rejects_bad_input_in_one_line():
     assert unknown.returncode == 2 and "unknown preset 'huge'" in unknown.stderr
     too_big = _run_cli("grok-1", "--save", "/nonexistent/never-written")
     assert too_big.returncode == 2 and "--save" in too_big.stderr and "Traceback" not in too_big.stderr
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_attention_inputs_follow_the_blocks_across_devices(backend):
+    """Under a multi-device device_map Accelerate moves each block's arguments with send_to_device: the
+    rotary tables and masks built once per forward must go along ("meta" stands in for a second GPU)."""
+    from accelerate.utils import send_to_device
+
+    from conftest import small_config
+    from model.attention import make_attention_inputs
+
+    config = small_config(attn_backend=backend)
+    inputs = make_attention_inputs(config, torch.arange(6)[None], 6, 6, torch.ones(1, 6, dtype=torch.long))
+    moved = send_to_device(inputs, "meta")
+    assert moved.cos.is_meta and moved.sin.is_meta and moved.allowed.is_meta
+    assert (moved.query_len, moved.key_len) == (6, 6) and not inputs.cos.is_meta
+    if backend == "flex":
+        assert moved.block_mask.kv_num_blocks.is_meta

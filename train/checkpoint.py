@@ -194,12 +194,13 @@ def tokenizer_dir(checkpoint: Path) -> Path | None:
     return Path(data_path) if data_path else None
 
 
-def load_for_inference(path: Path, option: str, dtype=torch.float32, device_map=None):
+def load_for_inference(path: Path, option: str, dtype=torch.float32, **placement):
     """(model in eval mode, folder of its tokenizer) from a checkpoint or an exported folder. An export
-    loads through transformers, so device_map="auto" spreads one larger than memory over devices."""
+    loads through transformers, so Accelerate's placement (device_map="auto", max_memory, offload_folder)
+    spreads one larger than a device over several, the CPU and disk; a checkpoint loads whole."""
     path = Path(path)
     if weights_kind(path, option) == "export":
-        return GrokForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map).eval(), path
+        return GrokForCausalLM.from_pretrained(path, dtype=dtype, **placement).eval(), path
     config, weights = load_model_weights(path)
     with torch.device("meta"):
         model = GrokForCausalLM(config)

@@ -23,8 +23,6 @@ import torch
 import torch.nn as nn
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from model.moe import MoE
-
 from .config import TrainConfig
 from .engine import StateLoadError, optimizer_state_tensors, tensor_bytes
 from .optim import build_optimizer, set_lr
@@ -55,16 +53,6 @@ def deepspeed_config(config: TrainConfig, env: Env, grad_accumulation: int) -> d
     }
 
 
-def register_outside_uses(model: nn.Module) -> None:
-    """ZeRO-3 gathers a module's parameters when that module's forward runs. Two weights are read outside
-    their own module's forward: the router weight (read by MoE.forward in fp32) and the tied embedding
-    (the output projection, read by GrokForCausalLM.forward). Declare them so ZeRO-3 gathers them there."""
-    for module in model.modules():
-        if isinstance(module, MoE):
-            deepspeed.zero.register_external_parameter(module, module.router.weight)
-    deepspeed.zero.register_external_parameter(model, model.model.embed_tokens.weight)
-
-
 @contextlib.contextmanager
 def weights_only_loading():
     """DeepSpeed reads its files with torch.load(weights_only=False), which would run any pickled code in a
@@ -89,8 +77,6 @@ class DeepSpeedEngine:
     def __init__(self, model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int):
         self.env, self.stage = env, config.parallel.zero_stage
         apply_block_options(model, config)
-        if self.stage == 3:
-            register_outside_uses(model)
         optimizer = build_optimizer(model, config.optim, env.device)
         self.model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
                                               config=deepspeed_config(config, env, grad_accumulation))
