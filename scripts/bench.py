@@ -1,13 +1,17 @@
 """Benchmarks that print numbers (never timed tests).
 
-    python scripts/bench.py model [--preset tiny] [--batch 32] [--seq-len 128] [--steps 10] [--json]
+    python scripts/bench.py model [--config FILE] [--preset P] [--batch B] [--seq-len T] [--section.key=value ...]
+                                  [--steps 10] [--warmup 3] [--json]
     python scripts/bench.py data  [--source stdlib] [--vocab-size 2048] [--batch 32] [--seq-len 128] [--json]
     python scripts/bench.py strategies [--presets tiny small] [--strategies none-1thread ddp fsdp hsdp zero1 zero2 zero3]
                                        [--nproc 2] [--steps 24] [--log-every 4] [--json]
 
-`model`: one training step (forward, backward, AdamW) of a preset in this process, in fp32 on CPU or bf16
-autocast on GPU: tokens/s, achieved FLOP/s from the model's FLOPs-per-token accounting, and MFU where the
-device's peak is known.
+`model`: a trainer config's step (forward, backward, the trainer's AdamW) on one device, as strategy `none`
+runs it: the config's model, micro batch, sequence length, precision (bf16 autocast on GPU, fp32 on CPU),
+torch.compile and activation checkpointing, each overridable in the trainer's syntax, e.g.
+`--config configs/gpu-350m.toml --parallel.compile=false`. Random tokens of the model's vocabulary. Prints
+tokens/s, achieved FLOP/s from the model's FLOPs-per-token accounting, MFU where the device's peak is known,
+and peak memory; warmup_s includes compilation.
 
 `data`: BPE training time and tokenisation throughput on a corpus, the loader's time per batch, and the
 share of a real `tiny` training loop spent waiting for the (prefetching) loader: the target is < 2%.
@@ -31,47 +35,64 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config  # noqa: E402
-from train.metrics import peak_flops  # noqa: E402  (the trainer's MFU uses the same peak table)
+from train.config import ConfigError, load_config  # noqa: E402
+from train.metrics import peak_flops, peak_memory_mib  # noqa: E402  (the trainer's MFU: same peak table)
+from train.optim import build_optimizer  # noqa: E402
+from train.parallel import apply_block_options, compute_dtype, uses_cuda  # noqa: E402
 
 
-def bench_model(args) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    overrides = {"attn_backend": args.attn_backend} if args.attn_backend else {}
-    config = preset_config(args.preset, **overrides)
-    torch.manual_seed(0)
-    model = GrokForCausalLM(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1), device=device)
-    use_bf16 = device.type == "cuda"
+def bench_model(args, overrides: list[str]) -> dict:
+    """The config's training step on one device, as `parallel.strategy=none` runs it."""
+    shorthands = [f"--model.preset={args.preset}"] if args.preset else []
+    shorthands += [f"--batch.micro_batch_size={args.batch}"] if args.batch else []
+    shorthands += [f"--data.seq_len={args.seq_len}"] if args.seq_len else []
+    config = load_config(args.config, [*shorthands, *overrides])
+    use_cuda = uses_cuda(config)
+    device = torch.device("cuda" if use_cuda else "cpu")
+    dtype = compute_dtype(config, use_cuda)
+    model_config = preset_config(config.model.preset, **config.model.overrides)
+    batch, seq_len = config.batch.micro_batch_size, config.data.seq_len
+    torch.manual_seed(config.run.seed)
+    model = GrokForCausalLM(model_config).to(device).train()
+    apply_block_options(model, config)
+    optimizer = build_optimizer(model, config.optim, device)
+    tokens = torch.randint(0, model_config.vocab_size, (batch, seq_len + 1), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
+    start = time.perf_counter()
+    for _ in range(args.warmup):  # includes torch.compile's compilation when it is on
         step()
-    if device.type == "cuda":
+    if use_cuda:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    if device.type == "cuda":
+    if use_cuda:
         torch.cuda.synchronize()
     seconds_per_step = (time.perf_counter() - start) / args.steps
 
-    tokens_per_step = args.batch * args.seq_len
-    flops = flops_per_token(config, count_parameters(model).active, args.seq_len) * tokens_per_step
+    tokens_per_step = batch * seq_len
+    flops = flops_per_token(model_config, count_parameters(model).active, seq_len) * tokens_per_step
     peak = peak_flops(device)
     return {
-        "bench": "model", "preset": args.preset, "device": str(device), "threads": torch.get_num_threads(),
-        "dtype": "bf16" if use_bf16 else "fp32", "attn_backend": config.attn_backend,
-        "batch": args.batch, "seq_len": args.seq_len, "ms_per_step": round(seconds_per_step * 1e3, 1),
-        "tokens_per_s": round(tokens_per_step / seconds_per_step),
+        "bench": "model", "config": str(args.config or "-"), "preset": config.model.preset,
+        "params": count_parameters(model).total, "device": torch.cuda.get_device_name() if use_cuda else "cpu",
+        "threads": torch.get_num_threads(), "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "attn_backend": model_config.attn_backend, "compile": config.parallel.compile,
+        "activation_checkpointing": config.parallel.activation_checkpointing,
+        "micro_batch": batch, "seq_len": seq_len, "warmup_s": round(warmup_s, 1),
+        "ms_per_step": round(seconds_per_step * 1e3, 1), "tokens_per_s": round(tokens_per_step / seconds_per_step),
         "achieved_tflops": round(flops / seconds_per_step / 1e12, 4),
         "mfu": round(flops / seconds_per_step / peak, 4) if peak else None,
+        "peak_mem_mib": round(peak_memory_mib(device)),
     }
 
 
@@ -199,13 +220,13 @@ def markdown_table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="section", required=True)
-    m = sub.add_parser("model", help="train-step throughput of one preset in one process")
-    m.add_argument("--preset", default="tiny")
-    m.add_argument("--batch", type=int, default=32)
-    m.add_argument("--seq-len", type=int, default=128)
+    m = sub.add_parser("model", help="a config's train step on one device (strategy none)")
+    m.add_argument("--config", help="a trainer config (TOML); default: the trainer's defaults")
+    m.add_argument("--preset", help="shorthand for --model.preset")
+    m.add_argument("--batch", type=int, help="shorthand for --batch.micro_batch_size")
+    m.add_argument("--seq-len", type=int, help="shorthand for --data.seq_len")
     m.add_argument("--steps", type=int, default=10)
     m.add_argument("--warmup", type=int, default=3)
-    m.add_argument("--attn-backend", choices=["eager", "sdpa", "flex"])
     m.add_argument("--json", action="store_true")
     d = sub.add_parser("data", help="tokeniser throughput and loader cost against a tiny training step")
     d.add_argument("--source", default="stdlib")
@@ -224,14 +245,20 @@ def main() -> int:
     st.add_argument("--log-every", type=int, default=4, help="steps per metrics row (tokens/s is per interval)")
     st.add_argument("--data-root", default="runs/data", help="where the stdlib corpora are prepared (reused)")
     st.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()
+    if overrides and args.section != "model":
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
 
     if args.section == "strategies":
         results = bench_strategies(args)  # prints one line per run as it goes
         if not args.json:
             print(markdown_table([r for r in results if r["bench"] == "strategies"]))
         return 0
-    result = {"model": bench_model, "data": bench_data}[args.section](args)
+    try:
+        result = bench_model(args, overrides) if args.section == "model" else bench_data(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result))
     else:

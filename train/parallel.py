@@ -56,6 +56,13 @@ def uses_cuda(config: TrainConfig) -> bool:
     return config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
 
 
+def compute_dtype(config: TrainConfig, use_cuda: bool) -> torch.dtype:
+    """precision.dtype resolved: "auto" is bf16 on GPU, fp32 on CPU (no bf16 units on most CPUs)."""
+    if config.precision.dtype == "bf16" or (config.precision.dtype == "auto" and use_cuda):
+        return torch.bfloat16
+    return torch.float32
+
+
 def setup(config: TrainConfig) -> Env:
     """Read the launcher's environment, pick device and dtype, and start the process group."""
     rank = int(os.environ.get("RANK", 0))
@@ -68,10 +75,7 @@ def setup(config: TrainConfig) -> Env:
                           f"use ddp, fsdp or hsdp")
     use_cuda = uses_cuda(config)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if config.precision.dtype == "bf16" or (config.precision.dtype == "auto" and use_cuda):
-        dtype = torch.bfloat16
-    else:
-        dtype = torch.float32
+    dtype = compute_dtype(config, use_cuda)
     if use_cuda:
         torch.cuda.set_device(device)
     if world_size > 1 or strategy != "none":
