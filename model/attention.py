@@ -78,12 +78,16 @@ class AttentionInputs:
     block_mask: BlockMask | None  # flex only
 
     def to(self, device, non_blocking: bool = False) -> "AttentionInputs":
-        """A copy on `device`: Accelerate calls this when a device_map puts blocks on several devices."""
-        def move(t):
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-        block_mask = None if self.block_mask is None else self.block_mask.to(device)
-        return AttentionInputs(move(self.cos), move(self.sin), self.query_len, self.key_len, move(self.allowed),
-                               block_mask)
+        """These inputs on `device`: Accelerate calls this when a device_map puts blocks on several devices."""
+        cos = self.cos.to(device, non_blocking=non_blocking)
+        if cos is self.cos:  # already there (every block on one device)
+            return self
+        allowed = None if self.allowed is None else self.allowed.to(device, non_blocking=non_blocking)
+        # flex's mask reads `allowed` through a closure: rebuild it around the moved tensor
+        block_mask = None if self.block_mask is None else flex_block_mask(allowed, self.query_len, self.key_len,
+                                                                         cos.device)
+        return AttentionInputs(cos, self.sin.to(device, non_blocking=non_blocking), self.query_len, self.key_len,
+                               allowed, block_mask)
 
 
 def causal_allowed(query_len: int, key_len: int, key_keep: torch.Tensor | None, device) -> torch.Tensor:
@@ -99,23 +103,29 @@ def causal_allowed(query_len: int, key_len: int, key_keep: torch.Tensor | None, 
     return allowed
 
 
+def flex_block_mask(allowed: torch.Tensor | None, query_len: int, key_len: int, device) -> BlockMask:
+    """flex_attention's block-sparse mask: causal as a function of positions, or read from `allowed`."""
+    if allowed is None:
+        offset = key_len - query_len
+
+        def mask_mod(b, h, q, kv):
+            return kv <= q + offset
+        return create_block_mask(mask_mod, None, None, query_len, key_len, device=device)
+
+    per_sequence = allowed.shape[0] > 1  # padding differs by sequence; else one mask for the batch
+
+    def mask_mod(b, h, q, kv):
+        return allowed[b if per_sequence else 0, 0, q, kv]
+    return create_block_mask(mask_mod, allowed.shape[0] if per_sequence else None, None, query_len, key_len,
+                             device=device)
+
+
 def make_attention_inputs(config: GrokConfig, position_ids, query_len, key_len, key_keep) -> AttentionInputs:
     cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
     device = position_ids.device
     needs_mask = key_keep is not None or (query_len != key_len and query_len > 1)
     allowed = causal_allowed(query_len, key_len, key_keep, device) if needs_mask else None
-    block_mask = None
-    if config.attn_backend == "flex":
-        offset = key_len - query_len
-        if key_keep is None:  # causal alone is a function of positions: no mask tensor to read
-            def mask_mod(b, h, q, kv):
-                return kv <= q + offset
-            batch = None
-        else:
-            def mask_mod(b, h, q, kv):
-                return allowed[b, 0, q, kv]
-            batch = allowed.shape[0]
-        block_mask = create_block_mask(mask_mod, batch, None, query_len, key_len, device=device)
+    block_mask = flex_block_mask(allowed, query_len, key_len, device) if config.attn_backend == "flex" else None
     return AttentionInputs(cos, sin, query_len, key_len, allowed, block_mask)
 
 

@@ -178,9 +178,12 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
 
     def _attach_router_losses(self, result: GrokCausalLMOutput, router_stats: list[RouterStats], h):
         if router_stats:
-            result.aux_loss = torch.stack([s.aux_loss for s in router_stats]).mean()
-            result.z_loss = torch.stack([s.z_loss for s in router_stats]).mean()
-            result.expert_token_counts = torch.stack([s.expert_token_counts for s in router_stats])
+            # Each layer's stats live where its block ran: one device, except under a multi-GPU device_map.
+            def gather(values):
+                return torch.stack([v.to(h.device) for v in values])
+            result.aux_loss = gather(s.aux_loss for s in router_stats).mean()
+            result.z_loss = gather(s.z_loss for s in router_stats).mean()
+            result.expert_token_counts = gather(s.expert_token_counts for s in router_stats)
         else:
             zero = h.new_zeros((), dtype=torch.float32)
             result.aux_loss, result.z_loss = zero, zero

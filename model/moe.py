@@ -46,7 +46,8 @@ class Router(nn.Linear):
         super().__init__(hidden_size, num_experts, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        with full_precision(x):
+            return F.linear(x.float(), self.weight.float())
 
 
 @dataclass
@@ -110,8 +111,8 @@ class MoE(nn.Module):
             geglu(chunk, self.w_gate[e], self.w_up[e], self.w_down[e]) for e, chunk in enumerate(grouped)
         ])
         weighted = expert_out * gates.flatten()[order, None].to(expert_out.dtype)
-        # In the experts' dtype: under autocast they compute in bf16 while the residual stream is fp32.
-        out = weighted.new_zeros(tokens.shape).index_add_(0, token_of_slot, weighted)
+        # Summed in the residual stream's dtype: under autocast the experts compute in bf16, the stream is fp32.
+        out = torch.zeros_like(tokens).index_add_(0, token_of_slot, weighted.to(tokens.dtype))
         return out.view(shape), stats
 
 

@@ -39,6 +39,7 @@ from train.config import ConfigError, load_config  # noqa: E402
 from train.metrics import peak_flops, peak_memory_mib  # noqa: E402  (the trainer's MFU: same peak table)
 from train.optim import build_optimizer  # noqa: E402
 from train.parallel import apply_block_options, compute_dtype, uses_cuda  # noqa: E402
+from train.trainer import build_model_config  # noqa: E402
 
 
 def bench_model(args, overrides: list[str]) -> dict:
@@ -50,7 +51,7 @@ def bench_model(args, overrides: list[str]) -> dict:
     use_cuda = uses_cuda(config)
     device = torch.device("cuda" if use_cuda else "cpu")
     dtype = compute_dtype(config, use_cuda)
-    model_config = preset_config(config.model.preset, **config.model.overrides)
+    model_config = build_model_config(config, vocab_size=None)  # the trainer's checks, the preset's vocabulary
     batch, seq_len = config.batch.micro_batch_size, config.data.seq_len
     torch.manual_seed(config.run.seed)
     model = GrokForCausalLM(model_config).to(device).train()
@@ -217,6 +218,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="section", required=True)
@@ -225,7 +232,7 @@ def main() -> int:
     m.add_argument("--preset", help="shorthand for --model.preset")
     m.add_argument("--batch", type=int, help="shorthand for --batch.micro_batch_size")
     m.add_argument("--seq-len", type=int, help="shorthand for --data.seq_len")
-    m.add_argument("--steps", type=int, default=10)
+    m.add_argument("--steps", type=positive, default=10)
     m.add_argument("--warmup", type=int, default=3)
     m.add_argument("--json", action="store_true")
     d = sub.add_parser("data", help="tokeniser throughput and loader cost against a tiny training step")

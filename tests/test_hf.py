@@ -153,8 +153,12 @@ def test_attention_inputs_follow_the_blocks_across_devices(backend):
 
     config = small_config(attn_backend=backend)
     inputs = make_attention_inputs(config, torch.arange(6)[None], 6, 6, torch.ones(1, 6, dtype=torch.long))
+    assert send_to_device(inputs, "cpu") is inputs  # all blocks on one device: nothing is copied
     moved = send_to_device(inputs, "meta")
     assert moved.cos.is_meta and moved.sin.is_meta and moved.allowed.is_meta
     assert (moved.query_len, moved.key_len) == (6, 6) and not inputs.cos.is_meta
-    if backend == "flex":
+    if backend == "flex":  # the mask and the tensor its mask_mod reads both moved
+        index = torch.tensor(0)
         assert moved.block_mask.kv_num_blocks.is_meta
+        assert moved.block_mask.mask_mod(index, index, index, index).is_meta
+        assert not inputs.block_mask.mask_mod(index, index, index, index).is_meta

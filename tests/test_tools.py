@@ -128,5 +128,7 @@ def test_bench_model_runs_a_config_with_overrides():
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert (row["preset"], row["micro_batch"], row["seq_len"], row["compile"]) == ("tiny", 2, 16, False)
     assert row["tokens_per_s"] > 0 and row["achieved_tflops"] > 0 and row["dtype"] == "fp32"
-    bad = tool("scripts/bench.py", "model", "--optim.lr=-1", ok=False)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: optim.lr")
+    for override, named in (("--optim.lr=-1", "optim.lr"), ("--model.overrides.attn_backend=flex", "flex")):
+        bad = tool("scripts/bench.py", "model", override, ok=False)  # the trainer's checks, in one line
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and named in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 # Dense bf16 peak FLOP/s per device (no sparsity), matched on the CUDA device name, first match wins:
-# the PCIe and NVL H100s run lower clocks than the SXM part that "H100" alone stands for.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12,
-                   "A100": 312e12, "L40S": 362e12}
+# the PCIe and NVL parts run lower clocks than the SXM ones that "H100" / "H200" alone stand for.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+                   "B200": 2250e12, "A100": 312e12, "L40S": 362e12}
 
 
 def peak_flops(device: torch.device) -> float | None:

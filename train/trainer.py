@@ -39,8 +39,11 @@ class Preempted(Exception):
     """SIGTERM/SIGUSR1 arrived: every rank finished its step and the checkpoint is written."""
 
 
-def build_model_config(config: TrainConfig, manifest: dict):
-    overrides = {"vocab_size": manifest["tokenizer"]["vocab_size"], **config.model.overrides}
+def build_model_config(config: TrainConfig, vocab_size: int | None):
+    """The preset with its overrides, checked against the data and the device. vocab_size: the prepared
+    data's tokenizer (None keeps the preset's, for benchmarks on random tokens)."""
+    overrides = {"vocab_size": vocab_size} if vocab_size else {}
+    overrides.update(config.model.overrides)
     try:
         model_config = preset_config(config.model.preset, **overrides)
     except Exception as error:  # GrokConfig's validation: keep its first line, which names the field
@@ -50,6 +53,9 @@ def build_model_config(config: TrainConfig, manifest: dict):
         raise ConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's context "
                           f"{model_config.max_position_embeddings}; lower data.seq_len or set "
                           f"model.overrides.max_position_embeddings")
+    if model_config.attn_backend == "flex" and not uses_cuda(config):
+        raise ConfigError(f"model: preset {config.model.preset!r} attends with flex_attention, which PyTorch cannot "
+                          f"train on CPU (no backward there); on CPU set model.overrides.attn_backend = \"eager\"")
     return model_config
 
 
@@ -67,11 +73,8 @@ def load_initial_weights(model: GrokForCausalLM, path: str) -> None:
 def check_before_start(config: TrainConfig) -> None:
     """Everything that can be checked without a process group: fail in one line, before heavy work."""
     manifest = read_manifest(Path(config.data.path))
-    model_config = build_model_config(config, manifest)
+    model_config = build_model_config(config, manifest["tokenizer"]["vocab_size"])
     check_tokenizer(manifest, Path(config.data.path), vocab_size=model_config.vocab_size)
-    if model_config.attn_backend == "flex" and not uses_cuda(config):
-        raise ConfigError(f"model: preset {config.model.preset!r} attends with flex_attention, which PyTorch cannot "
-                          f"train on CPU (no backward there); on CPU set model.overrides.attn_backend = \"eager\"")
     config.grad_accumulation(int(os.environ.get("WORLD_SIZE", 1)))
     faults.from_env()  # a malformed MINICOLOSSUS_FAULT fails here, not mid-run
     if config.model.init_from:
@@ -102,7 +105,7 @@ class Trainer:
         self.grad_accumulation = config.grad_accumulation(env.world_size)
         self.global_batch = config.global_batch_sequences()
         manifest = read_manifest(Path(config.data.path))
-        self.model_config = build_model_config(config, manifest)
+        self.model_config = build_model_config(config, manifest["tokenizer"]["vocab_size"])
 
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
         model = GrokForCausalLM(self.model_config)
