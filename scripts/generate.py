@@ -13,7 +13,6 @@ gives a budget per device (`0=70GiB,cpu=200GiB`); blocks that fit nowhere stream
 
 import argparse
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from transformers import AutoTokenizer, TextStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train.checkpoint import CheckpointError, load_for_inference, weights_kind  # noqa: E402
+from train.checkpoint import CheckpointError, load_for_inference  # noqa: E402
 
 
 def parse_max_memory(spec: str) -> dict:
@@ -41,9 +40,6 @@ def load(model_path: Path, device: str, max_memory: dict | None = None, offload_
     placement = {}
     if on_gpu or max_memory:  # Accelerate places the blocks: GPUs first, then the CPU, then disk
         placement = {"device_map": "auto", "max_memory": max_memory, "offload_folder": offload_folder}
-        if max_memory and weights_kind(model_path, "MODEL") != "export":
-            raise CheckpointError(f"MODEL {model_path}: --max-memory places an exported model; export this "
-                                  f"checkpoint with scripts/export_hf.py and generate from the export")
     model, tokenizer_dir = load_for_inference(model_path, "MODEL", dtype=torch.bfloat16 if on_gpu else torch.float32,
                                               **placement)
     if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
@@ -99,7 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-stream", action="store_true", help="print each continuation when it is complete")
     parser.add_argument("--max-memory", help="memory per device for an export larger than one, e.g. "
                         "0=70GiB,1=70GiB,cpu=200GiB: Accelerate fills them in order and puts the rest on disk")
-    parser.add_argument("--offload-folder", help="where weights that fit nowhere go (default: a temporary folder)")
+    parser.add_argument("--offload-folder", help="where weights that fit nowhere are kept (default: read in place "
+                        "from the export's safetensors)")
     args = parser.parse_args(argv)
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
         parser.error("--temperature must be > 0, --top-p in (0, 1], --top-k >= 0, --max-new-tokens >= 1")
@@ -112,9 +109,8 @@ def main(argv=None) -> int:
         max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
     except ValueError as error:
         parser.error(str(error))
-    offload = tempfile.TemporaryDirectory(prefix="minicolossus-offload-")  # removed when generation ends
     try:
-        model, tokenizer = load(args.model, args.device, max_memory, args.offload_folder or offload.name)
+        model, tokenizer = load(args.model, args.device, max_memory, args.offload_folder)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

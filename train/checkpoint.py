@@ -201,6 +201,9 @@ def load_for_inference(path: Path, option: str, dtype=torch.float32, **placement
     path = Path(path)
     if weights_kind(path, option) == "export":
         return GrokForCausalLM.from_pretrained(path, dtype=dtype, **placement).eval(), path
+    if placement.get("max_memory"):
+        raise CheckpointError(f"{option} {path}: a memory budget (--max-memory) places an exported model; "
+                              f"export this checkpoint with scripts/export_hf.py and use the export")
     config, weights = load_model_weights(path)
     with torch.device("meta"):
         model = GrokForCausalLM(config)
