@@ -4,19 +4,21 @@ SRC is `stdlib` (the running Python's standard library, offline, the default cor
 folder (.txt, .txt.gz, .jsonl(.gz), .parquet), or a Hugging Face hub dataset name (needs network).
 Documents are split into train/val whole (seeded), the tokenizer is trained on train only, and both
 splits are tokenised with EOS after every document into flat binary shards plus manifest.json.
-The output appears atomically: everything is written to a temporary folder renamed at the end.
-Re-running with the same arguments reuses the finished folder; identical inputs give identical bytes.
+The output appears atomically: everything is written to a temporary folder renamed at the end. Re-running
+with the same arguments reuses the finished folder; identical inputs give identical bytes. --overwrite
+replaces only a folder this command made; any other existing, non-empty --out is refused.
 """
 
 import argparse
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from train.cli import ArgumentParser, run_main
+
+from . import folders
 from . import tokenizer as tok
 from .shards import FORMAT_VERSION, DataError, ShardWriter, token_dtype, write_manifest, read_manifest
 
@@ -51,7 +53,8 @@ def write_split(documents, folder: Path, split: str, dtype, shard_tokens: int, n
         ids = encoded[start:start + 4096]["ids"]
         writer.write(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]))
     shards = writer.close()
-    return {"documents": len(documents), "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    return {"documents": len(documents), "tokens": sum(s["tokens"] for s in shards), "shards": shards,
+            "max_token_id": writer.max_token_id}
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -68,6 +71,7 @@ def prepare(args: argparse.Namespace) -> dict:
         _check_seq_len(manifest, args.seq_len, out)
         print(f"{out}: already prepared with these settings, reusing it", file=sys.stderr)
         return manifest
+    folders.check_replaceable(out, "data", "--out", args.overwrite)  # before the corpus is read
 
     started = time.perf_counter()
     corpus = load_corpus(args.source, args.text_field, args.sample_by, args.hub_config, args.hub_split,
@@ -75,12 +79,8 @@ def prepare(args: argparse.Namespace) -> dict:
     train_idx, val_idx = split_documents(len(corpus.documents), args.val_fraction, args.seed)
     splits = {"train": corpus.documents.select(train_idx), "val": corpus.documents.select(val_idx)}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    folders.remove_leftovers(out.parent, out.name, "data")  # what an interrupted run left
+    with folders.atomic_folder(out, "data", "--out", args.overwrite) as tmp:
         if args.tokenizer == "bpe":
             texts = (splits["train"][i:i + 1000]["text"] for i in range(0, len(splits["train"]), 1000))
             tokenizer = tok.train_bpe(texts, args.vocab_size)
@@ -98,20 +98,12 @@ def prepare(args: argparse.Namespace) -> dict:
             "tokenizer": {"kind": args.tokenizer, "vocab_size": vocab_size, "sha256": tokenizer_hash,
                           "pad_id": tok.PAD_ID, "bos_id": tok.BOS_ID, "eos_id": tok.EOS_ID, "unk_id": tok.UNK_ID},
             "dtype": dtype.name,
+            "max_token_id": max(s["max_token_id"] for s in written.values()),
             "replaced_characters": corpus.replaced_characters,
             "splits": written,
         }
         _check_seq_len(manifest, args.seq_len, out)
         write_manifest(tmp, manifest)
-        if out.exists():  # --overwrite: swap in the new folder, then drop the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     seconds = time.perf_counter() - started
     total = sum(s["tokens"] for s in written.values())
@@ -133,8 +125,7 @@ def _check_seq_len(manifest: dict, seq_len: int | None, out: Path) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m data.prepare", description=__doc__)
     p.add_argument("--source", required=True, help="stdlib | a local file or folder | a hub dataset name")
     p.add_argument("--out", required=True, help="output folder (created atomically)")
     p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
@@ -169,12 +160,7 @@ def main(argv=None) -> int:
     import datasets  # quiet the library: the user gets one summary line, or one error line
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    try:
-        prepare(args)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: prepare(args) and None)
 
 
 if __name__ == "__main__":

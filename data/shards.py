@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .folders import write_durably
+
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: max_token_id recorded, folder marker
 
 
 class DataError(ValueError):
@@ -40,10 +42,13 @@ class ShardWriter:
     def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         self.shards: list[dict] = []
+        self.max_token_id = -1
         self._file = None
         self._room = 0
 
     def write(self, tokens: np.ndarray) -> None:
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
         tokens = tokens.astype(self.dtype, copy=False)
         while len(tokens):
             if self._room == 0:
@@ -81,10 +86,40 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not valid JSON ({error}); re-run data.prepare with --overwrite") from error
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}; "
-                        f"re-run data.prepare with --overwrite")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}; "
+                        f"re-run data.prepare with --overwrite (or into a new --out)")
+    _check_fields(manifest, path)
     return manifest
+
+
+def _check_fields(manifest: dict, path: Path) -> None:
+    """The keys readers rely on, with their types: a hand-edited manifest fails here, in one line."""
+    def need(node, key, kind, where):
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DataError(f"{path}: {where}{key} is missing or not a {getattr(kind, '__name__', 'value')}; "
+                            f"re-run data.prepare with --overwrite")
+        return value
+    tokenizer = need(manifest, "tokenizer", dict, "")
+    vocab_size = need(tokenizer, "vocab_size", int, "tokenizer.")
+    need(tokenizer, "sha256", str, "tokenizer.")
+    need(tokenizer, "eos_id", int, "tokenizer.")
+    if need(manifest, "dtype", str, "") not in ("uint16", "uint32"):
+        raise DataError(f"{path}: dtype {manifest['dtype']!r} is not uint16 or uint32; re-run data.prepare")
+    max_id = need(manifest, "max_token_id", int, "")
+    if not 0 < vocab_size <= 2**32 or max_id >= vocab_size:
+        raise DataError(f"{path}: tokens go up to id {max_id} but tokenizer.vocab_size is {vocab_size}; the "
+                        f"manifest was edited or is damaged: re-run data.prepare with --overwrite")
+    for name, split in need(manifest, "splits", dict, "").items():
+        need(split, "tokens", int, f"splits.{name}.")
+        for i, shard in enumerate(need(split, "shards", list, f"splits.{name}.")):
+            for key, kind in (("file", str), ("tokens", int), ("sha256", str)):
+                need(shard, key, kind, f"splits.{name}.shards[{i}].")
+            if "/" in shard["file"] or shard["file"].startswith("."):
+                raise DataError(f"{path}: splits.{name}.shards[{i}].file {shard['file']!r} points outside the "
+                                f"folder; re-run data.prepare")
 
 
 def check_tokenizer(manifest: dict, folder: Path, vocab_size: int | None = None,
@@ -141,4 +176,4 @@ class TokenStream:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_durably(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

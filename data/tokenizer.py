@@ -77,7 +77,14 @@ def tokenizer_sha256(folder: Path) -> str:
 
 
 def load(folder: Path) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast.from_pretrained(folder)
+    """The fast tokenizer class itself: AutoTokenizer would follow tokenizer_config.json to any class it names."""
+    from .shards import DataError
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    except Exception as error:  # the tokenizers library raises its own exception types for a damaged file
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise DataError(f"{Path(folder) / 'tokenizer.json'}: unreadable tokenizer ({first[:200]}); re-create it "
+                        f"(data.prepare --overwrite, or export again)") from error
 
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:

@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     if args.save and info["params_total"] > MAX_SAVE_PARAMS:
         parser.error(f"--save: preset {args.preset!r} has {human(info['params_total'])} parameters; saving "
                      f"random weights is for presets up to {human(MAX_SAVE_PARAMS)} (e.g. tiny, small)")
+    if args.save and Path(args.save).exists() and (not Path(args.save).is_dir() or any(Path(args.save).iterdir())):
+        parser.error(f"--save {args.save}: exists and is not empty; choose a new folder (nothing is overwritten)")
 
     if args.json:
         print(json.dumps(info, indent=2))

@@ -18,6 +18,10 @@ from .attention import Attention, RMSNorm, make_attention_inputs, softcap
 from .config import GrokConfig
 from .moe import MoE, FeedForward, RouterStats
 
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache` (argument and output field);
+# both are accepted, and outputs use the name of the installed version.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class TiedEmbedding(nn.Embedding):
     """Token embedding that is also the output projection (grok-1 ties them): forward(h, as_output=True)
@@ -71,7 +75,7 @@ class GrokPreTrainedModel(PreTrainedModel):
     config_class = GrokConfig
     base_model_prefix = "model"
     _no_split_modules = ["GrokBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     supports_gradient_checkpointing = False  # the trainer applies activation checkpointing from outside
 
     @torch.no_grad()
@@ -109,11 +113,12 @@ class GrokModel(GrokPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, **kwargs) -> GrokModelOutput:
+                use_cache=None, cache=None, **kwargs) -> GrokModelOutput:
         batch, query_len = input_ids.shape
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         key_len = past_len + query_len
 
         key_keep = None  # which key positions are real tokens; None when there is no padding
@@ -129,11 +134,10 @@ class GrokModel(GrokPreTrainedModel):
         h = self.embed_tokens(input_ids) * self.config.embedding_multiplier
         router_stats = []
         for block in self.layers:
-            h, stats = block(h, attention_inputs, past_key_values)
+            h, stats = block(h, attention_inputs, cache)
             if stats is not None:
                 router_stats.append(stats)
-        return GrokModelOutput(last_hidden_state=self.norm(h), past_key_values=past_key_values,
-                               router_stats=router_stats)
+        return GrokModelOutput(last_hidden_state=self.norm(h), router_stats=router_stats, **{CACHE_FIELD: cache})
 
 
 class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
@@ -154,19 +158,19 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
         return None  # logits use the input embedding matrix directly
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, labels=None, targets=None, logits_to_keep: int = 0,
+                use_cache=None, labels=None, targets=None, logits_to_keep: int = 0, cache=None,
                 **kwargs) -> GrokCausalLMOutput:
         """`labels` follow transformers (same positions as input_ids, shifted here); `targets` are
         already aligned with the logits (nanoGPT style, what the trainer passes). -100 is ignored."""
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache)
+                         cache=cache if cache is not None else past_key_values, use_cache=use_cache)
         h = out.last_hidden_state
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         logits = self.model.embed_tokens(h, as_output=True) * self.config.output_multiplier
         logits = softcap(logits, self.config.final_logit_softcap)
 
-        result = GrokCausalLMOutput(logits=logits, past_key_values=out.past_key_values)
+        result = GrokCausalLMOutput(logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
         self._attach_router_losses(result, out.router_stats, h)
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)

@@ -14,7 +14,7 @@ run=runs/tiny
     -m train --config configs/tiny.toml "$@"
 
 checkpoint=$(ls -d "$run"/checkpoints/step_*[0-9] | tail -n 1)  # complete ones only
-"$python" scripts/export_hf.py "$checkpoint" "$run/hf"
+"$python" scripts/export_hf.py "$checkpoint" "$run/hf" --overwrite  # re-runs replace their own export
 "$python" scripts/plot.py "$run" >/dev/null
 echo
 echo "--- a sample from the exported model (scripts/generate.py $run/hf --prompt 'def ') ---"

@@ -8,6 +8,7 @@ import torch
 
 from data.prepare import main as prepare_main
 from model import GrokConfig, GrokForCausalLM
+from train.metrics import read_metrics
 
 
 def small_config(**overrides) -> GrokConfig:
@@ -66,7 +67,7 @@ def train(data_dir, out, *overrides, nproc: int = 1, steps: int = STEPS) -> list
     result = subprocess.run(launcher + base_args(data_dir, out, steps) + strategy + list(overrides), cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(Path(out))
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +79,22 @@ def reference(data_dir, tmp_path_factory) -> list[dict]:
 
 def losses(rows):
     return [row["loss"] for row in rows]
+
+
+def reseal(checkpoint: Path) -> None:
+    """Record the current digests of a checkpoint's files in its COMPLETE marker, as an attacker (or a careless
+    edit tool) could: what is then tested is the loader itself, not the digest check in front of it."""
+    from train.checkpoint import HASH, MARKER, file_digest
+    files = {str(p.relative_to(checkpoint)): file_digest(p) for p in sorted(checkpoint.rglob("*"))
+             if p.is_file() and p.name != MARKER}
+    (checkpoint / MARKER).write_text(json.dumps({"step": 0, "hash": HASH, "files": files}))
+
+
+class Payload:
+    """What a hostile file could hold: unpickling it would create `marker` (it must never run)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, STEPS, base_args, losses, train
-from train.checkpoint import load_model_weights
+from conftest import REPO, STEPS, Payload, base_args, losses, reseal, train
+from train.weights import load_model_weights
 
 try:
     import deepspeed  # noqa: F401
@@ -68,28 +68,35 @@ def test_zero_checkpoint_on_another_world_size_says_how_to_continue(data_dir, re
     assert rows[0]["loss"] < losses(single)[-1] + 0.2 < losses(single)[0]
 
 
-class Payload:
-    """What a hostile checkpoint could hold: unpickling it would create a file (it must never run)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_deepspeed_state_is_read_without_running_pickled_code(data_dir, zero3_run, tmp_path):
-    checkpoint = tmp_path / "checkpoints" / "step_00000006"
+@pytest.fixture(scope="module")
+def hostile_zero3(zero3_run, tmp_path_factory):
+    """A ZeRO-3 checkpoint whose model-state files hold a pickled payload, its digests recorded anew."""
+    checkpoint = tmp_path_factory.mktemp("hostile") / "checkpoints" / "step_00000006"
     shutil.copytree(zero3_run[1] / "checkpoints" / "step_00000006", checkpoint)
-    marker = tmp_path / "code-ran"
+    marker = checkpoint.parents[2] / "code-ran"
     for state in (checkpoint / "deepspeed").glob("*model_states.pt"):
         torch.save({"module": Payload(marker)}, state)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "train", *base_args(data_dir, tmp_path), *ZERO, "--parallel.zero_stage=3"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    reseal(checkpoint)
+    return checkpoint, marker
+
+
+@pytest.mark.parametrize("path", ["resume", "export", "init_from"])
+def test_deepspeed_state_is_read_without_running_pickled_code(data_dir, hostile_zero3, tmp_path, path):
+    checkpoint, marker = hostile_zero3
+    if path == "resume":
+        shutil.copytree(checkpoint.parent, tmp_path / "checkpoints")
+        command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+                   *base_args(data_dir, tmp_path), *ZERO, "--parallel.zero_stage=3"]
+    elif path == "export":
+        command = ["scripts/export_hf.py", str(checkpoint), str(tmp_path / "hf")]
+    else:
+        command = ["-m", "train", *base_args(data_dir, tmp_path / "run"), f"--model.init_from={checkpoint}"]
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert not marker.exists()
     assert result.returncode != 0
     assert "which the weights-only loader refuses" in result.stderr
+    if path != "resume":  # (torchrun adds its own report of the failed ranks)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_a_dcp_checkpoint_cannot_be_resumed_by_deepspeed_and_says_so(data_dir, reference, tmp_path):

@@ -17,6 +17,7 @@ from torch.distributed.run import get_args_parser
 
 from conftest import REPO, STEPS, base_args, losses, train
 from train.config import load_config
+from train.metrics import read_metrics
 
 BIN = Path(sys.executable).parent
 
@@ -28,7 +29,7 @@ def free_port() -> int:
 
 
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out)
 
 
 def assert_same_curve(rows, reference_rows):

@@ -8,9 +8,8 @@ import sys
 import pytest
 
 from conftest import REPO, base_args
-
-sys.path.insert(0, str(REPO / "scripts"))
-import plan  # noqa: E402  (scripts/plan.py)
+from train import plan
+from train.metrics import read_metrics
 
 STRATEGY_RUNS = {  # planner strategy -> trainer overrides (2 processes)
     "ddp": ["--parallel.strategy=ddp"],
@@ -27,7 +26,7 @@ def measured_state_mib(data_dir, out, preset, overrides) -> float:
                *base_args(data_dir, out, steps=1), f"--model.preset={preset}", *overrides]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["state_mib"]
+    return read_metrics(out)[-1]["state_mib"]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])

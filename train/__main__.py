@@ -8,6 +8,7 @@ launcher runs the same training. Exit codes: 0 done, 2 bad input or a stop expla
 import os
 import sys
 
+from data.folders import FolderError
 from data.shards import DataError
 
 from .checkpoint import CheckpointError
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     try:
         config = load_config(config_path, argv)
         run(config)
-    except (ConfigError, DataError, CheckpointError, LaunchError, TrainingError) as error:
+    except (ConfigError, DataError, FolderError, CheckpointError, LaunchError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Preempted as stop:

@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is not a step count and "3" is not a learning rate; no NaN or infinity anywhere.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -100,6 +101,7 @@ class CheckpointSection(Section):
     dir: str | None = None  # default: {run.out_dir}/checkpoints
     every: int = Field(0, ge=0)  # steps; 0 = only at the end
     keep: int = Field(2, gt=0)  # complete checkpoints kept
+    async_save: bool = False  # write shards in the background while training goes on (DCP strategies)
 
 
 class EvalSection(Section):
@@ -117,7 +119,7 @@ class LogSection(Section):
 class RunSection(Section):
     out_dir: str = "runs/tiny"
     max_steps: int = Field(200, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     resume: str = "auto"  # auto: latest complete checkpoint if any | never | a checkpoint folder
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_s: int = Field(600, gt=0)  # process-group (collective) timeout
@@ -142,6 +144,9 @@ class TrainConfig(Section):
         if self.run.loss_spike_factor and self.parallel.strategy == "deepspeed":
             raise ValueError("run.loss_spike_factor: DeepSpeed applies every update it is given (it skips only "
                              "non-finite ones); set it to 0 or use none/ddp/fsdp/hsdp")
+        if self.checkpoint.async_save and self.parallel.strategy == "deepspeed":
+            raise ValueError("checkpoint.async_save: DeepSpeed writes its own checkpoint files synchronously; set it "
+                             "to false or use none/ddp/fsdp/hsdp")
         return self
 
     @property

@@ -71,6 +71,18 @@ def weights_only_loading():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
+@contextlib.contextmanager
+def refused_pickles():
+    """Read DeepSpeed files under weights_only_loading; what that unpickler refuses becomes one line."""
+    try:
+        with weights_only_loading():
+            yield
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise StateLoadError(f"DeepSpeed state holds {unsafe.group(1) if unsafe else 'an object'}, which the "
+                             f"weights-only loader refuses; use only checkpoints this project wrote") from None
+
+
 class DeepSpeedEngine:
     checkpoint_format = "deepspeed"
 
@@ -124,13 +136,8 @@ class DeepSpeedEngine:
                 f"DeepSpeed ZeRO state of {saved} ranks loads only on {saved} ranks; resume with {saved} processes, "
                 f"or start a new run on {self.env.world_size} from its weights (optimizer state and schedule "
                 f"restart): --model.init_from={folder} --run.resume=never")
-        try:
-            with weights_only_loading():
-                path, _ = self.model.load_checkpoint(str(folder), tag=STATE_DIR, load_module_strict=True)
-        except pickle.UnpicklingError as error:
-            unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
-            raise StateLoadError(f"DeepSpeed state holds {unsafe.group(1) if unsafe else 'an object'}, which the "
-                                 f"weights-only loader refuses; resume only from checkpoints this project wrote") from None
+        with refused_pickles():
+            path, _ = self.model.load_checkpoint(str(folder), tag=STATE_DIR, load_module_strict=True)
         if path is None:
             raise StateLoadError(f"DeepSpeed found no state in {Path(folder) / STATE_DIR}; resume from another "
                                  f"checkpoint or with run.resume=never")
@@ -146,6 +153,6 @@ def saved_world_size(folder: Path) -> int:
 
 def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights merged from every rank's ZeRO partition (runs in one process, on CPU)."""
-    with weights_only_loading():
+    with refused_pickles():
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=STATE_DIR)
     return {key.replace("_checkpoint_wrapped_module.", ""): value for key, value in state.items()}

@@ -12,6 +12,7 @@ atomic and completes with the loader state, RNG and step, so the loop has one sh
 """
 
 import contextlib
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from .config import TrainConfig
 from .optim import build_optimizer, set_lr
 from .parallel import Env, autocast, clip_grad_norm, gradient_sync, parallelize
+from .safe_dcp import DamagedFileError, SafeFileSystemReader, UnsafeFileError, read_metadata
 
 
 # DCP raises CheckpointException, a BaseException (not an Exception), gathering every rank's failure.
@@ -97,12 +99,19 @@ class TorchEngine:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
 
+    def save_state_async(self, folder: Path, process_group) -> Future:
+        """Stage a copy of the state in memory (the only part the step loop waits for), then write it from
+        a background thread over `process_group`; the future completes when every file is written."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return dcp.async_save({"model": model_state, "optim": optim_state}, checkpoint_id=folder,
+                              process_group=process_group)
+
     def load_state(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         check_model_shapes(folder, model_state)
         state = {"model": model_state, "optim": optim_state}
         try:
-            dcp.load(state, checkpoint_id=folder)
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)))
         except DCP_ERRORS as error:
             cause = error.__cause__ or error
             raise StateLoadError(f"cannot be loaded into this model/optimizer ({type(cause).__name__}: "
@@ -114,7 +123,9 @@ class TorchEngine:
 def check_model_shapes(folder: Path, model_state: dict) -> None:
     """Name the parameters that differ between a DCP checkpoint and this model, before DCP fails on them."""
     try:
-        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        saved = read_metadata(folder).state_dict_metadata
+    except (UnsafeFileError, DamagedFileError) as error:
+        raise StateLoadError(str(error)) from None
     except DCP_ERRORS as error:
         raise StateLoadError(f"unreadable checkpoint metadata ({type(error).__name__}: {str(error)[:200]}); resume "
                              f"from another checkpoint or with run.resume=never") from error

@@ -1,10 +1,22 @@
 """Loss and bits per byte over fixed windows of a split: the trainer's periodic validation and
-scripts/evaluate.py compute them with this one function, so their numbers are the same numbers."""
+scripts/evaluate.py (whose command line is at the end) compute them with this one function, so their
+numbers are the same numbers."""
 
 import contextlib
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
+
+from data.loader import ArrayStream, val_batches, window_batches
+from data.shards import DataError, TokenStream, check_tokenizer, read_manifest
+from data.tokenizer import load as load_tokenizer
+from data.tokenizer import token_byte_lengths
+
+from .cli import ArgumentParser, run_main
+from .weights import load_for_inference, read_model_config, tokenizer_hash, weights_kind
 
 
 @torch.no_grad()
@@ -29,3 +41,77 @@ def summarize(sums: torch.Tensor) -> dict:
     """What the trainer logs: val_loss in nats per token, val_bpb in bits per byte, val_tokens."""
     nats, tokens, n_bytes = sums.tolist()
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / n_bytes, "val_tokens": int(tokens)}
+
+
+# --- scripts/evaluate.py ----------------------------------------------------------------------------
+
+EVALUATE_HELP = """Evaluate a checkpoint or an exported model on a prepared split or a text file: loss, perplexity and
+bits per byte.
+
+    python scripts/evaluate.py MODEL (--data DIR [--split val|train] | --text FILE) [--seq-len 128]
+                               [--batch-size 8] [--max-sequences N] [--device cpu|cuda]
+
+MODEL is a checkpoint folder (any strategy, any world size) or an exported Hugging Face folder; DIR is a
+folder made by `python -m data.prepare` with the model's tokenizer (same vocabulary and same tokenizer
+hash, checked); FILE is UTF-8 text, tokenised with the model's tokenizer as one document (undecodable
+bytes replaced). Prints one JSON row with the keys the trainer logs (`val_loss` in nats per token,
+`val_bpb` in bits per UTF-8 byte, `val_tokens`) plus `perplexity`: the same windows and the same function
+as the trainer's validation, so the numbers match.
+"""
+
+
+def evaluate(model_path: Path, data: Path | None = None, split: str = "val", seq_len: int = 128, batch_size: int = 8,
+             max_sequences: int | None = None, device: str = "cpu", text: Path | None = None) -> dict:
+    if text is not None and not text.is_file():
+        raise DataError(f"--text {text}: no such file")
+    weights_kind(model_path, "MODEL")
+    context = read_model_config(model_path, "MODEL").max_position_embeddings
+    if seq_len > context:
+        raise DataError(f"--seq-len {seq_len} exceeds the model's context {context}; use at most {context}")
+    if text is None:  # bad data fails here, before the model loads
+        manifest = read_manifest(data)
+        if manifest["tokenizer"]["sha256"] != tokenizer_hash(model_path, "MODEL"):
+            raise DataError(f"--data {data}: made with another tokenizer than MODEL {model_path}'s; evaluate on data "
+                            f"prepared with the model's tokenizer, or use --text FILE")
+        TokenStream(data, split)  # every shard of the split verified against its checksum
+    model, tokenizer_dir = load_for_inference(model_path, "MODEL")
+    model = model.to(device)
+    if text is None:
+        check_tokenizer(manifest, data, vocab_size=model.config.vocab_size)
+        tokenizer = load_tokenizer(data)
+        batches = val_batches(data, seq_len, batch_size, device=device, max_windows=max_sequences, split=split,
+                              verify_checksums=False)
+    else:
+        if tokenizer_dir is None:
+            raise DataError(f"MODEL {model_path}: no tokenizer to read --text with; use an export or --data")
+        tokenizer = load_tokenizer(tokenizer_dir)
+        ids = tokenizer(text.read_bytes().decode("utf-8", errors="replace"), add_special_tokens=False).input_ids
+        stream = ArrayStream(np.array(ids + [tokenizer.eos_token_id]))
+        if len(stream) < seq_len + 1:
+            raise DataError(f"--text {text}: {len(stream)} tokens, fewer than --seq-len + 1 = {seq_len + 1}")
+        batches = window_batches(stream, seq_len, batch_size, device=device, max_windows=max_sequences)
+        split = f"text:{text}"
+    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)).to(device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
+    row = summarize(loss_sums(model, batches, byte_lengths, autocast))
+    return {**row, "perplexity": math.exp(row["val_loss"]), "split": split, "seq_len": seq_len}
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="scripts/evaluate.py", description=EVALUATE_HELP)
+    parser.add_argument("model", type=Path, help="checkpoint folder or exported Hugging Face folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="a folder made by python -m data.prepare")
+    source.add_argument("--text", type=Path, help="a UTF-8 text file")
+    parser.add_argument("--split", default="val", choices=("val", "train"))
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-sequences", type=int, help="only the first N windows (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args(argv)
+    if args.seq_len < 1 or args.batch_size < 1 or (args.max_sequences is not None and args.max_sequences < 1):
+        parser.error("--seq-len, --batch-size and --max-sequences must be positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu")
+    return run_main(lambda: print(json.dumps(evaluate(args.model, args.data, args.split, args.seq_len,
+                                                      args.batch_size, args.max_sequences, args.device, args.text))))

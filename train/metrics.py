@@ -1,4 +1,5 @@
 """What a run reports: metrics.jsonl (one JSON object per log step, rank 0), a progress bar, TensorBoard.
+`read_metrics` is the one reader of that file, so every tool treats a damaged or half-written one alike.
 
 MFU = achieved model FLOP/s / the device's dense bf16 peak, with FLOPs from model.flops_per_token
 (6 N_active + attention). CPUs have no entry in the peak table: there the achieved FLOP/s is reported.
@@ -31,6 +32,66 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class MetricsError(ValueError):
+    """metrics.jsonl is missing or damaged: the message is one line naming the file."""
+
+
+def _row(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line)  # bytes: json decodes UTF-8 itself
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every row of RUN_DIR/metrics.jsonl in file order (a resumed run logs the steps since its checkpoint
+    again: callers that want one row per step keep the last).
+
+    A last line that is not a row is one cut short by a kill mid-write (or read while being written) and is
+    left out; a damaged line anywhere else is an error naming the file and the line.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        raise MetricsError(f"{path}: no such file; pass a run folder (the run.out_dir of a training run)") from None
+    except OSError as error:
+        raise MetricsError(f"{path}: cannot be read ({error.strerror or error})") from None
+    last = lines.pop()  # after the final newline: nothing, or a row cut short
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if (row := _row(line)) is None:
+            raise MetricsError(f"{path}: line {number} is not a metrics row (a JSON object with a step); the "
+                               f"file is damaged: restore it, or delete that line")
+        rows.append(row)
+    if last.strip() and (row := _row(last)) is not None:  # complete, only its newline missing
+        rows.append(row)
+    return rows
+
+
+def _end_last_row(path: Path) -> None:
+    """Before appending to an existing metrics.jsonl: a last line left cut short by a killed run is removed,
+    so that the next row is not glued onto it (read_metrics tolerates a damaged line only at the end)."""
+    with open(path, "rb+") as f:
+        block_end = f.seek(0, 2)
+        position = 0
+        while block_end > 0:  # back to the last newline, a block at a time: the file grows with the run
+            block_start = max(block_end - (1 << 16), 0)
+            f.seek(block_start)
+            newline = f.read(block_end - block_start).rfind(b"\n")
+            if newline >= 0:
+                position = block_start + newline + 1
+                break
+            block_end = block_start
+        f.seek(position)
+        last = f.read()
+        if last.strip() and _row(last) is not None:
+            f.write(b"\n")
+        else:
+            f.truncate(position)
+
+
 class MetricsLogger:
     def __init__(self, out_dir: Path, enabled: bool, flops_per_token: int, device: torch.device,
                  max_steps: int, start_step: int, progress: bool, tensorboard: bool):
@@ -42,6 +103,8 @@ class MetricsLogger:
         self.bar = self.tb = None
         if not enabled:
             return
+        if self.path.is_file():
+            _end_last_row(self.path)
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)

@@ -14,19 +14,21 @@ from pathlib import Path
 
 import torch
 
+from data import folders
 from data.loader import TrainLoader, val_batches
-from data.shards import DataError, check_tokenizer, read_manifest
+from data.shards import DataError, TokenStream, check_tokenizer, read_manifest
 from data.tokenizer import load as load_tokenizer
 from data.tokenizer import token_byte_lengths
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
 
-from . import checkpoint, faults
+from . import checkpoint, faults, weights
 from .config import ConfigError, TrainConfig
 from .metrics import MetricsLogger, peak_memory_mib
 from .engine import build_engine
 from .evaluation import loss_sums, summarize
 from .optim import lr_at
-from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, barrier, setup, teardown, uses_cuda
+from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, barrier, broadcast_from_main, setup, teardown
+from .parallel import uses_cuda
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; relaunching resumes
 
@@ -60,7 +62,7 @@ def build_model_config(config: TrainConfig, vocab_size: int | None):
 
 
 def load_initial_weights(model: GrokForCausalLM, path: str) -> None:
-    state = checkpoint.initial_weights(Path(path))
+    state = weights.initial_weights(Path(path))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -72,13 +74,23 @@ def load_initial_weights(model: GrokForCausalLM, path: str) -> None:
 
 def check_before_start(config: TrainConfig) -> None:
     """Everything that can be checked without a process group: fail in one line, before heavy work."""
-    manifest = read_manifest(Path(config.data.path))
+    data = Path(config.data.path)
+    manifest = read_manifest(data)
     model_config = build_model_config(config, manifest["tokenizer"]["vocab_size"])
-    check_tokenizer(manifest, Path(config.data.path), vocab_size=model_config.vocab_size)
+    check_tokenizer(manifest, data, vocab_size=model_config.vocab_size)
+    for split in ("train", "val"):  # both, before step 1: a damaged val shard must not wait for the first eval
+        stream = TokenStream(data, split, config.data.verify_checksums)
+        if len(stream) < config.data.seq_len + 1:
+            raise DataError(f"{data}: the {split} split has {len(stream)} tokens, fewer than data.seq_len + 1 = "
+                            f"{config.data.seq_len + 1}; lower data.seq_len or prepare more data")
     config.grad_accumulation(int(os.environ.get("WORLD_SIZE", 1)))
     faults.from_env()  # a malformed MINICOLOSSUS_FAULT fails here, not mid-run
     if config.model.init_from:
-        checkpoint.weights_kind(Path(config.model.init_from))
+        init_from = Path(config.model.init_from)
+        weights.weights_kind(init_from)
+        if weights.tokenizer_hash(init_from, "model.init_from") != manifest["tokenizer"]["sha256"]:
+            raise ConfigError(f"model.init_from {init_from}: trained with another tokenizer than data.path {data}'s; "
+                              f"use data prepared with the tokenizer it was trained on")
     if config.parallel.strategy == "deepspeed":
         try:
             import deepspeed  # noqa: F401
@@ -90,13 +102,34 @@ def check_before_start(config: TrainConfig) -> None:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("log.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
-    out = Path(config.run.out_dir)
+    if config.run.resume not in ("auto", "never"):
+        checkpoint.read_meta(Path(config.run.resume))
+    claim_folders(config, create=False)
+
+
+def claim_folders(config: TrainConfig, create: bool) -> list[folders.RunLock]:
+    """The run folder and checkpoint folder must be new, empty or this project's of the right kind, and
+    not in use by another run. With create (rank 0, after the process group): make, mark and lock them."""
+    out, root = Path(config.run.out_dir), config.checkpoint_dir
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        folders.claim(out, "run", "run.out_dir", create=create)
+        checkpoint.check_root(root, config.run.resume, create=create)
     except OSError as error:
         raise ConfigError(f"run.out_dir / checkpoint.dir: cannot create folder ({error.strerror}: "
                           f"{error.filename}); choose a writable location") from error
+    if not create:
+        return []
+    locks = [folders.RunLock(out, "run.out_dir")]
+    if out.resolve() not in root.resolve().parents:  # a checkpoint folder elsewhere is locked too
+        locks.append(folders.RunLock(root, "checkpoint.dir"))
+    try:
+        for lock in locks:
+            lock.acquire()
+    except folders.FolderError:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
 
 
 class Trainer:
@@ -105,6 +138,7 @@ class Trainer:
         self.grad_accumulation = config.grad_accumulation(env.world_size)
         self.global_batch = config.global_batch_sequences()
         manifest = read_manifest(Path(config.data.path))
+        self.tokenizer_sha256 = manifest["tokenizer"]["sha256"]
         self.model_config = build_model_config(config, manifest["tokenizer"]["vocab_size"])
 
         torch.manual_seed(config.run.seed)  # identical initial weights on every rank
@@ -120,7 +154,7 @@ class Trainer:
         self.loader = TrainLoader(config.data.path, config.data.seq_len, self.global_batch, env.rank,
                                   env.world_size, config.run.seed, env.device, config.data.prefetch,
                                   vocab_size=self.model_config.vocab_size,
-                                  verify_checksums=config.data.verify_checksums)
+                                  verify_checksums=False)  # check_before_start verified both splits
         self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(config.data.path))).to(env.device)
         self.step = 0
         self.tokens_seen = 0
@@ -129,6 +163,24 @@ class Trainer:
         self.loss_mean = None  # running mean of accepted losses, for the spike guard
         self.preempt_requested = False  # set by the SIGTERM handler, agreed on by all ranks each step
         self.fault = faults.from_env()
+        self.checkpointer = checkpoint.Checkpointer(config.checkpoint_dir, env, config.checkpoint.keep,
+                                                    config.checkpoint.async_save)
+
+    # --- resumable state: what a checkpoint's trainer.json holds besides model and optimizer ----------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
+                "skipped_steps": self.skipped_steps, "loss_mean": self.loss_mean}  # the guards resume too
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped_steps, self.loss_mean = state.get("skipped_steps", 0), state.get("loss_mean")
+        try:
+            self.loader.load_state_dict(state["loader"])
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, DataError):
+                raise
+            raise DataError(f"checkpoint loader state is malformed ({error!r}); resume from another checkpoint") \
+                from error
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def resume(self) -> Path | None:
@@ -141,20 +193,16 @@ class Trainer:
         path = checkpoint.latest_checkpoint(root) if choice == "auto" else Path(choice)
         if path is None:
             return None
-        state = checkpoint.load(path, self.engine, self.env)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.skipped_steps, self.loss_mean = state.get("skipped_steps", 0), state.get("loss_mean")
-        self.loader.load_state_dict(state["loader"])
+        self.load_state_dict(self.checkpointer.load(path, self.engine, self.tokenizer_sha256))
         return path
 
     def save(self) -> Path:
-        state = {"tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
-                 "skipped_steps": self.skipped_steps, "loss_mean": self.loss_mean,  # the guards resume too
-                 "preset": self.config.model.preset,
-                 "data_path": str(Path(self.config.data.path).resolve())}  # export ships its tokenizer
-        return checkpoint.save(self.config.checkpoint_dir, self.step, self.engine, state, self.model_config,
-                               self.env, self.config.checkpoint.keep, self.config.parallel.strategy,
-                               after_state=lambda: faults.inject(self.fault, "killsave", self.step, self.env.rank))
+        meta = {**self.state_dict(), "strategy": self.config.parallel.strategy, "preset": self.config.model.preset,
+                "tokenizer_sha256": self.tokenizer_sha256,
+                "data_path": str(Path(self.config.data.path).resolve())}  # for the record, never read back
+        step = self.step
+        return self.checkpointer.save(step, self.engine, meta, self.model_config, Path(self.config.data.path),
+                                      after_state=lambda: faults.inject(self.fault, "killsave", step, self.env.rank))
 
     # --- one optimizer step --------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -179,8 +227,8 @@ class Trainer:
             counts = out.expert_token_counts.detach()
             expert_counts = counts if expert_counts is None else expert_counts + counts
         # One small reduction per step so that every rank takes the same decisions: skip or not, stop or not.
-        agreed = all_reduce_sum(torch.stack([sums[0], torch.tensor(float(self.preempt_requested),
-                                                                   device=sums.device)])).tolist()
+        flags = torch.tensor([float(self.preempt_requested), self.checkpointer.local_done()], device=sums.device)
+        agreed = all_reduce_sum(torch.cat([sums[:1], flags])).tolist()
         loss = agreed[0] / (self.grad_accumulation * self.env.world_size)
         spike = bool(self.config.run.loss_spike_factor and self.loss_mean is not None
                      and loss > self.config.run.loss_spike_factor * self.loss_mean)
@@ -196,7 +244,8 @@ class Trainer:
         self.tokens_seen += self.global_batch * self.config.data.seq_len
 
         return {"sums": sums, "expert_counts": expert_counts, "grad_norm": grad_norm, "lr": lr,
-                "skipped": self.bad_streak > 0, "preempt": agreed[1] > 0}
+                "skipped": self.bad_streak > 0, "preempt": agreed[1] > 0,
+                "saved_in_background": agreed[2] == self.env.world_size}
 
     def metrics_row(self, local: dict) -> dict:
         """One reduction (on log steps only) for everything logged: means over micro-batches and ranks."""
@@ -257,6 +306,8 @@ class Trainer:
                     logger.log(row)
                     last = row
                 logger.advance(self.step)
+                if local["saved_in_background"]:  # every rank's write is done: complete that checkpoint
+                    self.checkpointer.wait()
                 if self.bad_streak >= config.run.max_skipped_steps:
                     last_good = checkpoint.latest_checkpoint(config.checkpoint_dir)
                     raise TrainingError(
@@ -266,8 +317,10 @@ class Trainer:
                 if config.checkpoint.every and self.step % config.checkpoint.every == 0 or done or local["preempt"]:
                     saved = self.save()
                 if local["preempt"] and not done:
+                    self.checkpointer.wait()
                     raise Preempted(f"preempted at step {self.step}: checkpoint {saved} written; launch the same "
                                     f"command again to resume")
+            self.checkpointer.wait()  # the run ends when its last checkpoint is complete
         finally:
             logger.close()
             self.loader.close()
@@ -280,7 +333,9 @@ class Trainer:
 def run(config: TrainConfig) -> dict:
     check_before_start(config)
     env = setup(config)
+    locks = []
     try:
+        locks = take_folders(config, env)
         return Trainer(config, env).fit()
     except RuntimeError as error:  # a peer that hangs or died leaves this rank's collective to time out
         text = str(error)
@@ -291,7 +346,23 @@ def run(config: TrainConfig) -> dict:
                           f"({first[:160]}); a rank is stuck or gone: check the other ranks' logs, or raise "
                           f"run.timeout_s for slow steps") from error
     finally:
+        for lock in locks:
+            lock.release()
         teardown()
+
+
+def take_folders(config: TrainConfig, env: Env) -> list[folders.RunLock]:
+    """Rank 0 makes, marks and locks the run's folders; every rank stops with its message if it cannot."""
+    locks, refusal = [], None
+    if env.is_main:
+        try:
+            locks = claim_folders(config, create=True)
+        except (folders.FolderError, checkpoint.CheckpointError, ConfigError) as error:
+            refusal = str(error)
+    refusal = broadcast_from_main(refusal)
+    if refusal:
+        raise ConfigError(refusal)
+    return locks
 
 
 __all__ = ["run", "Trainer", "check_before_start", "ConfigError", "DataError", "TrainingError", "Preempted",

@@ -1,0 +1,339 @@
+"""Benchmarks that print numbers (never timed tests).
+
+    python scripts/bench.py model [--config FILE] [--preset P] [--batch B] [--seq-len T] [--section.key=value ...]
+                                  [--steps 10] [--warmup 3] [--json]
+    python scripts/bench.py data  [--source stdlib] [--vocab-size 2048] [--batch 32] [--seq-len 128] [--json]
+    python scripts/bench.py strategies [--presets tiny small] [--strategies none-1thread ddp fsdp hsdp zero1 zero2 zero3]
+                                       [--nproc 2] [--steps 24] [--log-every 4] [--json]
+    python scripts/bench.py checkpoint [--preset small] [--nproc 2] [--steps 25] [--every 4] [--json]
+
+`model`: a trainer config's step (forward, backward, the trainer's AdamW) on one device, as strategy `none`
+runs it: the config's model, micro batch, sequence length, precision (bf16 autocast on GPU, fp32 on CPU),
+torch.compile and activation checkpointing, each overridable in the trainer's syntax, e.g.
+`--config configs/gpu-350m.toml --parallel.compile=false`. Random tokens of the model's vocabulary. Prints
+tokens/s, achieved FLOP/s from the model's FLOPs-per-token accounting, MFU where the device's peak is known,
+and peak memory; warmup_s includes compilation.
+
+`data`: BPE training time and tokenisation throughput on a corpus, the loader's time per batch, and the
+share of a real `tiny` training loop spent waiting for the (prefetching) loader: the target is < 2%.
+
+`strategies`: the real trainer (`python -m train` / torchrun) per preset and strategy: tokens/s, per-rank
+peak memory and per-rank parameter + gradient + optimizer-state bytes, against a 1-thread single process.
+Targets on 2 CPU ranks: fsdp state <= 0.55x ddp's; ddp tokens/s >= 0.9x twice the 1-thread process.
+
+`checkpoint`: the real trainer saving every --every steps, once with synchronous and once with background
+(checkpoint.async_save) checkpoints: the median step time and how much longer a step with a save takes.
+
+Numbers live here and not in tests: timings vary with the machine and its load, so a timed test would either
+flake or assert nothing.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data.tokenizer import BYTE_VOCAB_SIZE
+from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
+
+from .cli import ArgumentParser, integer, run_main
+from .config import load_config
+from .metrics import peak_flops, peak_memory_mib, read_metrics  # the trainer's MFU: same peak table
+from .optim import build_optimizer
+from .parallel import apply_block_options, compute_dtype, uses_cuda
+from .trainer import build_model_config
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: configs/ and the cwd of the trainer runs
+
+
+class BenchError(RuntimeError):
+    """A benchmark run that failed: the message names the run and the trainer's last line."""
+
+
+def bench_model(args, overrides: list[str]) -> dict:
+    """The config's training step on one device, as `parallel.strategy=none` runs it."""
+    shorthands = [f"--model.preset={args.preset}"] if args.preset else []
+    shorthands += [f"--batch.micro_batch_size={args.batch}"] if args.batch else []
+    shorthands += [f"--data.seq_len={args.seq_len}"] if args.seq_len else []
+    config = load_config(args.config, [*shorthands, *overrides])
+    use_cuda = uses_cuda(config)
+    device = torch.device("cuda" if use_cuda else "cpu")
+    dtype = compute_dtype(config, use_cuda)
+    model_config = build_model_config(config, vocab_size=None)  # the trainer's checks, the preset's vocabulary
+    batch, seq_len = config.batch.micro_batch_size, config.data.seq_len
+    torch.manual_seed(config.run.seed)
+    model = GrokForCausalLM(model_config).to(device).train()
+    apply_block_options(model, config)
+    optimizer = build_optimizer(model, config.optim, device)
+    tokens = torch.randint(0, model_config.vocab_size, (batch, seq_len + 1), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for _ in range(args.warmup):  # includes torch.compile's compilation when it is on
+        step()
+    if use_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if use_cuda:
+        torch.cuda.synchronize()
+    seconds_per_step = (time.perf_counter() - start) / args.steps
+
+    tokens_per_step = batch * seq_len
+    flops = flops_per_token(model_config, count_parameters(model).active, seq_len) * tokens_per_step
+    peak = peak_flops(device)
+    return {
+        "bench": "model", "config": str(args.config or "-"), "preset": config.model.preset,
+        "params": count_parameters(model).total, "device": torch.cuda.get_device_name() if use_cuda else "cpu",
+        "threads": torch.get_num_threads(), "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "attn_backend": model_config.attn_backend, "compile": config.parallel.compile,
+        "activation_checkpointing": config.parallel.activation_checkpointing,
+        "micro_batch": batch, "seq_len": seq_len, "warmup_s": round(warmup_s, 1),
+        "ms_per_step": round(seconds_per_step * 1e3, 1), "tokens_per_s": round(tokens_per_step / seconds_per_step),
+        "achieved_tflops": round(flops / seconds_per_step / 1e12, 4),
+        "mfu": round(flops / seconds_per_step / peak, 4) if peak else None,
+        "peak_mem_mib": round(peak_memory_mib(device)),
+    }
+
+
+def bench_data(args) -> dict:
+    import datasets
+    from data import tokenizer as tok
+    from data.loader import TrainLoader
+    from data.prepare import main as prepare_main
+    from data.sources import load_corpus
+
+    datasets.disable_progress_bars()
+    corpus = load_corpus(args.source)
+    texts = corpus.documents["text"]
+    start = time.perf_counter()
+    tokenizer = tok.train_bpe(texts, args.vocab_size)
+    bpe_train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    n_tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+    encode_s = time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "prepared"
+        prepare_main(["--source", args.source, "--out", str(folder), "--vocab-size", str(args.vocab_size)])
+        unprefetched = TrainLoader(folder, args.seq_len, args.batch, prefetch=0)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            next(unprefetched)
+        loader_ms = (time.perf_counter() - start) / args.steps * 1e3
+
+        # A real tiny training loop fed by the prefetching loader: how long does the step wait for data?
+        config = preset_config("tiny", vocab_size=unprefetched.stream.manifest["tokenizer"]["vocab_size"])
+        model = GrokForCausalLM(config).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        loader = TrainLoader(folder, args.seq_len, args.batch, prefetch=2)
+        waited = total = 0.0
+        for step in range(args.warmup + args.steps):
+            begin = time.perf_counter()
+            inputs, targets = next(loader)
+            fetched = time.perf_counter()
+            model(inputs, targets=targets).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                waited += fetched - begin
+                total += time.perf_counter() - begin
+        loader.close()
+    return {
+        "bench": "data", "source": corpus.description, "documents": len(texts), "tokens": n_tokens,
+        "bpe_vocab": tokenizer.get_vocab_size(), "bpe_train_s": round(bpe_train_s, 2),
+        "encode_tokens_per_s": round(n_tokens / encode_s), "batch": args.batch, "seq_len": args.seq_len,
+        "loader_ms_per_batch": round(loader_ms, 3), "tiny_step_ms": round(total / args.steps * 1e3, 1),
+        "loader_wait_share": round(waited / total, 5),
+    }
+
+
+STRATEGY_RUNS = {  # name -> (processes, overrides)
+    "none-1thread": (1, ["--parallel.strategy=none"]),
+    "ddp": (None, ["--parallel.strategy=ddp"]),
+    "fsdp": (None, ["--parallel.strategy=fsdp"]),
+    "hsdp": (None, ["--parallel.strategy=hsdp"]),  # shard group = LOCAL_WORLD_SIZE: all ranks of this machine
+    "zero1": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=1"]),
+    "zero2": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=2"]),
+    "zero3": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3"]),
+}
+PRESET_RUNS = {  # preset -> (config file, prepare arguments for its vocabulary)
+    "tiny": ("configs/tiny.toml", ["--vocab-size", "2048"]),
+    "small": ("configs/small.toml", ["--vocab-size", "8192"]),
+}
+
+
+def trainer_run(command: list[str], what: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(f"{what} failed (exit {result.returncode}): {last}")
+
+
+def bench_strategies(args) -> list[dict]:
+    results = []
+    for preset in args.presets:
+        config, prepare_args = PRESET_RUNS[preset]
+        data = Path(args.data_root) / f"stdlib-{prepare_args[-1]}"
+        trainer_run([sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data), *prepare_args],
+                    f"preparing {data} for {preset}")
+        for name in args.strategies:
+            nproc, overrides = STRATEGY_RUNS[name]
+            nproc = nproc or args.nproc
+            with tempfile.TemporaryDirectory() as out:
+                launcher = [sys.executable, "-m", "train"] if nproc == 1 else [
+                    sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "train"]
+                command = launcher + ["--config", config, f"--data.path={data}", f"--run.out_dir={out}",
+                                      f"--run.max_steps={args.steps}", f"--log.every={args.log_every}",
+                                      "--log.progress=false",
+                                      "--eval.every=0", "--eval.max_sequences=1", "--checkpoint.every=0",
+                                      "--run.resume=never", *overrides]
+                trainer_run(command, f"{preset} with {name} ({nproc} process(es))")
+                rows = read_metrics(Path(out))
+            timed = rows[1:-1]  # skip the warm-up interval and the last one (it includes the final evaluation)
+            results.append({
+                "bench": "strategies", "preset": preset, "strategy": name, "processes": nproc,
+                "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed)),
+                "peak_mem_mib_per_rank": round(rows[-1]["peak_mem_mib"], 1),
+                "param_mib_per_rank": round(rows[-1]["param_mib"], 2),
+                "state_mib_per_rank": round(rows[-1]["state_mib"], 2),
+            })
+            print(json.dumps(results[-1]) if args.json else results[-1], flush=True)
+        by_name = {r["strategy"]: r for r in results if r["preset"] == preset}
+        if {"none-1thread", "ddp", "fsdp"} <= by_name.keys():
+            summary = {
+                "bench": "strategies-summary", "preset": preset,
+                "fsdp_state_vs_ddp": round(by_name["fsdp"]["state_mib_per_rank"]
+                                           / by_name["ddp"]["state_mib_per_rank"], 3),
+                "ddp_vs_2x_single_thread": round(
+                    by_name["ddp"]["tokens_per_s"] / (args.nproc * by_name["none-1thread"]["tokens_per_s"]), 3),
+            }
+            results.append(summary)
+            print(json.dumps(summary) if args.json else summary, flush=True)
+    return results
+
+
+def bench_checkpoint(args) -> list[dict]:
+    """The step-loop stall of a checkpoint, sync vs async: the real trainer saves every --every steps; a step's
+    interval that includes a save, minus the median interval of the steps that do not, is that save's stall."""
+    config, prepare_args = PRESET_RUNS[args.preset]
+    data = Path(args.data_root) / f"stdlib-{prepare_args[-1]}"
+    trainer_run([sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data), *prepare_args],
+                f"preparing {data} for {args.preset}")
+    results = []
+    for mode in ("sync", "async"):
+        with tempfile.TemporaryDirectory() as out:
+            launcher = [sys.executable, "-m", "train"] if args.nproc == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                "-m", "train"]
+            trainer_run(launcher + ["--config", config, f"--data.path={data}", f"--run.out_dir={out}",
+                                    f"--run.max_steps={args.steps}", "--log.every=1", "--log.progress=false",
+                                    "--eval.every=0", "--eval.max_sequences=1", f"--checkpoint.every={args.every}",
+                                    f"--checkpoint.async_save={'true' if mode == 'async' else 'false'}",
+                                    "--checkpoint.keep=1",
+                                    f"--parallel.strategy={'none' if args.nproc == 1 else 'fsdp'}"],
+                        f"{args.preset} with {mode} checkpoints")
+            rows = read_metrics(Path(out))
+            saved = list(Path(out, "checkpoints").glob("step_*"))
+            mib = sum(f.stat().st_size for d in saved for f in d.rglob("*") if f.is_file()) / 2**20
+        seconds = {r["step"]: (r["tokens_seen"] - prev["tokens_seen"]) / r["tokens_per_s"]
+                   for prev, r in zip(rows, rows[1:]) if r.get("tokens_per_s")}
+        # the save at step s (after its row) falls in the interval logged at s + 1
+        after_save = [t for step, t in seconds.items() if (step - 1) % args.every == 0 and step > 2]
+        plain = [t for step, t in seconds.items() if (step - 1) % args.every and step > 2]
+        results.append({"bench": "checkpoint", "preset": args.preset, "mode": mode, "processes": args.nproc,
+                        "checkpoint_mib": round(mib, 1), "step_s": round(statistics.median(plain), 4),
+                        "stall_per_save_s": round(statistics.median(after_save) - statistics.median(plain), 4)})
+        print(json.dumps(results[-1]) if args.json else results[-1], flush=True)
+    return results
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The runs as one table, the form the README's Performance section uses."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(f"{r[k]:,}" if isinstance(r[k], int) else str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="scripts/bench.py", description=__doc__)
+    sub = parser.add_subparsers(dest="section", required=True)
+    m = sub.add_parser("model", help="a config's train step on one device (strategy none)")
+    m.add_argument("--config", help="a trainer config (TOML); default: the trainer's defaults")
+    m.add_argument("--preset", help="shorthand for --model.preset")
+    m.add_argument("--batch", type=integer(1), help="shorthand for --batch.micro_batch_size")
+    m.add_argument("--seq-len", type=integer(1), help="shorthand for --data.seq_len")
+    m.add_argument("--steps", type=integer(1), default=10)
+    m.add_argument("--warmup", type=integer(0), default=3)
+    m.add_argument("--json", action="store_true")
+    d = sub.add_parser("data", help="tokeniser throughput and loader cost against a tiny training step")
+    d.add_argument("--source", default="stdlib")
+    d.add_argument("--vocab-size", type=integer(BYTE_VOCAB_SIZE), default=2048,
+                   help=f"BPE vocabulary (at least the {BYTE_VOCAB_SIZE} byte-level base tokens)")
+    d.add_argument("--batch", type=integer(1), default=32)
+    d.add_argument("--seq-len", type=integer(1), default=128)
+    d.add_argument("--steps", type=integer(1), default=20)
+    d.add_argument("--warmup", type=integer(0), default=3)
+    d.add_argument("--json", action="store_true")
+    st = sub.add_parser("strategies", help="the trainer under none/ddp/fsdp/hsdp: throughput and memory per rank")
+    st.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(PRESET_RUNS))
+    st.add_argument("--strategies", nargs="+", default=["none-1thread", "ddp", "fsdp", "hsdp"],
+                    choices=list(STRATEGY_RUNS), help="zero1/zero2/zero3 need DeepSpeed")
+    st.add_argument("--nproc", type=integer(1), default=2)
+    st.add_argument("--steps", type=integer(1), default=24)
+    st.add_argument("--log-every", type=integer(1), default=4,
+                    help="steps per metrics row (tokens/s is per interval)")
+    st.add_argument("--data-root", default="runs/data", help="where the stdlib corpora are prepared (reused)")
+    st.add_argument("--json", action="store_true")
+    c = sub.add_parser("checkpoint", help="the step-loop stall of a checkpoint save: sync vs async")
+    c.add_argument("--preset", default="small", choices=sorted(PRESET_RUNS))
+    c.add_argument("--nproc", type=integer(1), default=2)
+    c.add_argument("--steps", type=integer(8), default=25)
+    c.add_argument("--every", type=integer(2), default=4, help="steps between checkpoints")
+    c.add_argument("--data-root", default="runs/data", help="where the stdlib corpora are prepared (reused)")
+    c.add_argument("--json", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and args.section != "model":
+        sub.choices[args.section].error(f"unrecognized arguments: {' '.join(overrides)}")
+    if args.section == "strategies" and -(-args.steps // args.log_every) < 3:  # rows: every log step + the last
+        st.error(f"argument --steps: {args.steps} steps log fewer than 3 rows at --log-every {args.log_every} "
+                     f"(the first and the last are not timed); raise --steps or lower --log-every")
+    return run_main(lambda: run(args, overrides), (BenchError,))
+
+
+def run(args, overrides: list[str]) -> None:
+    if args.section == "checkpoint":
+        results = bench_checkpoint(args)
+        if not args.json:
+            print(markdown_table(results))
+        return
+    if args.section == "strategies":
+        results = bench_strategies(args)  # prints one line per run as it goes
+        if not args.json:
+            print(markdown_table([r for r in results if r["bench"] == "strategies"]))
+        return
+    result = bench_model(args, overrides) if args.section == "model" else bench_data(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key:{width}s}  {value}")
