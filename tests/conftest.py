@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,16 @@ def small_model(seed: int = 0, **overrides) -> GrokForCausalLM:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _environment():
+    """Commands run in-process (their error paths) may set the launcher variables a process group needs
+    (MASTER_PORT, RANK, ...): later subprocesses must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # --- real training runs (torchrun + gloo), shared by the trainer, DeepSpeed and launcher tests -----------

@@ -112,7 +112,7 @@ def test_metrics_config_and_checkpoints_of_a_run(reference):
     assert len(rows[0]["expert_load_max"]) == 4  # one entry per layer
     saved = load_config(out / "config.toml")
     assert saved.run.max_steps == STEPS and saved.data.seq_len == 64 and saved.optim.grad_clip == 0.5
-    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert names == ["step_00000006", "step_00000012"]
     assert all((out / "checkpoints" / n / "COMPLETE").is_file() for n in names)
 
@@ -127,7 +127,8 @@ def test_partial_checkpoint_is_ignored_and_removed(data_dir, reference, tmp_path
     (out / "checkpoints" / "step_00000010" / "COMPLETE").unlink()
     rows = train(data_dir, out)
     assert rows[0]["step"] == 7  # resumed from the complete step-6 checkpoint
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000012"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == [
+        "step_00000006", "step_00000012"]
 
 
 def test_init_from_a_checkpoint_or_its_export_starts_from_its_weights(data_dir, reference, tmp_path):

@@ -17,6 +17,7 @@ marked as checkpoints are pruned or cleaned up, and only inside a folder marked 
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ from data import folders
 
 from .engine import DCP_ERRORS, StateLoadError, first_line
 from .parallel import Env, barrier
+
+# DCP warns when it runs without a process group; one process is a supported case here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MARKER = "COMPLETE"
 MODEL_CONFIG = "config.json"

@@ -32,8 +32,18 @@ from .safe_dcp import DamagedFileError, SafeFileSystemReader, UnsafeFileError, r
 DCP_ERRORS = (Exception, CheckpointException)
 
 
+def dcp_cause(error: BaseException) -> BaseException:
+    """The error a rank raised inside DCP: a CheckpointException carries them in `failures`, rank ->
+    (exception, traceback), with no __cause__."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return next(iter(failures.values()))[0]
+    return error.__cause__ or error
+
+
 def first_line(error: BaseException) -> str:
     """The first line that says something: DCP nests each rank's traceback inside its message."""
+    error = dcp_cause(error) if getattr(error, "failures", None) else error
     for line in str(error).splitlines():
         line = line.strip()
         if line and not line.startswith(("Traceback", "CheckpointException")):
@@ -113,7 +123,9 @@ class TorchEngine:
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)))
         except DCP_ERRORS as error:
-            cause = error.__cause__ or error
+            cause = dcp_cause(error)
+            if isinstance(cause, (UnsafeFileError, DamagedFileError)):
+                raise StateLoadError(str(cause)) from None
             raise StateLoadError(f"cannot be loaded into this model/optimizer ({type(cause).__name__}: "
                                  f"{first_line(error)}); the checkpoint may be incomplete or corrupted: resume from "
                                  f"another one or with run.resume=never") from error

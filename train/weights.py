@@ -19,7 +19,7 @@ from data.tokenizer import tokenizer_sha256
 from model import GrokConfig, GrokForCausalLM
 
 from .checkpoint import MARKER, MODEL_CONFIG, CheckpointError, read_meta, verify
-from .engine import DCP_ERRORS, StateLoadError, first_line
+from .engine import DCP_ERRORS, StateLoadError, dcp_cause, first_line
 from .safe_dcp import DamagedFileError, SafeFileSystemReader, UnsafeFileError, read_metadata
 
 
@@ -88,6 +88,8 @@ def load_model_weights(path: Path, option: str = "CHECKPOINT") -> tuple[GrokConf
     try:
         dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(path)))
     except DCP_ERRORS as error:
+        if isinstance(dcp_cause(error), (UnsafeFileError, DamagedFileError)):
+            raise CheckpointError(str(dcp_cause(error))) from None
         raise CheckpointError(f"{option} {path}: model state unreadable ({first_line(error)}); use a checkpoint "
                               f"this project wrote, of this model") from error
     return config, state
