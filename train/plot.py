@@ -8,7 +8,10 @@ first run. It reads metrics.jsonl through `read_metrics`, so a run still being w
 plots what it has, and a damaged file is one line naming it.
 """
 
+import io
 from pathlib import Path
+
+from data.folders import write_durably
 
 from .cli import ArgumentParser, run_main
 from .metrics import MetricsError, read_metrics
@@ -63,10 +66,10 @@ def plot(runs: list[Path], out: Path) -> Path:
     axes[0].legend()
     axes[-1].axis("off")
     figure.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
     plt.close(figure)
-    tmp.rename(out)
+    write_durably(out, png.getvalue())  # a reader never sees half a PNG
     return out
 
 
