@@ -28,12 +28,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def sha256_file(path: Path, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
+def hash_file(path: Path, digest, chunk_bytes: int = 1 << 24) -> str:
+    """`digest` (a hashlib or xxhash object) of a file's bytes, read in chunks."""
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return hash_file(path, hashlib.sha256())
 
 
 class ShardWriter:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data import folders
+from data.shards import hash_file
 
 from .engine import DCP_ERRORS, StateLoadError, first_line
 from .parallel import Env, barrier
@@ -88,12 +89,8 @@ def remove_partial(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def file_digest(path: Path, chunk_bytes: int = 1 << 24) -> str:
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+def file_digest(path: Path) -> str:
+    return hash_file(path, xxhash.xxh3_128())
 
 
 def _gather(local):
