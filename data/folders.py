@@ -173,7 +173,7 @@ def atomic_folder(final: Path, kind: str, what: str, overwrite: bool = False):
         yield tmp
         commit(tmp, final, kind)
     finally:
-        if tmp.exists():
+        if kind_of(tmp) == kind:  # still there: the block failed (after commit it is `final`)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
