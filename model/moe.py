@@ -1,8 +1,12 @@
 """Grok's feed-forward: GeGLU experts behind a top-k softmax router.
 
-Each token is computed only by the experts it is routed to: assignments are sorted by expert,
-each expert runs one matmul on its contiguous slice, and results are scattered back weighted by
-their gates. There is no dense all-experts computation.
+Each token is computed only by the experts it is routed to: assignments are sorted by expert, the
+experts run as grouped matmuls (one kernel for all of them, each on its contiguous slice), and the
+results are scattered back weighted by their gates. There is no dense all-experts computation.
+
+`MoE.dispatch` is the one seam for expert parallelism: it takes the token rows sorted by expert and
+returns the expert outputs in the same order. Here the experts are local; a trainer that spreads them
+over ranks replaces it (train/parallel/expert.py) without the model knowing.
 """
 
 import math
@@ -19,6 +23,32 @@ from .config import GrokConfig
 def geglu(x, w_gate, w_up, w_down):
     """grok-1's expert: W1(gelu_tanh(x W) * (x V)) with W=w_gate, V=w_up, W1=w_down."""
     return (F.gelu(x @ w_gate, approximate="tanh") * (x @ w_up)) @ w_down
+
+
+def _grouped_mm_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """grouped_mm needs every row stride to be a multiple of 16 bytes (so hidden and expert sizes that are
+    multiples of 4 in fp32, of 8 in bf16); other shapes take the per-expert loop, which computes the same."""
+    return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0
+               for w in weights) and x.shape[-1] * x.element_size() % 16 == 0
+
+
+def grouped_geglu(x: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
+    """Every expert's GeGLU on its slice of x: rows [0, counts[0]) go to expert 0, the next counts[1] rows to
+    expert 1, and so on (counts may hold zeros). Bitwise equal to geglu() on each slice."""
+    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's list: cast as it would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
+    if not _grouped_mm_fits(x, w_gate, w_up, w_down):
+        return torch.cat([geglu(chunk, w_gate[e], w_up[e], w_down[e])
+                          for e, chunk in enumerate(x.split(counts.tolist()))])
+    ends = counts.cumsum(0).to(torch.int32)  # grouped_mm's offsets: where each expert's rows end
+    hidden = F.gelu(F.grouped_mm(x, w_gate, offs=ends), approximate="tanh") * F.grouped_mm(x, w_up, offs=ends)
+    return F.grouped_mm(hidden, w_down, offs=ends)
+
+
+def local_dispatch(routed: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
+    """All experts live in this process: compute them where the tokens are."""
+    return grouped_geglu(routed, counts, w_gate, w_up, w_down)
 
 
 class DenseFFN(nn.Module):
@@ -84,6 +114,7 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(E, d, f))
         self.w_up = nn.Parameter(torch.empty(E, d, f))
         self.w_down = nn.Parameter(torch.empty(E, f, d))
+        self.dispatch = local_dispatch  # (routed rows, counts per expert, expert weights) -> expert outputs
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
@@ -101,15 +132,11 @@ class MoE(nn.Module):
             )
 
         # Group the N*k (token, expert) assignments by expert so each expert sees one contiguous slice.
-        flat_expert = expert_index.flatten()
-        order = flat_expert.argsort(stable=True)
+        order = expert_index.flatten().argsort(stable=True)
         token_of_slot = order // self.top_k
-        slices = stats.expert_token_counts.tolist()
-        grouped = tokens[token_of_slot].split(slices)
-        # Every expert runs, even on zero rows, so all experts get a (zero) gradient: DDP needs that.
-        expert_out = torch.cat([
-            geglu(chunk, self.w_gate[e], self.w_up[e], self.w_down[e]) for e, chunk in enumerate(grouped)
-        ])
+        # Experts without tokens still get a (zero) gradient for all of w_*: DDP needs every parameter used.
+        expert_out = self.dispatch(tokens[token_of_slot], stats.expert_token_counts, self.w_gate, self.w_up,
+                                   self.w_down)
         weighted = expert_out * gates.flatten()[order, None].to(expert_out.dtype)
         # Summed in the residual stream's dtype: under autocast the experts compute in bf16, the stream is fp32.
         out = torch.zeros_like(tokens).index_add_(0, token_of_slot, weighted.to(tokens.dtype))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
 from model.attention import Attention, apply_rotary, make_attention_inputs, rotary_cos_sin, softcap
-from model.moe import MoE, geglu, load_balancing_loss
+from model.moe import MoE, geglu, grouped_geglu, load_balancing_loss
 
 from conftest import small_config, small_model
 
@@ -173,6 +173,46 @@ def test_moe_selected_experts_equal_dense_reference(overrides):
     out, stats = moe(x)
     torch.testing.assert_close(out, _dense_moe_reference(moe, x), rtol=1e-5, atol=1e-5)
     assert stats.expert_token_counts.sum().item() == 21 * moe.top_k
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 10, 0], [0, 0, 0, 0]])
+def test_grouped_geglu_equals_the_per_expert_loop_bitwise(counts):
+    E, d, f = 4, 32, 48
+    w_gate, w_up, w_down = (torch.randn(E, *shape, requires_grad=True) for shape in ((d, f), (d, f), (f, d)))
+    x = torch.randn(sum(counts), d, requires_grad=True)
+    grouped = grouped_geglu(x, torch.tensor(counts), w_gate, w_up, w_down)
+    loop = torch.cat([geglu(chunk, w_gate[e], w_up[e], w_down[e]) for e, chunk in enumerate(x.split(counts))])
+    assert grouped.shape == (sum(counts), d) and torch.equal(grouped, loop)
+    upstream = torch.randn_like(loop)  # the backward kernels sum in another order: equal to rounding
+    for a, b in zip(torch.autograd.grad(grouped, (x, w_gate, w_up, w_down), upstream),
+                    torch.autograd.grad(loop, (x, w_gate, w_up, w_down), upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _loop_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The MoE as it was computed before grouped matmuls: sort by expert, one matmul per expert's slice."""
+    tokens = x.reshape(-1, x.shape[-1])
+    probs = softcap(moe.router(tokens), moe.router_softcap).softmax(-1)
+    gates, index = probs.topk(moe.top_k, dim=-1)
+    if moe.normalize_gates:
+        gates = gates / gates.sum(-1, keepdim=True)
+    order = index.flatten().argsort(stable=True)
+    slices = torch.bincount(index.flatten(), minlength=moe.num_experts).tolist()
+    out = torch.cat([geglu(chunk, moe.w_gate[e], moe.w_up[e], moe.w_down[e])
+                     for e, chunk in enumerate(tokens[order // moe.top_k].split(slices))])
+    weighted = out * gates.flatten()[order, None]
+    return torch.zeros_like(tokens).index_add_(0, order // moe.top_k, weighted).view(x.shape)
+
+
+def test_local_dispatch_equals_the_per_expert_loop_with_empty_experts():
+    moe = small_model(num_local_experts=8, num_experts_per_tok=2).model.layers[0].ffn.moe
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 2.0)
+        moe.router.weight[5:] = -1.0  # with positive inputs, experts 5..7 are never chosen: zero-row groups
+    x = torch.randn(3, 7, 32).abs()
+    out, stats = moe(x)
+    assert stats.expert_token_counts[5:].tolist() == [0, 0, 0]
+    torch.testing.assert_close(out, _loop_moe_reference(moe, x), rtol=1e-6, atol=1e-9)
 
 
 def test_every_parameter_gets_a_gradient_even_unused_experts():
