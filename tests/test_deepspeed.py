@@ -139,11 +139,11 @@ def test_without_deepspeed_installed_the_error_names_the_install_command(data_di
 def test_generated_deepspeed_config_is_consistent_with_ours():
     from train.config import load_config
     from train.deepspeed_engine import deepspeed_config
-    from train.parallel import Env
+    from train.parallel import Env, Layout
     config = load_config(REPO / "configs" / "tiny.toml", ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3",
                                                           "--parallel.offload_optimizer=true"])
     env = Env(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"),
-              dtype=torch.float32)
+              dtype=torch.float32, layout=Layout(dp_shard=2))
     generated = deepspeed_config(config, env, config.grad_accumulation(2))
     assert generated["train_batch_size"] == 32 == (generated["train_micro_batch_size_per_gpu"]
                                                    * generated["gradient_accumulation_steps"] * 2)

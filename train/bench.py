@@ -46,7 +46,7 @@ from .cli import ArgumentParser, integer, run_main
 from .config import load_config
 from .metrics import peak_flops, peak_memory_mib, read_metrics  # the trainer's MFU: same peak table
 from .optim import build_optimizer
-from .parallel import apply_block_options, compute_dtype, uses_cuda
+from .parallel import apply_block_options, autocast, compute_dtype, uses_cuda
 from .trainer import build_model_config
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: configs/ and the cwd of the trainer runs
@@ -74,7 +74,7 @@ def bench_model(args, overrides: list[str]) -> dict:
     tokens = torch.randint(0, model_config.vocab_size, (batch, seq_len + 1), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with autocast(device, dtype):
             loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
         loss.backward()
         optimizer.step()

@@ -86,6 +86,8 @@ class ParallelSection(Section):
     strategy: Literal["none", "ddp", "fsdp", "hsdp", "deepspeed"] = "none"
     replicate_size: int | None = Field(None, gt=0)  # hsdp: replicas (nodes); default world / shard_size
     shard_size: int | None = Field(None, gt=0)  # hsdp: shard group (GPUs per node); default LOCAL_WORLD_SIZE
+    ep_size: int = Field(1, gt=0)  # fsdp/hsdp: expert parallelism, ranks that split each MoE layer's experts
+    tp_size: int = Field(1, gt=0)  # fsdp/hsdp: tensor parallelism, ranks that split each matmul (one node)
     reshard_after_forward: bool = True  # fsdp/hsdp: free gathered params after forward (ZeRO-3 memory)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (GPU; costs ~30 s cold and gains nothing on CPU)

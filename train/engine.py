@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from .config import TrainConfig
 from .optim import build_optimizer, set_lr
 from .parallel import Env, autocast, clip_grad_norm, gradient_sync, parallelize
+from .parallel.expert import expert_gradient_scale, expert_parameters, scale_expert_gradients
 from .safe_dcp import DamagedFileError, SafeFileSystemReader, UnsafeFileError, read_metadata
 
 
@@ -76,22 +77,26 @@ class TorchEngine:
         self.env, self.grad_accumulation = env, grad_accumulation
         self.grad_clip = config.optim.grad_clip
         self.model = parallelize(model, config, env)
+        expert_parallel = env.layout.ep > 1
+        self.expert_parameters = expert_parameters(self.model) if expert_parallel else []
+        self.expert_gradient_scale = expert_gradient_scale(env.layout)
         self.optimizer = build_optimizer(self.model, config.optim, env.device)
 
     def micro_batch(self, last: bool):
         stack = contextlib.ExitStack()
         stack.enter_context(gradient_sync(self.model, enabled=last))
-        stack.enter_context(autocast(self.env))
+        stack.enter_context(self.autocast())
         return stack
 
     def autocast(self):
-        return autocast(self.env)
+        return autocast(self.env.device, self.env.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accumulation).backward()
 
     def step(self, lr: float, skip: bool = False) -> torch.Tensor:
         """Update unless told to skip or the gradient norm is not finite; returns the norm either way."""
+        scale_expert_gradients(self.expert_parameters, self.expert_gradient_scale)
         grad_norm = clip_grad_norm(self.model.parameters(), self.grad_clip)
         if not skip and torch.isfinite(grad_norm):
             set_lr(self.optimizer, lr)

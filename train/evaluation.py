@@ -16,6 +16,7 @@ from data.tokenizer import load as load_tokenizer
 from data.tokenizer import token_byte_lengths
 
 from .cli import ArgumentParser, run_main
+from .parallel.precision import autocast
 from .weights import load_for_inference, read_model_config, tokenizer_hash, weights_kind
 
 
@@ -92,8 +93,8 @@ def evaluate(model_path: Path, data: Path | None = None, split: str = "val", seq
         batches = window_batches(stream, seq_len, batch_size, device=device, max_windows=max_sequences)
         split = f"text:{text}"
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)).to(device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
-    row = summarize(loss_sums(model, batches, byte_lengths, autocast))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    row = summarize(loss_sums(model, batches, byte_lengths, lambda: autocast(torch.device(device), dtype)))
     return {**row, "perplexity": math.exp(row["val_loss"]), "split": split, "seq_len": seq_len}
 
 

@@ -28,7 +28,7 @@ from .engine import build_engine
 from .evaluation import loss_sums, summarize
 from .optim import lr_at
 from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, barrier, broadcast_from_main, setup, teardown
-from .parallel import uses_cuda
+from .parallel import check_model_fits, layout_of, uses_cuda
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; relaunching resumes
 
@@ -83,7 +83,10 @@ def check_before_start(config: TrainConfig) -> None:
         if len(stream) < config.data.seq_len + 1:
             raise DataError(f"{data}: the {split} split has {len(stream)} tokens, fewer than data.seq_len + 1 = "
                             f"{config.data.seq_len + 1}; lower data.seq_len or prepare more data")
-    config.grad_accumulation(int(os.environ.get("WORLD_SIZE", 1)))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    layout = layout_of(config, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    check_model_fits(layout, model_config, config.data.seq_len)
+    config.grad_accumulation(layout.dp_size)
     faults.from_env()  # a malformed MINICOLOSSUS_FAULT fails here, not mid-run
     if config.model.init_from:
         init_from = Path(config.model.init_from)
@@ -135,7 +138,7 @@ def claim_folders(config: TrainConfig, create: bool) -> list[folders.RunLock]:
 class Trainer:
     def __init__(self, config: TrainConfig, env: Env):
         self.config, self.env = config, env
-        self.grad_accumulation = config.grad_accumulation(env.world_size)
+        self.grad_accumulation = config.grad_accumulation(env.dp_size)
         self.global_batch = config.global_batch_sequences()
         manifest = read_manifest(Path(config.data.path))
         self.tokenizer_sha256 = manifest["tokenizer"]["sha256"]
@@ -151,8 +154,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_config, counts.active, config.data.seq_len)
         self.engine = build_engine(model, config, env, self.grad_accumulation)
         self.model = self.engine.model
-        self.loader = TrainLoader(config.data.path, config.data.seq_len, self.global_batch, env.rank,
-                                  env.world_size, config.run.seed, env.device, config.data.prefetch,
+        self.loader = TrainLoader(config.data.path, config.data.seq_len, self.global_batch, env.dp_rank,
+                                  env.dp_size, config.run.seed, env.device, config.data.prefetch,
                                   vocab_size=self.model_config.vocab_size,
                                   verify_checksums=False)  # check_before_start verified both splits
         self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(config.data.path))).to(env.device)
@@ -265,8 +268,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Val loss (nats/token) and bits per byte over the val split, summed across ranks."""
         batches = val_batches(self.config.data.path, self.config.data.seq_len,
-                              self.config.eval.batch_size or self.config.batch.micro_batch_size, self.env.rank,
-                              self.env.world_size, self.env.device, self.config.eval.max_sequences,
+                              self.config.eval.batch_size or self.config.batch.micro_batch_size, self.env.dp_rank,
+                              self.env.dp_size, self.env.device, self.config.eval.max_sequences,
                               verify_checksums=False)
         return summarize(all_reduce_sum(loss_sums(self.model, batches, self.byte_lengths, self.engine.autocast)))
 
@@ -279,7 +282,9 @@ class Trainer:
             (out_dir / "config.toml").write_text(config.dump_toml())
             shutil.copy(Path(config.data.path) / "manifest.json", out_dir / "data_manifest.json")
             print(f"minicolossus: {config.model.preset} ({self.params_total:,} params, {self.params_active:,} active) "
-                  f"| {config.parallel.strategy} x {env.world_size} on {env.device.type} "
+                  f"| {config.parallel.strategy} x {env.world_size}"
+                  + (f" ({env.layout.describe()})" if env.layout.tp > 1 or env.layout.ep > 1 else "")
+                  + f" on {env.device.type} "
                   f"{str(env.dtype).removeprefix('torch.')} | global batch {self.global_batch} x "
                   f"{config.data.seq_len} tokens = {self.grad_accumulation} micro-batch(es) of "
                   f"{config.batch.micro_batch_size} per rank"
