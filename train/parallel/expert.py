@@ -14,7 +14,7 @@ expert dimension over the mesh's "ep" dimension, so checkpoints reshard to any o
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from model.moe import MoE, grouped_geglu
@@ -52,14 +52,12 @@ class ExpertParallelDispatch:
         received_counts = received_counts.view(self.ep, self.local_experts)
         send = counts.view(self.ep, self.local_experts).sum(1).tolist()
         receive = received_counts.sum(1).tolist()
-        received = all_to_all_single(routed.new_empty(sum(receive), routed.shape[1]), routed, receive, send,
-                                     group=self.group)
+        received = wait_tensor(all_to_all_single_autograd(routed, receive, send, self.group))
         order = expert_major_order(received_counts)
         computed = grouped_geglu(received[order], received_counts.sum(0), local_part(w_gate), local_part(w_up),
                                  local_part(w_down))
         in_arrival_order = computed[order.argsort()]
-        return all_to_all_single(computed.new_empty(routed.shape[0], computed.shape[1]), in_arrival_order, send,
-                                 receive, group=self.group)
+        return wait_tensor(all_to_all_single_autograd(in_arrival_order, send, receive, self.group))
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

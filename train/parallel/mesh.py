@@ -84,11 +84,11 @@ def layout_of(config: TrainConfig, world_size: int, local_world_size: int) -> La
 
 def check_model_fits(layout: Layout, model_config, seq_len: int) -> None:
     """Sizes that the expert and tensor split must divide, named in one line."""
+    if layout.ep > 1 and not model_config.is_moe:
+        raise ConfigError("parallel.ep_size > 1 needs a mixture-of-experts model (num_local_experts > 1)")
     if layout.ep > 1 and model_config.num_local_experts % layout.ep:
         raise ConfigError(f"parallel.ep_size {layout.ep} must divide the model's {model_config.num_local_experts} "
                           f"experts; choose a divisor of {model_config.num_local_experts}")
-    if layout.ep > 1 and not model_config.is_moe:
-        raise ConfigError("parallel.ep_size > 1 needs a mixture-of-experts model (num_local_experts > 1)")
     if layout.tp > 1:
         for name, size in (("num_attention_heads", model_config.num_attention_heads),
                            ("num_key_value_heads", model_config.num_key_value_heads),
