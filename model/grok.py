@@ -23,6 +23,11 @@ from .moe import MoE, FeedForward, RouterStats
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (in fp32) over the targets that are not -100."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
 class TiedEmbedding(nn.Embedding):
     """Token embedding that is also the output projection (grok-1 ties them): forward(h, as_output=True)
     gives logits h @ E^T. Both uses go through forward, so tools that manage weights per module
@@ -146,6 +151,8 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
     def __init__(self, config: GrokConfig):
         super().__init__(config)
         self.model = GrokModel(config)
+        # (logits, targets) -> mean loss; a trainer whose logits are split over ranks replaces it.
+        self.next_token_loss = next_token_loss
         self.post_init()
 
     def get_input_embeddings(self):
@@ -175,7 +182,7 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         if targets is not None:
-            result.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            result.lm_loss = self.next_token_loss(logits, targets)
             result.loss = (result.lm_loss + self.config.router_aux_loss_coef * result.aux_loss
                            + self.config.router_z_loss_coef * result.z_loss)
         return result

@@ -98,7 +98,7 @@ class DeepSpeedEngine:
         self.model.set_gradient_accumulation_boundary(last)
         return contextlib.nullcontext()
 
-    def autocast(self):
+    def forward_context(self):
         return contextlib.nullcontext()  # DeepSpeed holds the model in bf16 itself (fp32 master weights)
 
     def backward(self, loss: torch.Tensor) -> None:

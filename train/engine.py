@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from .config import TrainConfig
 from .optim import build_optimizer, set_lr
-from .parallel import Env, autocast, clip_grad_norm, gradient_sync, parallelize
+from .parallel import Env, autocast, clip_grad_norm, forward_context, gradient_sync, parallelize
 from .parallel.expert import expert_gradient_scale, expert_parameters, scale_expert_gradients
 from .safe_dcp import DamagedFileError, SafeFileSystemReader, UnsafeFileError, read_metadata
 
@@ -85,11 +85,15 @@ class TorchEngine:
     def micro_batch(self, last: bool):
         stack = contextlib.ExitStack()
         stack.enter_context(gradient_sync(self.model, enabled=last))
-        stack.enter_context(self.autocast())
+        stack.enter_context(self.forward_context())
         return stack
 
-    def autocast(self):
-        return autocast(self.env.device, self.env.dtype)
+    def forward_context(self):
+        """Autocast, and the vocabulary-parallel loss under tensor parallelism (forward and backward)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(autocast(self.env.device, self.env.dtype))
+        stack.enter_context(forward_context(self.env.layout.tp > 1))
+        return stack
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accumulation).backward()

@@ -271,7 +271,7 @@ class Trainer:
                               self.config.eval.batch_size or self.config.batch.micro_batch_size, self.env.dp_rank,
                               self.env.dp_size, self.env.device, self.config.eval.max_sequences,
                               verify_checksums=False)
-        return summarize(all_reduce_sum(loss_sums(self.model, batches, self.byte_lengths, self.engine.autocast)))
+        return summarize(all_reduce_sum(loss_sums(self.model, batches, self.byte_lengths, self.engine.forward_context)))
 
     # --- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict:

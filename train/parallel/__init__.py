@@ -3,6 +3,7 @@
   process_group  the launcher's environment, device, dtype, gloo / NCCL, the trainer's collectives
   mesh           how ranks split into data-parallel, expert and tensor groups; the device meshes
   precision      compute dtype, autocast, FSDP's mixed-precision policy
+  tensor         tensor parallelism: matmuls split inside a node, sequence-parallel norms, vocab-parallel loss
   expert         expert parallelism: experts sharded over ranks, tokens swapped by all-to-all
   data_parallel  ddp / fsdp / hsdp wrapping, gradient sync across micro-batches
   clipping       the global gradient norm across meshes
@@ -16,6 +17,7 @@ from ..config import TrainConfig
 from .clipping import clip_grad_norm
 from .data_parallel import apply_block_options, apply_ddp, apply_fsdp, gradient_sync
 from .expert import apply_expert_parallel
+from .tensor import apply_tensor_parallel, forward_context
 from .mesh import Layout, WorldMesh, build_world_mesh, check_model_fits, layout_of
 from .precision import autocast, compute_dtype
 from .process_group import (Env, LaunchError, all_reduce_max, all_reduce_sum, barrier, broadcast_from_main, setup,
@@ -23,20 +25,23 @@ from .process_group import (Env, LaunchError, all_reduce_max, all_reduce_sum, ba
 
 
 def parallelize(model: nn.Module, config: TrainConfig, env: Env) -> nn.Module:
-    """Block options, then expert parallelism, then the data-parallel wrapper (the order matters: FSDP
-    shards what the other dimensions left on each rank)."""
-    apply_block_options(model, config)
+    """Tensor and expert parallelism, then activation checkpointing / compile per block, then the
+    data-parallel wrapper. The order matters: the styles address modules by their names in the plain
+    model, and FSDP shards what the other dimensions left on each rank."""
     strategy = config.parallel.strategy
+    mesh = build_world_mesh(env.layout, env.device.type) if strategy in ("fsdp", "hsdp") else None
+    if mesh is not None and env.layout.tp > 1:
+        apply_tensor_parallel(model, mesh.dense["tp"])
+    if mesh is not None and env.layout.ep > 1:
+        apply_expert_parallel(model, mesh)
+    apply_block_options(model, config)
     if strategy == "ddp":
         return apply_ddp(model, env.device)
-    if strategy in ("fsdp", "hsdp"):
-        mesh = build_world_mesh(env.layout, env.device.type)
-        if env.layout.ep > 1:
-            apply_expert_parallel(model, mesh)
+    if mesh is not None:
         apply_fsdp(model, mesh, env.dtype, config.parallel.reshard_after_forward)
     return model
 
 
 __all__ = ["Env", "Layout", "LaunchError", "WorldMesh", "all_reduce_max", "all_reduce_sum", "apply_block_options",
            "autocast", "barrier", "broadcast_from_main", "build_world_mesh", "check_model_fits", "clip_grad_norm",
-           "compute_dtype", "gradient_sync", "layout_of", "parallelize", "setup", "teardown", "uses_cuda"]
+           "compute_dtype", "forward_context", "gradient_sync", "layout_of", "parallelize", "setup", "teardown", "uses_cuda"]

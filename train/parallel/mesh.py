@@ -92,7 +92,9 @@ def check_model_fits(layout: Layout, model_config, seq_len: int) -> None:
     if layout.tp > 1:
         for name, size in (("num_attention_heads", model_config.num_attention_heads),
                            ("num_key_value_heads", model_config.num_key_value_heads),
-                           ("vocab_size", model_config.vocab_size), ("data.seq_len", seq_len)):
+                           ("vocab_size", model_config.vocab_size), ("data.seq_len", seq_len),
+                           ("intermediate_size", model_config.intermediate_size if not model_config.is_moe else 0),
+                           ("shared_intermediate_size", model_config.shared_intermediate_size)):
             if size % layout.tp:
                 where = name if "." in name else f"model {name}"
                 raise ConfigError(f"parallel.tp_size {layout.tp} must divide {where} ({size}); choose a divisor, or "
