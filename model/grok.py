@@ -196,6 +196,6 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
             result.z_loss = gather(s.z_loss for s in router_stats).mean()
             result.expert_token_counts = gather(s.expert_token_counts for s in router_stats)
         else:
-            zero = h.new_zeros((), dtype=torch.float32)
+            zero = torch.zeros((), dtype=torch.float32, device=h.device)
             result.aux_loss, result.z_loss = zero, zero
             result.expert_token_counts = torch.zeros(0, 0, dtype=torch.long, device=h.device)

@@ -1,0 +1,73 @@
+"""Tensor parallelism with real processes (gloo): tp 2 alone, with data-parallel shards and with hsdp follows
+the single-process run step for step; its checkpoints resume and export on other layouts."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import STEPS, losses, train
+from train.export import main as export_main
+
+KV2 = ["--model.overrides.num_key_value_heads=2"]  # tiny has 1 KV head; tp 2 splits heads over 2 ranks
+
+
+def assert_same_run(rows, single):
+    assert len(rows) == len(single) and all(row["grad_norm"] > 0.5 for row in single)  # clipping every step
+    assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-5
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(rows, single)) < 1e-4
+    # the validation forward sums other reductions in another order: a near-tied top-k pick may flip
+    assert abs(rows[-1]["val_loss"] - single[-1]["val_loss"]) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def single_kv2(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single-kv2")
+    return train(data_dir, out, *KV2, "--checkpoint.every=6", "--checkpoint.keep=3"), out
+
+
+@pytest.fixture(scope="module")
+def tp_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp2")
+    return train(data_dir, out, *KV2, "--parallel.tp_size=2", "--checkpoint.every=6", "--checkpoint.keep=3",
+                 nproc=2), out
+
+
+def test_tp2_follows_the_single_process_run(single_kv2, tp_run):
+    assert_same_run(tp_run[0], single_kv2[0])
+
+
+@pytest.mark.parametrize("ffn", [
+    ["--model.overrides.shared_intermediate_size=64"],  # Grok-2: experts beside a shared FFN
+    ["--model.overrides.num_local_experts=1", "--model.overrides.num_experts_per_tok=1"],  # dense GeGLU
+], ids=["shared-ffn", "dense"])
+def test_tp2_splits_the_dense_and_shared_ffn(data_dir, tmp_path, ffn):
+    single = train(data_dir, tmp_path / "single", *KV2, *ffn, steps=4)
+    assert_same_run(train(data_dir, tmp_path / "tp", *KV2, *ffn, "--parallel.tp_size=2", nproc=2, steps=4), single)
+
+
+@pytest.mark.parametrize("layout", [
+    ["--parallel.strategy=fsdp"],
+    ["--parallel.strategy=hsdp", "--parallel.replicate_size=2", "--parallel.shard_size=1"],
+], ids=["fsdp-2-x-tp-2", "hsdp-2x1-x-tp-2"])
+def test_tp2_with_two_data_parallel_ranks_on_four_processes(data_dir, single_kv2, tmp_path, layout):
+    # 2 data-parallel ranks x micro-batch 4 = the global batch of 8: each tp pair reads one micro-batch
+    rows = train(data_dir, tmp_path, *KV2, *layout, "--parallel.tp_size=2", nproc=4)
+    assert_same_run(rows, single_kv2[0])
+
+
+@pytest.mark.parametrize("layout", [[], ["--parallel.strategy=fsdp"]], ids=["one-process", "fsdp-x2"])
+def test_a_tp2_checkpoint_resumes_on_another_layout(data_dir, single_kv2, tp_run, tmp_path, layout):
+    rows = train(data_dir, tmp_path, *KV2, f"--run.resume={tp_run[1] / 'checkpoints' / 'step_00000006'}", *layout,
+                 nproc=2 if layout else 1)
+    assert [row["step"] for row in rows] == list(range(7, STEPS + 1))
+    assert max(abs(a - b) for a, b in zip(losses(rows), losses(single_kv2[0][6:]))) < 1e-5
+
+
+def test_a_tp2_checkpoint_exports_the_weights_one_process_trained(single_kv2, tp_run, tmp_path):
+    for name, run in (("tp", tp_run[1]), ("single", single_kv2[1])):
+        assert export_main([str(run / "checkpoints" / "step_00000006"), str(tmp_path / name)]) == 0
+    tp, single = (load_file(tmp_path / name / "model.safetensors") for name in ("tp", "single"))
+    assert tp.keys() == single.keys()
+    for key in tp:
+        assert tp[key].shape == single[key].shape
+        torch.testing.assert_close(tp[key], single[key], rtol=0, atol=2e-4)
