@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -39,6 +41,19 @@ def _environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+def in_process(main, *args) -> subprocess.CompletedProcess:
+    """A command's main() run in this process, reported as a subprocess would report it (exit code, stdout,
+    stderr). A fresh interpreter spends ~5 s importing torch and transformers; tests of a tool's own
+    behaviour run here, and a few tests run each script as a real command."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+    return subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())
 
 
 # --- real training runs (torchrun + gloo), shared by the trainer, DeepSpeed and launcher tests -----------

@@ -20,6 +20,8 @@ from data.prepare import split_documents
 from data.shards import DataError, TokenStream, check_tokenizer, read_manifest
 from data.sources import stdlib_files
 
+from conftest import in_process
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare.txt"
 needs_shared = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} absent (../shared not mounted)")
@@ -155,9 +157,8 @@ def test_stdlib_corpus_is_the_interpreters_own_source():
     assert 8e6 < sum(f.stat().st_size for f in files) < 30e6
 
 
-def run_prepare_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "data.prepare", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+def run_prepare_cli(*args):
+    return in_process(prepare_main, *args)
 
 
 def assert_one_line_error(result, *fragments):

@@ -10,14 +10,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO
+from conftest import REPO, in_process
+from train import bench, evaluation, export, generation, plot
 
 
-def tool(*args, ok=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+SCRIPTS = {"scripts/export_hf.py": export.main, "scripts/evaluate.py": evaluation.main,
+           "scripts/generate.py": generation.main, "scripts/plot.py": plot.main, "scripts/bench.py": bench.main}
+
+
+def tool(script, *args, ok=True) -> subprocess.CompletedProcess:
+    result = in_process(SCRIPTS[script], *args)
     if ok:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def command(*args) -> subprocess.CompletedProcess:
+    """A script as a user runs it, in its own interpreter."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +104,7 @@ def test_sampling_is_seeded(trained):
 def test_tools_reject_a_bad_model_path_in_one_line(tmp_path, data_dir):
     for script in ("scripts/generate.py", "scripts/evaluate.py"):
         extra = ["--data", str(data_dir)] if "evaluate" in script else []
-        result = tool(script, str(tmp_path), *extra, ok=False)
+        result = command(script, str(tmp_path), *extra)
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: MODEL {tmp_path}: neither a complete checkpoint")
@@ -122,7 +132,7 @@ def test_export_has_a_model_card_and_runs_in_a_text_generation_pipeline(trained)
 
 def test_bench_model_runs_a_config_with_overrides():
     """The script the GPU figures come from: it takes a trainer config and the trainer's overrides."""
-    result = tool("scripts/bench.py", "model", "--config", "configs/tiny.toml", "--batch.micro_batch_size=2",
+    result = tool("scripts/bench.py", "model", "--config", str(REPO / "configs" / "tiny.toml"), "--batch.micro_batch_size=2",
                   "--data.seq_len=16", "--model.overrides.num_hidden_layers=1", "--steps", "1", "--warmup", "0",
                   "--json")
     row = json.loads(result.stdout.strip().splitlines()[-1])
