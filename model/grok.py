@@ -83,22 +83,31 @@ class GrokPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     supports_gradient_checkpointing = False  # the trainer applies activation checkpointing from outside
 
-    @torch.no_grad()
-    def _init_weights(self, module):
+    def initial_std(self, module: nn.Module, name: str) -> float | None:
+        """How parameter `name` of `module` starts: normal(0, std), or None for ones (the norms' scales).
+        transformers' init and the trainer's sharded init (train/initialization.py) both read it."""
         std = self.config.initializer_range
         # Residual-branch outputs get std / sqrt(2 * layers) (GPT-2 / nanoGPT), so depth does not grow them.
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
-        if isinstance(module, nn.Linear):
-            init.normal_(module.weight, 0.0, residual_std if getattr(module, "is_residual_projection", False) else std)
-        elif isinstance(module, nn.Embedding):
+        if isinstance(module, RMSNorm):
+            return None
+        if isinstance(module, nn.Embedding):
             # Scaled by embedding_multiplier = sqrt(d) on input, this gives unit-RMS input activations.
-            init.normal_(module.weight, 0.0, 1.0 / math.sqrt(self.config.hidden_size))
-        elif isinstance(module, RMSNorm):
-            init.ones_(module.weight)
-        elif isinstance(module, MoE):
-            init.normal_(module.w_gate, 0.0, std)
-            init.normal_(module.w_up, 0.0, std)
-            init.normal_(module.w_down, 0.0, residual_std)
+            return 1.0 / math.sqrt(self.config.hidden_size)
+        if isinstance(module, nn.Linear):
+            return residual_std if getattr(module, "is_residual_projection", False) else std
+        if isinstance(module, MoE):
+            return residual_std if name == "w_down" else std
+        raise TypeError(f"no initialisation rule for {type(module).__name__}.{name}")
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        for name, param in module.named_parameters(recurse=False):
+            std = self.initial_std(module, name)
+            if std is None:
+                init.ones_(param)
+            else:
+                init.normal_(param, 0.0, std)
 
 
 class GrokModel(GrokPreTrainedModel):

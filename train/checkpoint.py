@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from data import folders
 from data.shards import hash_file
 
-from .engine import DCP_ERRORS, StateLoadError, first_line
+from .engine_api import DCP_ERRORS, StateLoadError, first_line
 from .parallel import Env, barrier
 
 # DCP warns when it runs without a process group; one process is a supported case here.

@@ -24,7 +24,7 @@ import torch.nn as nn
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from .config import TrainConfig
-from .engine import StateLoadError, optimizer_state_tensors, tensor_bytes
+from .engine_api import StateLoadError, optimizer_state_tensors, tensor_bytes
 from .optim import build_optimizer, set_lr
 from .parallel import Env, apply_block_options
 
@@ -86,8 +86,9 @@ def refused_pickles():
 class DeepSpeedEngine:
     checkpoint_format = "deepspeed"
 
-    def __init__(self, model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int):
+    def __init__(self, model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int, init_weights):
         self.env, self.stage = env, config.parallel.zero_stage
+        init_weights(model)  # whole on every rank: DeepSpeed partitions it itself
         apply_block_options(model, config)
         optimizer = build_optimizer(model, config.optim, env.device)
         self.model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,

@@ -1,15 +1,6 @@
-"""The engine: the few calls the training loop makes, with two implementations behind them.
-
-    with engine.micro_batch(last):            # gradient sync only on the last micro-batch; autocast
-        out = engine.model(inputs, targets=targets)
-        engine.backward(out.loss)             # scaled by 1 / gradient accumulation
-    grad_norm = engine.step(lr, skip)         # clip by the global norm, update (unless skipped), zero grads
-
-  TorchEngine      none / ddp / fsdp / hsdp on torch.distributed (wrapping in parallel.py), DCP state
-  DeepSpeedEngine  ZeRO-1/2/3 through deepspeed.initialize (deepspeed_engine.py), DeepSpeed state
-Both save and load their model and optimizer state into a folder that train/checkpoint.py makes
-atomic and completes with the loader state, RNG and step, so the loop has one shape for both.
-"""
+"""TorchEngine: none / ddp / fsdp / hsdp, with tensor and expert parallelism, on torch.distributed;
+the model split by train/parallel, our AdamW, DCP for sharded state. The contract it shares with the
+DeepSpeed engine is engine_api.Engine."""
 
 import contextlib
 from concurrent.futures import Future
@@ -18,53 +9,16 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from .config import TrainConfig
+from .engine_api import DCP_ERRORS, Engine, StateLoadError, dcp_cause, first_line, optimizer_state_tensors
+from .engine_api import tensor_bytes
 from .optim import build_optimizer, set_lr
 from .parallel import Env, autocast, clip_grad_norm, forward_context, gradient_sync, parallelize
 from .parallel.expert import expert_gradient_scale, expert_parameters, scale_expert_gradients
 from .safe_dcp import DamagedFileError, SafeFileSystemReader, UnsafeFileError, read_metadata
-
-
-# DCP raises CheckpointException, a BaseException (not an Exception), gathering every rank's failure.
-DCP_ERRORS = (Exception, CheckpointException)
-
-
-def dcp_cause(error: BaseException) -> BaseException:
-    """The error a rank raised inside DCP: a CheckpointException carries them in `failures`, rank ->
-    (exception, traceback), with no __cause__."""
-    failures = getattr(error, "failures", None)
-    if isinstance(failures, dict) and failures:
-        return next(iter(failures.values()))[0]
-    return error.__cause__ or error
-
-
-def first_line(error: BaseException) -> str:
-    """The first line that says something: DCP nests each rank's traceback inside its message."""
-    error = dcp_cause(error) if getattr(error, "failures", None) else error
-    for line in str(error).splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Traceback", "CheckpointException")):
-            return line[:300]
-    return type(error).__name__
-
-
-class StateLoadError(ValueError):
-    """Saved model/optimizer state that this engine cannot restore; one line: what is wrong, what to do."""
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes this rank holds for these tensors (a DTensor counts its local shard)."""
-    local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)
-    return sum(t.numel() * t.element_size() for t in local)
-
-
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The per-parameter state tensors (AdamW's moments), not the scalar step counters."""
-    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.numel() > 1]
 
 
 class TorchEngine:
@@ -73,10 +27,10 @@ class TorchEngine:
     # DCP files sit directly in the checkpoint folder, which any world size and strategy of this engine reads.
     checkpoint_format = "dcp"
 
-    def __init__(self, model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int):
+    def __init__(self, model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int, init_weights):
         self.env, self.grad_accumulation = env, grad_accumulation
         self.grad_clip = config.optim.grad_clip
-        self.model = parallelize(model, config, env)
+        self.model = parallelize(model, config, env, init_weights)
         expert_parallel = env.layout.ep > 1
         self.expert_parameters = expert_parameters(self.model) if expert_parallel else []
         self.expert_gradient_scale = expert_gradient_scale(env.layout)
@@ -163,8 +117,9 @@ def check_model_shapes(folder: Path, model_state: dict) -> None:
                              f"the model preset and overrides it was trained with, or run.resume=never")
 
 
-def build_engine(model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int):
+def build_engine(model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int, init_weights) -> Engine:
+    """`model` is on the meta device; `init_weights(model)` allocates and fills it once it is split."""
     if config.parallel.strategy == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine  # deepspeed is an optional extra
-        return DeepSpeedEngine(model, config, env, grad_accumulation)
-    return TorchEngine(model, config, env, grad_accumulation)
+        return DeepSpeedEngine(model, config, env, grad_accumulation, init_weights)
+    return TorchEngine(model, config, env, grad_accumulation, init_weights)

@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from data import folders
 from data.loader import TrainLoader, val_batches
@@ -26,6 +27,7 @@ from .config import ConfigError, TrainConfig
 from .metrics import MetricsLogger, peak_memory_mib
 from .engine import build_engine
 from .evaluation import loss_sums, summarize
+from .initialization import materialize
 from .optim import lr_at
 from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, barrier, broadcast_from_main, setup, teardown
 from .parallel import check_model_fits, layout_of, uses_cuda
@@ -62,14 +64,16 @@ def build_model_config(config: TrainConfig, vocab_size: int | None):
 
 
 def load_initial_weights(model: GrokForCausalLM, path: str) -> None:
+    """model.init_from's weights into a model that may be split over ranks (each keeps its slices)."""
     state = weights.initial_weights(Path(path))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0].strip()
-        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
-        raise ConfigError(f"model.init_from {path}: its weights do not fit this model ({first} {detail[:200]}); "
-                          f"use the model preset and overrides it was trained with") from error
+    ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    theirs = {key: tuple(value.shape) for key, value in state.items()}
+    differences = [f"{key} {theirs.get(key, 'missing')} vs model {shape}" for key, shape in ours.items()
+                   if theirs.get(key) != shape] + [f"{key} not in this model" for key in theirs if key not in ours]
+    if differences:
+        raise ConfigError(f"model.init_from {path}: its weights do not fit this model ({'; '.join(differences[:3])}); "
+                          f"use the model preset and overrides it was trained with")
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def check_before_start(config: TrainConfig) -> None:
@@ -144,15 +148,17 @@ class Trainer:
         self.tokenizer_sha256 = manifest["tokenizer"]["sha256"]
         self.model_config = build_model_config(config, manifest["tokenizer"]["vocab_size"])
 
-        torch.manual_seed(config.run.seed)  # identical initial weights on every rank
-        model = GrokForCausalLM(self.model_config)
-        if config.model.init_from:
-            load_initial_weights(model, config.model.init_from)
-        model = model.to(env.device)
+        with torch.device("meta"):  # shapes only: each rank allocates just its shards, once the model is split
+            model = GrokForCausalLM(self.model_config)
         counts = count_parameters(model)
         self.params_total, self.params_active = counts.total, counts.active
         self.flops_per_token = flops_per_token(self.model_config, counts.active, config.data.seq_len)
-        self.engine = build_engine(model, config, env, self.grad_accumulation)
+
+        def init_weights(split_model):
+            materialize(split_model, env.device, config.run.seed)  # the same numbers in every layout
+            if config.model.init_from:
+                load_initial_weights(split_model, config.model.init_from)
+        self.engine = build_engine(model, config, env, self.grad_accumulation, init_weights)
         self.model = self.engine.model
         self.loader = TrainLoader(config.data.path, config.data.seq_len, self.global_batch, env.dp_rank,
                                   env.dp_size, config.run.seed, env.device, config.data.prefetch,

@@ -19,7 +19,7 @@ from data.tokenizer import tokenizer_sha256
 from model import GrokConfig, GrokForCausalLM
 
 from .checkpoint import MARKER, MODEL_CONFIG, CheckpointError, read_meta, verify
-from .engine import DCP_ERRORS, StateLoadError, dcp_cause, first_line
+from .engine_api import DCP_ERRORS, StateLoadError, dcp_cause, first_line
 from .safe_dcp import DamagedFileError, SafeFileSystemReader, UnsafeFileError, read_metadata
 
 

@@ -24,10 +24,11 @@ from .process_group import (Env, LaunchError, all_reduce_max, all_reduce_sum, ba
                             teardown, uses_cuda)
 
 
-def parallelize(model: nn.Module, config: TrainConfig, env: Env) -> nn.Module:
-    """Tensor and expert parallelism, then activation checkpointing / compile per block, then the
-    data-parallel wrapper. The order matters: the styles address modules by their names in the plain
-    model, and FSDP shards what the other dimensions left on each rank."""
+def parallelize(model: nn.Module, config: TrainConfig, env: Env, init_weights) -> nn.Module:
+    """Split a meta-device model: tensor and expert parallelism, activation checkpointing / compile per
+    block, FSDP; then `init_weights(model)` allocates and fills this rank's shards; DDP last (it copies
+    rank 0's weights). The order matters: the styles address modules by their names in the plain model,
+    and FSDP shards what the other dimensions left on each rank."""
     strategy = config.parallel.strategy
     mesh = build_world_mesh(env.layout, env.device.type) if strategy in ("fsdp", "hsdp") else None
     if mesh is not None and env.layout.tp > 1:
@@ -35,10 +36,11 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Env) -> nn.Module:
     if mesh is not None and env.layout.ep > 1:
         apply_expert_parallel(model, mesh)
     apply_block_options(model, config)
-    if strategy == "ddp":
-        return apply_ddp(model, env.device)
     if mesh is not None:
         apply_fsdp(model, mesh, env.dtype, config.parallel.reshard_after_forward)
+    init_weights(model)
+    if strategy == "ddp":
+        return apply_ddp(model, env.device)
     return model
 
 
