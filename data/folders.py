@@ -69,6 +69,14 @@ def _is_empty(folder: Path) -> bool:
     return not any(Path(folder).iterdir())
 
 
+def _only_marker_files(folder: Path) -> bool:
+    """A folder holding nothing but (the start of) our marker: nothing in it to lose."""
+    if not Path(folder).is_dir():
+        return False
+    return all(entry.is_file() and entry.name in (MARKER,) or entry.name.startswith(f".{MARKER}.tmp-")
+               for entry in Path(folder).iterdir())
+
+
 def _only_ours(folder: Path) -> bool:
     """Everything in it is a folder this project made (e.g. a checkpoint copied into a new run folder)."""
     return all(path.is_dir() and not path.is_symlink() and (kind_of(path) is not None or _only_ours(path))
@@ -126,8 +134,13 @@ def begin(final: Path, kind: str, tmp_name: str | None = None) -> Path:
     tmp = final.with_name(tmp_name or f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():  # an interrupted attempt at the same name: ours only if marked
         remove(tmp, kind)
-    tmp.mkdir(parents=True)
-    mark(tmp, kind)
+    # Marked under a staging name, then renamed: a kill can never leave an unmarked `tmp` behind.
+    staging = final.with_name(f".{final.name}.new-{os.getpid()}")
+    if _only_marker_files(staging):
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    mark(staging, kind)
+    os.rename(staging, tmp)
     return tmp
 
 
@@ -160,6 +173,8 @@ def remove_leftovers(parent: Path, name: str, kind: str) -> None:
     if parent.is_dir():
         for path in parent.glob(f".{name}.*-*"):
             if path.name.startswith((f".{name}.tmp-", f".{name}.old-")) and kind_of(path) == kind:
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.name.startswith(f".{name}.new-") and _only_marker_files(path):  # killed while marking
                 shutil.rmtree(path, ignore_errors=True)
 
 
