@@ -90,8 +90,12 @@ def train(data_dir, out, *overrides, nproc: int = 1, steps: int = STEPS) -> list
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
     strategy = [] if any(o.startswith("--parallel.strategy") for o in overrides) else [
         "--parallel.strategy=none" if nproc == 1 else "--parallel.strategy=fsdp"]
-    result = subprocess.run(launcher + base_args(data_dir, out, steps) + strategy + list(overrides), cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    args = base_args(data_dir, out, steps) + strategy + list(overrides)
+    if nproc == 1:  # no process group: the trainer runs here, without ~5 s of imports in a fresh interpreter
+        from train.__main__ import main as train_main
+        result = in_process(train_main, *args)
+    else:
+        result = subprocess.run(launcher + args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return read_metrics(Path(out))
 

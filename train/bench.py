@@ -3,9 +3,10 @@
     python scripts/bench.py model [--config FILE] [--preset P] [--batch B] [--seq-len T] [--section.key=value ...]
                                   [--steps 10] [--warmup 3] [--json]
     python scripts/bench.py data  [--source stdlib] [--vocab-size 2048] [--batch 32] [--seq-len 128] [--json]
-    python scripts/bench.py strategies [--presets tiny small] [--strategies none-1thread ddp fsdp hsdp zero1 zero2 zero3]
+    python scripts/bench.py strategies [--presets tiny small] [--strategies none-1thread ddp fsdp hsdp tp2 ep2 zero1 ...]
                                        [--nproc 2] [--steps 24] [--log-every 4] [--json]
     python scripts/bench.py checkpoint [--preset small] [--nproc 2] [--steps 25] [--every 4] [--json]
+    python scripts/bench.py init [--preset 1b] [--nproc 2] [--section.key=value ...] [--json]
 
 `model`: a trainer config's step (forward, backward, the trainer's AdamW) on one device, as strategy `none`
 runs it: the config's model, micro batch, sequence length, precision (bf16 autocast on GPU, fp32 on CPU),
@@ -23,6 +24,9 @@ Targets on 2 CPU ranks: fsdp state <= 0.55x ddp's; ddp tokens/s >= 0.9x twice th
 
 `checkpoint`: the real trainer saving every --every steps, once with synchronous and once with background
 (checkpoint.async_save) checkpoints: the median step time and how much longer a step with a save takes.
+
+`init`: each rank's memory growth while the trainer builds and initialises the model (meta device, split,
+then only its shards filled) against the whole fp32 model's bytes (train/bench_init.py).
 
 Numbers live here and not in tests: timings vary with the machine and its load, so a timed test would either
 flake or assert nothing.
@@ -47,6 +51,7 @@ from .config import load_config
 from .metrics import peak_flops, peak_memory_mib, read_metrics  # the trainer's MFU: same peak table
 from .optim import build_optimizer
 from .parallel import apply_block_options, autocast, compute_dtype, uses_cuda
+from .bench_init import bench_init
 from .trainer import build_model_config
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: configs/ and the cwd of the trainer runs
@@ -168,6 +173,9 @@ STRATEGY_RUNS = {  # name -> (processes, overrides)
     "ddp": (None, ["--parallel.strategy=ddp"]),
     "fsdp": (None, ["--parallel.strategy=fsdp"]),
     "hsdp": (None, ["--parallel.strategy=hsdp"]),  # shard group = LOCAL_WORLD_SIZE: all ranks of this machine
+    # tiny has one KV head; tp 2 needs two (small already has them)
+    "tp2": (None, ["--parallel.strategy=fsdp", "--parallel.tp_size=2", "--model.overrides.num_key_value_heads=2"]),
+    "ep2": (None, ["--parallel.strategy=fsdp", "--parallel.ep_size=2"]),
     "zero1": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=1"]),
     "zero2": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=2"]),
     "zero3": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3"]),
@@ -310,8 +318,13 @@ def main(argv=None) -> int:
     c.add_argument("--every", type=integer(2), default=4, help="steps between checkpoints")
     c.add_argument("--data-root", default="runs/data", help="where the stdlib corpora are prepared (reused)")
     c.add_argument("--json", action="store_true")
+    i = sub.add_parser("init", help="per-rank memory while the trainer builds and initialises the model")
+    i.add_argument("--preset", default="1b")
+    i.add_argument("--nproc", type=integer(1), default=2)
+    i.add_argument("--data-root", default="runs/data", help="where the stdlib corpora are prepared (reused)")
+    i.add_argument("--json", action="store_true")
     args, overrides = parser.parse_known_args(argv)
-    if overrides and args.section != "model":
+    if overrides and args.section not in ("model", "init"):
         sub.choices[args.section].error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.section == "strategies" and -(-args.steps // args.log_every) < 3:  # rows: every log step + the last
         st.error(f"argument --steps: {args.steps} steps log fewer than 3 rows at --log-every {args.log_every} "
@@ -320,6 +333,19 @@ def main(argv=None) -> int:
 
 
 def run(args, overrides: list[str]) -> None:
+    if args.section == "init":
+        config, prepare_args = PRESET_RUNS["tiny"]  # its data (2048-token BPE); the preset is --preset's
+        data = Path(args.data_root) / f"stdlib-{prepare_args[-1]}"
+        trainer_run([sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data), *prepare_args],
+                    f"preparing {data}")
+        flags = [f"--model.preset={args.preset}", "--parallel.strategy=fsdp", "--model.overrides.attn_backend=eager"]
+        try:
+            rows = bench_init(config, data, args.nproc, flags + overrides)
+        except RuntimeError as error:
+            raise BenchError(str(error)) from None
+        for row in rows:
+            print(json.dumps(row) if args.json else row)
+        return
     if args.section == "checkpoint":
         results = bench_checkpoint(args)
         if not args.json:

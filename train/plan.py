@@ -1,6 +1,6 @@
 """The Colossus planner: will a model fit, and how long will its training take, on N GPUs?
 
-    python scripts/plan.py --model PRESET --gpus N --gpu h100|h200|b200|a100 --strategy S
+    python scripts/plan.py --model PRESET --gpus N --gpu h100|h200|b200|a100 --strategy S [--tp N] [--ep N]
                            [--seq-len T] [--global-batch-tokens B] [--micro-batch M] [--shard-size 8]
                            [--activation-checkpointing] [--mfu 0.4] [--token-budget 6e12] [--json]
 
@@ -34,18 +34,32 @@ class PlanError(ValueError):
     """A plan that cannot be made from these arguments: the message names the flags."""
 
 
-def state_bytes(params: int, strategy: str, ranks: int, shard_size: int, dtype: str) -> dict[str, float]:
-    """Parameters, gradients and AdamW state one rank holds, as the trainer counts them.
+def tensor_parallel_split(model) -> tuple[int, int]:
+    """(parameters tensor parallelism splits, parameters every rank of a tp group keeps whole): attention,
+    the dense and shared FFN and the embedding are split; norms, the router and routed experts are not."""
+    split = sum(p.numel() for name, p in model.named_parameters()
+                if any(part in name for part in ("_proj.", ".dense.", ".shared.", "embed_tokens.")))
+    return split, sum(p.numel() for p in model.parameters()) - split
+
+
+def state_bytes(params: tuple[int, int], strategy: str, ranks: int, shard_size: int, dtype: str,
+                tp: int = 1) -> dict[str, float]:
+    """Parameters, gradients and AdamW state one rank holds, as the trainer counts them. `params` is
+    (tensor-parallel-split, kept whole), as tensor_parallel_split returns.
 
     torch strategies keep fp32 parameters (bf16 compute through autocast / FSDP's mixed-precision policy)
-    and fp32 gradients; FSDP shards all three over its shard group. DeepSpeed ZeRO keeps the model in the
-    compute dtype plus an fp32 master partition: ZeRO-1 shards the optimizer state, ZeRO-2 also the
-    gradients, ZeRO-3 also the parameters.
+    and fp32 gradients; FSDP shards all three over its shard group, after tensor parallelism split what
+    it splits. Expert parallelism moves experts between ranks but not the bytes per rank: FSDP already
+    shards every weight over all data-parallel ranks. DeepSpeed ZeRO keeps the model in the compute dtype
+    plus an fp32 master partition: ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3
+    also the parameters.
     """
-    p = float(params)
+    split, whole = map(float, params)
     if strategy in ("ddp", "fsdp", "hsdp"):
-        shards = {"ddp": 1, "fsdp": ranks, "hsdp": shard_size}[strategy]
-        return {"params": 4 * p / shards, "grads": 4 * p / shards, "optim": 8 * p / shards}
+        shards = {"ddp": 1, "fsdp": ranks // tp, "hsdp": shard_size // tp}[strategy]
+        p = (split / tp + whole) / shards
+        return {"params": 4 * p, "grads": 4 * p, "optim": 8 * p}
+    p = split + whole
     model_bytes = 2 if dtype == "bf16" else 4
     stage = int(strategy[-1])
     return {"params": model_bytes * p / (ranks if stage == 3 else 1),
@@ -53,46 +67,51 @@ def state_bytes(params: int, strategy: str, ranks: int, shard_size: int, dtype: 
             "optim": 12 * p / ranks}  # fp32 master partition + AdamW's two moments
 
 
-def activation_bytes(config, seq_len: int, micro_batch: int, checkpointing: bool, dtype: str) -> float:
+def activation_bytes(config, seq_len: int, micro_batch: int, checkpointing: bool, dtype: str, tp: int = 1) -> float:
     """Estimate after Korthikanti et al. (2022), adapted: fused attention keeps no T x T scores; per token
     and layer ~29 d bytes for attention and the four sandwich norms plus 8 bytes per GeGLU unit of the
     routed experts (top_k of them) and the shared FFN; the fp32 logits add ~10 bytes per vocab entry. With
-    activation checkpointing a layer keeps only its input, and one layer is recomputed at a time."""
+    activation checkpointing a layer keeps only its input, and one layer is recomputed at a time. Tensor
+    (and sequence) parallelism divides all of it by tp but the routed experts, which see the whole batch."""
     scale = 1 if dtype == "bf16" else 2
     d, tokens = config.hidden_size, seq_len * micro_batch
-    ffn = config.intermediate_size * config.num_experts_per_tok + config.shared_intermediate_size
-    per_layer = tokens * scale * (29 * d + 8 * ffn)
+    routed = config.intermediate_size * config.num_experts_per_tok if config.is_moe else 0
+    split_ffn = config.shared_intermediate_size + (0 if config.is_moe else config.intermediate_size)
+    per_layer = tokens * scale * ((29 * d + 8 * split_ffn) / tp + 8 * routed)
     layers = config.num_hidden_layers
-    stored = layers * tokens * scale * 2 * d + per_layer if checkpointing else layers * per_layer
-    return stored + tokens * 10 * config.vocab_size
+    stored = layers * tokens * scale * 2 * d / tp + per_layer if checkpointing else layers * per_layer
+    return stored + tokens * 10 * config.vocab_size / tp
 
 
 def plan(model: str, gpus: int, gpu: str, strategy: str, seq_len: int | None = None,
          global_batch_tokens: int = 16 * 2**20, micro_batch: int = 1, shard_size: int = 8,
          activation_checkpointing: bool = False, mfu: float = 0.4, token_budget: float | None = None,
-         dtype: str = "bf16", vocab_size: int | None = None) -> dict:
+         dtype: str = "bf16", vocab_size: int | None = None, tp: int = 1, ep: int = 1) -> dict:
     config = preset_config(model, **({"vocab_size": vocab_size} if vocab_size else {}))
     with torch.device("meta"):
-        counts = count_parameters(GrokForCausalLM(config))
+        meta_model = GrokForCausalLM(config)
+    counts = count_parameters(meta_model)
     seq_len = seq_len or config.max_position_embeddings
+    shard_size = min(shard_size, gpus)
     if strategy == "hsdp" and gpus % shard_size:
         raise PlanError(f"--gpus {gpus} is not a multiple of --shard-size {shard_size}: pass whole shard groups")
-    state = state_bytes(counts.total, strategy, gpus, min(shard_size, gpus), dtype)
-    activations = activation_bytes(config, seq_len, micro_batch, activation_checkpointing, dtype)
+    check_split(config, strategy, gpus, shard_size, tp, ep)
+    state = state_bytes(tensor_parallel_split(meta_model), strategy, gpus, shard_size, dtype, tp)
+    activations = activation_bytes(config, seq_len, micro_batch, activation_checkpointing, dtype, tp)
     memory_gib, peak = GPUS[gpu]
     total_gib = (sum(state.values()) + activations) / GIB
     flops = flops_per_token(config, counts.active, seq_len)
     result = {
         "model": model, "params_total": counts.total, "params_active": counts.active, "gpus": gpus, "gpu": gpu,
-        "strategy": strategy, "seq_len": seq_len, "micro_batch": micro_batch, "dtype": dtype,
+        "strategy": strategy, "tp": tp, "ep": ep, "seq_len": seq_len, "micro_batch": micro_batch, "dtype": dtype,
         "activation_checkpointing": activation_checkpointing,
         "params_gib": state["params"] / GIB, "grads_gib": state["grads"] / GIB, "optim_gib": state["optim"] / GIB,
         "state_gib": sum(state.values()) / GIB, "activations_gib": activations / GIB, "total_gib": total_gib,
         "gpu_memory_gib": memory_gib, "fits": None if memory_gib is None else total_gib <= 0.9 * memory_gib,
         "flops_per_token": flops, "requested_batch_tokens": global_batch_tokens,
     }
-    # Data parallelism alone gives every GPU at least one micro-batch per step.
-    smallest_batch = gpus * micro_batch * seq_len
+    # Every data-parallel rank (a tp group counts once) takes at least one micro-batch per step.
+    smallest_batch = gpus // tp * micro_batch * seq_len
     result["min_global_batch_tokens"] = smallest_batch
     if peak:
         tokens_per_s = gpus * peak * mfu / flops
@@ -102,6 +121,24 @@ def plan(model: str, gpus: int, gpu: str, strategy: str, seq_len: int | None = N
         if token_budget:
             result.update({"token_budget": token_budget, "days": token_budget / result["tokens_per_day"]})
     return result
+
+
+def check_split(config, strategy: str, gpus: int, shard_size: int, tp: int, ep: int) -> None:
+    """The trainer's layout rules (train/parallel/mesh.py), for flags."""
+    if (tp > 1 or ep > 1) and strategy not in ("fsdp", "hsdp"):
+        raise PlanError(f"--tp / --ep need --strategy fsdp or hsdp, not {strategy}")
+    group = shard_size if strategy == "hsdp" else gpus
+    if group % tp:
+        raise PlanError(f"--tp {tp} does not divide the {group} GPUs of a shard group")
+    if ep > 1 and (config.num_local_experts % ep or group % ep):
+        raise PlanError(f"--ep {ep} must divide the model's {config.num_local_experts} experts and the {group} GPUs "
+                        f"of a shard group")
+    if ep > 1 and tp > 1:
+        raise PlanError("--ep and --tp cannot both exceed 1 (the trainer does not combine them)")
+    for name, size in (("attention heads", config.num_attention_heads), ("KV heads", config.num_key_value_heads),
+                       ("vocabulary", config.vocab_size)):
+        if size % tp:
+            raise PlanError(f"--tp {tp} does not divide the model's {size} {name}")
 
 
 def human(n: float) -> str:
@@ -116,7 +153,8 @@ def size(gib: float) -> str:
 
 
 def report(r: dict) -> str:
-    lines = [f"{r['model']}: {human(r['params_total'])} params ({human(r['params_active'])} active), {r['strategy']} on "
+    split = "".join(f" x {name} {r[name]}" for name in ("tp", "ep") if r[name] > 1)
+    lines = [f"{r['model']}: {human(r['params_total'])} params ({human(r['params_active'])} active), {r['strategy']}{split} on "
              f"{r['gpus']:,} x {r['gpu']} ({r['dtype']}, seq {r['seq_len']}, micro-batch {r['micro_batch']}"
              f"{', activation checkpointing' if r['activation_checkpointing'] else ''})",
              f"  per GPU: params {size(r['params_gib'])} + grads {size(r['grads_gib'])} + optimizer "
@@ -126,10 +164,10 @@ def report(r: dict) -> str:
         lines.append(f"  {verdict} in {r['gpu_memory_gib']:.0f} GiB (90% usable)")
     lines.append(f"  training FLOPs per token {human(r['flops_per_token'])}")
     if r.get("global_batch_tokens", 0) > r["requested_batch_tokens"]:
-        lines.append(f"  note: data parallelism alone needs a global batch of at least {r['gpus']:,} x "
-                     f"{r['micro_batch']} x {r['seq_len']} = {human(r['min_global_batch_tokens'])} tokens (asked: "
-                     f"{human(r['requested_batch_tokens'])}); at this scale real runs add tensor/expert/pipeline "
-                     f"parallelism, which this planner does not model")
+        lines.append(f"  note: {r['gpus'] // r['tp']:,} data-parallel ranks need a global batch of at least "
+                     f"{r['gpus'] // r['tp']:,} x {r['micro_batch']} x {r['seq_len']} = "
+                     f"{human(r['min_global_batch_tokens'])} tokens (asked: {human(r['requested_batch_tokens'])}); "
+                     f"a larger --tp or pipeline parallelism (not modelled) lowers it")
     if "step_s" in r:
         lines.append(f"  at {r['mfu']:.0%} MFU: {r['step_s']:.2f} s per {human(r['global_batch_tokens'])}-token step, "
                      f"{human(r['tokens_per_day'])} tokens/day"
@@ -147,6 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--global-batch-tokens", type=positive_number, default=16 * 2**20)
     parser.add_argument("--micro-batch", type=integer(1), default=1, help="sequences per GPU per forward")
     parser.add_argument("--shard-size", type=integer(1), default=8, help="hsdp: GPUs per shard group (a node)")
+    parser.add_argument("--tp", type=integer(1), default=1, help="tensor-parallel GPUs (inside a node)")
+    parser.add_argument("--ep", type=integer(1), default=1, help="expert-parallel GPUs")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--mfu", type=positive_number, default=0.4, help="in (0, 1]")
     parser.add_argument("--token-budget", type=positive_number)
@@ -160,7 +200,7 @@ def main(argv=None) -> int:
     def work() -> int:
         result = plan(args.model, args.gpus, args.gpu, args.strategy, args.seq_len, int(args.global_batch_tokens),
                       args.micro_batch, args.shard_size, args.activation_checkpointing, args.mfu, args.token_budget,
-                      args.dtype or ("fp32" if args.gpu == "cpu" else "bf16"), args.vocab_size)
+                      args.dtype or ("fp32" if args.gpu == "cpu" else "bf16"), args.vocab_size, args.tp, args.ep)
         print(json.dumps(result) if args.json else report(result))
         return 0 if result["fits"] in (True, None) else 1
     return run_main(work, (PlanError,))
