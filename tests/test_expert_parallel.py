@@ -134,8 +134,8 @@ def test_ep2_with_two_data_parallel_shards_on_four_processes(data_dir, tmp_path)
     (3, ["--parallel.tp_size=2"], "parallel.tp_size 2 does not divide the world size 3"),
     (2, ["--parallel.tp_size=2"], "model num_key_value_heads (1)"),
     (2, ["--parallel.tp_size=2", "--model.overrides.num_key_value_heads=2", "--data.seq_len=63"], "data.seq_len (63)"),
-    (4, ["--parallel.ep_size=2", "--parallel.tp_size=2", "--model.overrides.num_key_value_heads=2"],
-     "cannot both exceed 1"),
+    (4, ["--parallel.ep_size=8", "--parallel.tp_size=2", "--model.overrides.num_key_value_heads=2"],
+     "parallel.ep_size 8 must divide the 4 data-parallel-shard x tensor ranks"),
     (4, ["--parallel.strategy=hsdp", "--parallel.replicate_size=3", "--parallel.tp_size=2"], "!= world size 4"),
 ])
 def test_layout_errors_are_one_line_before_any_process_group(data_dir, tmp_path, monkeypatch, capsys, world, flags,

@@ -1,5 +1,5 @@
-"""Tensor parallelism with real processes (gloo): tp 2 alone, with data-parallel shards and with hsdp follows
-the single-process run step for step; its checkpoints resume and export on other layouts."""
+"""Tensor parallelism with real processes (gloo): tp 2 alone, with data-parallel shards, with hsdp and with expert
+parallelism follows the single-process run step for step; its checkpoints resume and export on other layouts."""
 
 import pytest
 import torch
@@ -71,3 +71,33 @@ def test_a_tp2_checkpoint_exports_the_weights_one_process_trained(single_kv2, tp
     for key in tp:
         assert tp[key].shape == single[key].shape
         torch.testing.assert_close(tp[key], single[key], rtol=0, atol=2e-4)
+
+
+@pytest.fixture(scope="module")
+def tp_ep_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp2-ep2")
+    return train(data_dir, out, *KV2, "--parallel.tp_size=2", "--parallel.ep_size=2", "--checkpoint.every=6",
+                 nproc=2), out
+
+
+def test_ep2_borrowing_the_tp2_ranks_follows_the_single_process_run(single_kv2, tp_ep_run):
+    assert_same_run(tp_ep_run[0], single_kv2[0])
+
+
+def test_a_tp2_ep2_checkpoint_resumes_on_one_process(data_dir, single_kv2, tp_ep_run, tmp_path):
+    rows = train(data_dir, tmp_path, *KV2, f"--run.resume={tp_ep_run[1] / 'checkpoints' / 'step_00000006'}")
+    assert max(abs(a - b) for a, b in zip(losses(rows), losses(single_kv2[0][6:]))) < 1e-5
+
+
+def test_ep4_across_tp2_and_two_data_parallel_ranks_on_four_processes(data_dir, single_kv2, tmp_path):
+    rows = train(data_dir, tmp_path, *KV2, "--parallel.tp_size=2", "--parallel.ep_size=4", nproc=4)
+    assert_same_run(rows, single_kv2[0])
+
+
+def test_each_rank_of_a_tp_group_sends_its_own_chunk_of_the_rows():
+    from train.parallel.expert import chunk_counts, chunk_sizes
+    counts = torch.tensor([3, 0, 4, 2])  # 9 rows sorted by expert: 000 2222 33
+    assert chunk_sizes(9, 2) == [5, 4] and chunk_sizes(3, 4) == [1, 1, 1, 0]
+    assert chunk_counts(counts, 0, 5).tolist() == [3, 0, 2, 0]
+    assert chunk_counts(counts, 5, 9).tolist() == [0, 0, 2, 2]
+    assert chunk_counts(counts, 9, 9).tolist() == [0, 0, 0, 0]

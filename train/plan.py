@@ -34,31 +34,37 @@ class PlanError(ValueError):
     """A plan that cannot be made from these arguments: the message names the flags."""
 
 
-def tensor_parallel_split(model) -> tuple[int, int]:
-    """(parameters tensor parallelism splits, parameters every rank of a tp group keeps whole): attention,
-    the dense and shared FFN and the embedding are split; norms, the router and routed experts are not."""
-    split = sum(p.numel() for name, p in model.named_parameters()
-                if any(part in name for part in ("_proj.", ".dense.", ".shared.", "embed_tokens.")))
-    return split, sum(p.numel() for p in model.parameters()) - split
+def tensor_parallel_split(model) -> tuple[int, int, int]:
+    """(parameters tensor parallelism splits, routed experts' parameters, the rest): attention, the dense and
+    shared FFN and the embedding are split by tp; norms and the router are kept whole; routed experts are
+    kept whole by tp but spread over the ep ranks, which borrow tp's ranks."""
+    split = experts = 0
+    for name, p in model.named_parameters():
+        if any(part in name for part in ("_proj.", ".dense.", ".shared.", "embed_tokens.")):
+            split += p.numel()
+        elif ".moe.w_" in name:
+            experts += p.numel()
+    return split, experts, sum(p.numel() for p in model.parameters()) - split - experts
 
 
-def state_bytes(params: tuple[int, int], strategy: str, ranks: int, shard_size: int, dtype: str,
-                tp: int = 1) -> dict[str, float]:
+def state_bytes(params: tuple[int, int, int], strategy: str, ranks: int, shard_size: int, dtype: str,
+                tp: int = 1, ep: int = 1) -> dict[str, float]:
     """Parameters, gradients and AdamW state one rank holds, as the trainer counts them. `params` is
-    (tensor-parallel-split, kept whole), as tensor_parallel_split returns.
+    (tensor-parallel-split, routed experts, the rest), as tensor_parallel_split returns.
 
     torch strategies keep fp32 parameters (bf16 compute through autocast / FSDP's mixed-precision policy)
     and fp32 gradients; FSDP shards all three over its shard group, after tensor parallelism split what
-    it splits. Expert parallelism moves experts between ranks but not the bytes per rank: FSDP already
-    shards every weight over all data-parallel ranks. DeepSpeed ZeRO keeps the model in the compute dtype
-    plus an fp32 master partition: ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3
-    also the parameters.
+    it splits. Routed experts are sharded over all dp-shard x tp ranks when ep > 1 (ep borrows the tp
+    ranks), over the dp-shard ranks only otherwise. Without tp, ep moves experts between ranks but not the
+    bytes per rank. DeepSpeed ZeRO keeps the model in the compute dtype plus an fp32 master partition:
+    ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the parameters.
     """
-    split, whole = map(float, params)
+    split, experts, rest = map(float, params)
     if strategy in ("ddp", "fsdp", "hsdp"):
         shards = {"ddp": 1, "fsdp": ranks // tp, "hsdp": shard_size // tp}[strategy]
-        p = (split / tp + whole) / shards
+        p = (split / tp + rest + experts / (tp if ep > 1 else 1)) / shards
         return {"params": 4 * p, "grads": 4 * p, "optim": 8 * p}
+    whole = experts + rest
     p = split + whole
     model_bytes = 2 if dtype == "bf16" else 4
     stage = int(strategy[-1])
@@ -96,7 +102,7 @@ def plan(model: str, gpus: int, gpu: str, strategy: str, seq_len: int | None = N
     if strategy == "hsdp" and gpus % shard_size:
         raise PlanError(f"--gpus {gpus} is not a multiple of --shard-size {shard_size}: pass whole shard groups")
     check_split(config, strategy, gpus, shard_size, tp, ep)
-    state = state_bytes(tensor_parallel_split(meta_model), strategy, gpus, shard_size, dtype, tp)
+    state = state_bytes(tensor_parallel_split(meta_model), strategy, gpus, shard_size, dtype, tp, ep)
     activations = activation_bytes(config, seq_len, micro_batch, activation_checkpointing, dtype, tp)
     memory_gib, peak = GPUS[gpu]
     total_gib = (sum(state.values()) + activations) / GIB
@@ -130,11 +136,9 @@ def check_split(config, strategy: str, gpus: int, shard_size: int, tp: int, ep: 
     group = shard_size if strategy == "hsdp" else gpus
     if group % tp:
         raise PlanError(f"--tp {tp} does not divide the {group} GPUs of a shard group")
-    if ep > 1 and (config.num_local_experts % ep or group % ep):
+    if ep > 1 and (config.num_local_experts % ep or group % ep):  # ep borrows dp-shard x tp ranks
         raise PlanError(f"--ep {ep} must divide the model's {config.num_local_experts} experts and the {group} GPUs "
                         f"of a shard group")
-    if ep > 1 and tp > 1:
-        raise PlanError("--ep and --tp cannot both exceed 1 (the trainer does not combine them)")
     for name, size in (("attention heads", config.num_attention_heads), ("KV heads", config.num_key_value_heads),
                        ("vocabulary", config.vocab_size)):
         if size % tp:

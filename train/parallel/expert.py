@@ -37,15 +37,78 @@ def expert_major_order(counts: torch.Tensor) -> torch.Tensor:
     return (expert_of_row * sources + source_of_row).argsort(stable=True)
 
 
-class ExpertParallelDispatch:
-    """MoE.dispatch over an ep process group: rows out to the experts' owners, outputs back."""
+def chunk_sizes(rows: int, parts: int) -> list[int]:
+    base, extra = divmod(rows, parts)
+    return [base + (i < extra) for i in range(parts)]
 
-    def __init__(self, group: dist.ProcessGroup, num_experts: int):
+
+def chunk_counts(counts: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Per-expert counts of rows [start, stop) of an expert-sorted array with these per-expert counts."""
+    ends = counts.cumsum(0)
+    return (ends.clamp(max=stop) - (ends - counts).clamp(min=start)).clamp(min=0)
+
+
+def _gather_chunks(chunk: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    padded = chunk.new_zeros(max(sizes), *chunk.shape[1:])
+    padded[:chunk.shape[0]] = chunk
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+class _TakeChunk(torch.autograd.Function):
+    """Rows every rank of a tp group holds alike -> this rank's chunk. Each row's gradient is computed on one
+    rank only, so the backward gathers the chunks' gradients: the whole, identical on every rank."""
+
+    @staticmethod
+    def forward(ctx, rows, sizes, rank, group):
+        ctx.sizes, ctx.group = sizes, group
+        start = sum(sizes[:rank])
+        return rows[start:start + sizes[rank]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_chunks(grad.contiguous(), ctx.sizes, ctx.group), None, None, None
+
+
+class _GatherChunks(torch.autograd.Function):
+    """The reverse: every rank's chunk of outputs -> all rows on every rank. The loss is the same on every rank
+    of the group, so the output gradient arrives whole and alike: keep this rank's slice (no sum)."""
+
+    @staticmethod
+    def forward(ctx, chunk, sizes, rank, group):
+        ctx.start, ctx.size = sum(sizes[:rank]), sizes[rank]
+        return _gather_chunks(chunk.contiguous(), sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.start:ctx.start + ctx.size], None, None, None
+
+
+class ExpertParallelDispatch:
+    """MoE.dispatch over an ep process group: rows out to the experts' owners, outputs back.
+
+    Under tensor parallelism every rank of a tp group routes the same (whole) micro-batch; each then sends
+    only its 1/tp chunk of the rows, and the outputs are gathered back, so every row is computed once."""
+
+    def __init__(self, group: dist.ProcessGroup, num_experts: int, tp_group: dist.ProcessGroup | None = None):
         self.group = group
         self.ep = dist.get_world_size(group)
         self.local_experts = num_experts // self.ep
+        self.tp_group = tp_group
+        self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
 
     def __call__(self, routed: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
+        if self.tp == 1:
+            return self.exchange(routed, counts, w_gate, w_up, w_down)
+        sizes = chunk_sizes(routed.shape[0], self.tp)
+        start = sum(sizes[:self.tp_rank])
+        mine = _TakeChunk.apply(routed, sizes, self.tp_rank, self.tp_group)
+        out = self.exchange(mine, chunk_counts(counts, start, start + sizes[self.tp_rank]), w_gate, w_up, w_down)
+        return _GatherChunks.apply(out, sizes, self.tp_rank, self.tp_group)
+
+    def exchange(self, routed: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
         # counts[e]: rows for expert e; experts are owned in order, so rank r gets experts [r*L, (r+1)*L).
         received_counts = torch.empty_like(counts)
         dist.all_to_all_single(received_counts, counts, group=self.group)  # not differentiable: sizes only
@@ -68,11 +131,12 @@ def apply_expert_parallel(model: nn.Module, mesh: WorldMesh) -> None:
     """Shard every MoE layer's experts over the ep dimension and route its rows through the all-to-all.
     Every rank built the same full weights (same seed): each keeps its own slice, no communication."""
     ep_mesh = mesh.expert["ep"]
+    tp_group = mesh.dense["tp"].get_group() if mesh.layout.tp > 1 else None
     for moe in moe_layers(model):
         for name in EXPERT_WEIGHTS:
             weight = getattr(moe, name)
             setattr(moe, name, nn.Parameter(distribute_tensor(weight.data, ep_mesh, [Shard(0)], src_data_rank=None)))
-        moe.dispatch = ExpertParallelDispatch(ep_mesh.get_group(), moe.num_experts)
+        moe.dispatch = ExpertParallelDispatch(ep_mesh.get_group(), moe.num_experts, tp_group)
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:

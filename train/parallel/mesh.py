@@ -73,9 +73,6 @@ def layout_of(config: TrainConfig, world_size: int, local_world_size: int) -> La
                               f"{tp} != world size {world_size}; set them so their product is the number of processes")
     else:
         replicate, shard = 1, world_size // tp
-    if ep > 1 and tp > 1:
-        raise ConfigError("parallel.ep_size and parallel.tp_size cannot both exceed 1: experts under tensor "
-                          "parallelism are not implemented; use one of them")
     if (shard * tp) % ep:
         raise ConfigError(f"parallel.ep_size {ep} must divide the {shard * tp} data-parallel-shard x tensor ranks of a "
                           f"replica it borrows from; choose a divisor of {shard * tp}")
