@@ -73,7 +73,7 @@ def _only_marker_files(folder: Path) -> bool:
     """A folder holding nothing but (the start of) our marker: nothing in it to lose."""
     if not Path(folder).is_dir():
         return False
-    return all(entry.is_file() and entry.name in (MARKER,) or entry.name.startswith(f".{MARKER}.tmp-")
+    return all(entry.is_file() and (entry.name == MARKER or entry.name.startswith(f".{MARKER}.tmp-"))
                for entry in Path(folder).iterdir())
 
 

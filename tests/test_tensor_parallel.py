@@ -19,17 +19,20 @@ def assert_same_run(rows, single):
     assert abs(rows[-1]["val_loss"] - single[-1]["val_loss"]) < 1e-4
 
 
+def checkpointed_run(data_dir, tmp_path_factory, name, *flags, nproc=1):
+    """A 12-step run with checkpoints at steps 6 and 12: (metrics rows, run folder)."""
+    out = tmp_path_factory.mktemp(name)
+    return train(data_dir, out, *KV2, *flags, "--checkpoint.every=6", "--checkpoint.keep=3", nproc=nproc), out
+
+
 @pytest.fixture(scope="module")
 def single_kv2(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single-kv2")
-    return train(data_dir, out, *KV2, "--checkpoint.every=6", "--checkpoint.keep=3"), out
+    return checkpointed_run(data_dir, tmp_path_factory, "single-kv2")
 
 
 @pytest.fixture(scope="module")
 def tp_run(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp2")
-    return train(data_dir, out, *KV2, "--parallel.tp_size=2", "--checkpoint.every=6", "--checkpoint.keep=3",
-                 nproc=2), out
+    return checkpointed_run(data_dir, tmp_path_factory, "tp2", "--parallel.tp_size=2", nproc=2)
 
 
 def test_tp2_follows_the_single_process_run(single_kv2, tp_run):
@@ -75,9 +78,8 @@ def test_a_tp2_checkpoint_exports_the_weights_one_process_trained(single_kv2, tp
 
 @pytest.fixture(scope="module")
 def tp_ep_run(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp2-ep2")
-    return train(data_dir, out, *KV2, "--parallel.tp_size=2", "--parallel.ep_size=2", "--checkpoint.every=6",
-                 nproc=2), out
+    return checkpointed_run(data_dir, tmp_path_factory, "tp2-ep2", "--parallel.tp_size=2", "--parallel.ep_size=2",
+                            nproc=2)
 
 
 def test_ep2_borrowing_the_tp2_ranks_follows_the_single_process_run(single_kv2, tp_ep_run):

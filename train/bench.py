@@ -194,13 +194,19 @@ def trainer_run(command: list[str], what: str) -> None:
         raise BenchError(f"{what} failed (exit {result.returncode}): {last}")
 
 
+def preset_data(preset: str, data_root: str) -> tuple[str, Path]:
+    """A preset's config file and its stdlib corpus, prepared once under data_root and reused."""
+    config, prepare_args = PRESET_RUNS[preset]
+    data = Path(data_root) / f"stdlib-{prepare_args[-1]}"
+    trainer_run([sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data), *prepare_args],
+                f"preparing {data} for {preset}")
+    return config, data
+
+
 def bench_strategies(args) -> list[dict]:
     results = []
     for preset in args.presets:
-        config, prepare_args = PRESET_RUNS[preset]
-        data = Path(args.data_root) / f"stdlib-{prepare_args[-1]}"
-        trainer_run([sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data), *prepare_args],
-                    f"preparing {data} for {preset}")
+        config, data = preset_data(preset, args.data_root)
         for name in args.strategies:
             nproc, overrides = STRATEGY_RUNS[name]
             nproc = nproc or args.nproc
@@ -241,10 +247,7 @@ def bench_strategies(args) -> list[dict]:
 def bench_checkpoint(args) -> list[dict]:
     """The step-loop stall of a checkpoint, sync vs async: the real trainer saves every --every steps; a step's
     interval that includes a save, minus the median interval of the steps that do not, is that save's stall."""
-    config, prepare_args = PRESET_RUNS[args.preset]
-    data = Path(args.data_root) / f"stdlib-{prepare_args[-1]}"
-    trainer_run([sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data), *prepare_args],
-                f"preparing {data} for {args.preset}")
+    config, data = preset_data(args.preset, args.data_root)
     results = []
     for mode in ("sync", "async"):
         with tempfile.TemporaryDirectory() as out:
@@ -334,10 +337,7 @@ def main(argv=None) -> int:
 
 def run(args, overrides: list[str]) -> None:
     if args.section == "init":
-        config, prepare_args = PRESET_RUNS["tiny"]  # its data (2048-token BPE); the preset is --preset's
-        data = Path(args.data_root) / f"stdlib-{prepare_args[-1]}"
-        trainer_run([sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data), *prepare_args],
-                    f"preparing {data}")
+        config, data = preset_data("tiny", args.data_root)  # its config and data; the preset is --preset's
         flags = [f"--model.preset={args.preset}", "--parallel.strategy=fsdp", "--model.overrides.attn_backend=eager"]
         try:
             rows = bench_init(config, data, args.nproc, flags + overrides)

@@ -32,14 +32,15 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     """Allocate the parameters of a meta-device model on `device` (its shards, if split) and initialise them
     with the model's own rules (initial_std)."""
     model.to_empty(device=device)
-    rules = model  # the GrokForCausalLM: initial_std(module, name)
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
-            full_name = canonical_name(f"{module_name}.{name}" if module_name else name)
-            std = rules.initial_std(module, name)
-            generator = torch.Generator().manual_seed(parameter_seed(seed, full_name))
-            whole = torch.ones(param.shape) if std is None else torch.empty(param.shape).normal_(0.0, std,
-                                                                                                  generator=generator)
+            std = model.initial_std(module, name)  # the GrokForCausalLM's rule
+            if std is None:
+                whole = torch.ones(param.shape)
+            else:
+                full_name = canonical_name(f"{module_name}.{name}" if module_name else name)
+                generator = torch.Generator().manual_seed(parameter_seed(seed, full_name))
+                whole = torch.empty(param.shape).normal_(0.0, std, generator=generator)
             if isinstance(param, DTensor):  # keep this rank's slice, however the layouts nest
                 whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
                 param.to_local().copy_(whole)
