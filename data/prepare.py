@@ -23,12 +23,16 @@ from . import tokenizer as tok
 from .shards import FORMAT_VERSION, DataError, ShardWriter, token_dtype, write_manifest, read_manifest
 
 
-def split_documents(n_documents: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and val document indices (each sorted): a seeded choice of whole documents, not a tail slice."""
+def split_documents(n_documents: int, val_fraction: float, seed: int,
+                    val_from: str = "random") -> tuple[np.ndarray, np.ndarray]:
+    """Train and val document indices (each sorted): a seeded choice of whole documents, or (val_from "end")
+    the last ones in corpus order, e.g. the end of a single text split into paragraphs."""
     n_val = max(1, round(val_fraction * n_documents)) if val_fraction > 0 else 0
     if n_val >= n_documents:
         raise DataError(f"--val-fraction {val_fraction}: {n_documents} document(s) leave an empty train split; "
                         f"use a larger corpus or a smaller --val-fraction")
+    if val_from == "end":
+        return np.arange(n_documents - n_val), np.arange(n_documents - n_val, n_documents)
     order = np.random.default_rng(seed).permutation(n_documents)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
@@ -64,6 +68,8 @@ def prepare(args: argparse.Namespace) -> dict:
     settings = {k: getattr(args, k) for k in ("source", "tokenizer", "vocab_size", "val_fraction", "text_field",
                                                "sample_by", "seed", "shard_tokens", "hub_config", "hub_split",
                                                "max_documents")}
+    if args.val_from != "random":  # recorded only when set, so folders prepared before the option still match
+        settings["val_from"] = args.val_from
     if (out / "manifest.json").exists() and not args.overwrite:
         manifest = read_manifest(out)
         if manifest["settings"] != settings:
@@ -76,7 +82,7 @@ def prepare(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     corpus = load_corpus(args.source, args.text_field, args.sample_by, args.hub_config, args.hub_split,
                          args.streaming, args.max_documents)
-    train_idx, val_idx = split_documents(len(corpus.documents), args.val_fraction, args.seed)
+    train_idx, val_idx = split_documents(len(corpus.documents), args.val_fraction, args.seed, args.val_from)
     splits = {"train": corpus.documents.select(train_idx), "val": corpus.documents.select(val_idx)}
 
     folders.remove_leftovers(out.parent, out.name, "data")  # what an interrupted run left
@@ -131,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary incl. 4 specials (default 2048)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out (default 0.01)")
+    p.add_argument("--val-from", choices=["random", "end"], default="random",
+                   help="held-out documents: a seeded random choice (default) or the last ones in corpus order")
     p.add_argument("--text-field", default="text", help="column holding the text in jsonl/parquet/hub data")
     p.add_argument("--sample-by", choices=["paragraph", "line", "document"], default="paragraph",
                    help="what one document is in .txt files (default: blank-line separated paragraphs)")

@@ -27,6 +27,27 @@ def full_precision(x: torch.Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """y = x * rsqrt(mean(x^2) + eps) * w in fp32. The backward is written out (autograd's takes ~twice the
+    elementwise passes, which dominate a small model on a CPU). With n = x * r, r = rsqrt(mean(x^2) + eps):
+    dw = sum_rows(dy * n); dx = r * (dy w - n * mean(dy w * n))."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, rstd, weight)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, rstd, weight = ctx.saved_tensors
+        normed = x * rstd
+        grad_weight = (grad_y * normed).flatten(0, -2).sum(0)
+        grad_normed = grad_y * weight
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        return grad_normed.addcmul_(normed, dot, value=-1.0).mul_(rstd), grad_weight, None
+
+
 class RMSNorm(nn.Module):
     """Scale-only RMSNorm computed in fp32, output in the input's dtype (grok-1's hk_rms_norm)."""
 
@@ -37,28 +58,26 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with full_precision(x):
-            x32 = x.float()
-            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (normed * self.weight.float()).to(x.dtype)
+            return RMSNormFunction.apply(x.float(), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
-    """cos/sin tables of shape [B, 1, T, head_dim] for rotate-half RoPE over the full head dim."""
+    """cos/sin tables of shape [B, 1, T, head_dim] for rotate-half RoPE over the full head dim.
+
+    The sine's first half is negated here, once per forward, so that every layer's rotation is a roll:
+    rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin, exactly (only signs move)."""
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta ** exponents)
     phase = position_ids.float()[..., None] * inv_freq  # [B, T, head_dim/2]
     phase = torch.cat([phase, phase], dim=-1)[:, None]  # grok-1 tiles the phase: halves share frequencies
-    return phase.cos(), phase.sin()
+    sin = phase.sin()
+    return phase.cos(), torch.cat([-sin[..., :head_dim // 2], sin[..., head_dim // 2:]], dim=-1)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] (grok-1's rotate_half)."""
     x32 = x.float()
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+    return (x32 * cos + x32.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
 
 
 @dataclass
@@ -71,11 +90,12 @@ class AttentionInputs:
     """
 
     cos: torch.Tensor
-    sin: torch.Tensor
+    sin: torch.Tensor  # sign-folded: see rotary_cos_sin
     query_len: int
     key_len: int
     allowed: torch.Tensor | None
     block_mask: BlockMask | None  # flex only
+    logit_bias: torch.Tensor | None = None  # eager only: 0 where allowed, -inf elsewhere, [B|1, 1, q, k]
 
     def to(self, device, non_blocking: bool = False) -> "AttentionInputs":
         """These inputs on `device`: Accelerate calls this when a device_map puts blocks on several devices."""
@@ -86,8 +106,9 @@ class AttentionInputs:
         # flex's mask reads `allowed` through a closure: rebuild it around the moved tensor
         block_mask = None if self.block_mask is None else flex_block_mask(allowed, self.query_len, self.key_len,
                                                                          cos.device)
+        bias = None if self.logit_bias is None else self.logit_bias.to(device, non_blocking=non_blocking)
         return AttentionInputs(cos, self.sin.to(device, non_blocking=non_blocking), self.query_len, self.key_len,
-                               allowed, block_mask)
+                               allowed, block_mask, bias)
 
 
 def causal_allowed(query_len: int, key_len: int, key_keep: torch.Tensor | None, device) -> torch.Tensor:
@@ -120,13 +141,52 @@ def flex_block_mask(allowed: torch.Tensor | None, query_len: int, key_len: int, 
                              device=device)
 
 
+def eager_logit_bias(allowed: torch.Tensor | None, query_len: int, key_len: int, device) -> torch.Tensor:
+    """0 where a query may attend, -inf elsewhere: added to the eager backend's logits."""
+    keep = allowed if allowed is not None else causal_allowed(query_len, key_len, None, device)
+    return torch.zeros(keep.shape, device=device).masked_fill_(~keep, float("-inf"))
+
+
 def make_attention_inputs(config: GrokConfig, position_ids, query_len, key_len, key_keep) -> AttentionInputs:
     cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
     device = position_ids.device
     needs_mask = key_keep is not None or (query_len != key_len and query_len > 1)
     allowed = causal_allowed(query_len, key_len, key_keep, device) if needs_mask else None
     block_mask = flex_block_mask(allowed, query_len, key_len, device) if config.attn_backend == "flex" else None
-    return AttentionInputs(cos, sin, query_len, key_len, allowed, block_mask)
+    # eager: one additive mask for every layer
+    logit_bias = eager_logit_bias(allowed, query_len, key_len, device) if config.attn_backend == "eager" else None
+    return AttentionInputs(cos, sin, query_len, key_len, allowed, block_mask, logit_bias)
+
+
+class SoftcappedAttention(torch.autograd.Function):
+    """Grok's attention core in fp32: softmax(cap * tanh(q k^T / (sqrt(d) cap)) + bias) v (cap 0: no tanh).
+
+    The backward is written out because autograd's would keep the logits, the tanh and the capped logits
+    and run ~twice the elementwise passes. With t = tanh(s) and p = softmax(cap t + bias):
+    dv = p^T dout; dz = softmax_backward(dout v^T, p); ds = cap (1 - t^2) dz / (sqrt(d) cap); dq = ds k;
+    dk = ds^T q. Checked against autograd in float64 (tests/test_model.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, logit_bias, cap: float):
+        scale = 1.0 / (math.sqrt(q.shape[-1]) * (cap if cap > 0 else 1.0))
+        logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+        capped = logits.tanh_() if cap > 0 else logits
+        probs = torch.softmax(torch.add(logit_bias, capped, alpha=cap) if cap > 0 else capped + logit_bias, dim=-1)
+        ctx.save_for_backward(q, k, v, capped, probs)
+        ctx.cap, ctx.scale = cap, scale
+        return probs.to(v.dtype) @ v
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, capped, probs = ctx.saved_tensors
+        grad_v = probs.to(v.dtype).transpose(-1, -2) @ grad_out
+        grad_probs = (grad_out @ v.transpose(-1, -2)).to(probs.dtype)
+        grad_z = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        if ctx.cap > 0:
+            grad_s = torch.ops.aten.tanh_backward(grad_z.mul_(ctx.cap * ctx.scale), capped)
+        else:
+            grad_s = grad_z.mul_(ctx.scale)
+        return grad_s @ k, grad_s.transpose(-1, -2) @ q, grad_v, None, None
 
 
 class Attention(nn.Module):
@@ -160,21 +220,13 @@ class Attention(nn.Module):
 
     def _eager(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
         groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        cap = self.config.attn_logit_softcap
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         with full_precision(q):
-            # cap * tanh(qk / (sqrt(d) * cap)), with both divisions folded into q: q is T x d, logits T x T.
-            q_scale = 1.0 / (math.sqrt(self.head_dim) * (cap if cap > 0 else 1.0))
-            logits = (q.float() * q_scale) @ k.float().transpose(-1, -2)
-            if cap > 0:
-                logits = torch.tanh(logits) * cap
-            allowed = inputs.allowed
-            if allowed is None:
-                allowed = causal_allowed(inputs.query_len, inputs.key_len, None, q.device)
-            logits = logits.masked_fill_(~allowed, float("-inf"))  # tanh*cap made a fresh tensor
-            probs = torch.softmax(logits, dim=-1)
-        return probs.to(v.dtype) @ v
+            bias = inputs.logit_bias
+            if bias is None:  # inputs made for another backend
+                bias = eager_logit_bias(inputs.allowed, inputs.query_len, inputs.key_len, q.device)
+            return SoftcappedAttention.apply(q.float(), k.float(), v, bias, float(self.config.attn_logit_softcap))
 
     def _sdpa(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
         is_causal = inputs.allowed is None and inputs.query_len > 1

@@ -183,7 +183,8 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
         h = out.last_hidden_state
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
-        logits = self.model.embed_tokens(h, as_output=True) * self.config.output_multiplier
+        # The multiplier scales h (d wide) rather than the logits (vocabulary wide): the same product.
+        logits = self.model.embed_tokens(h * self.config.output_multiplier, as_output=True)
         logits = softcap(logits, self.config.final_logit_softcap)
 
         result = GrokCausalLMOutput(logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})

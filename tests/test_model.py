@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
-from model.attention import Attention, apply_rotary, make_attention_inputs, rotary_cos_sin, softcap
+from model.attention import (Attention, RMSNormFunction, SoftcappedAttention, apply_rotary, eager_logit_bias,
+                             make_attention_inputs, rotary_cos_sin, softcap)
 from model.moe import MoE, geglu, grouped_geglu, load_balancing_loss
 
 from conftest import small_config, small_model
@@ -116,6 +117,32 @@ def test_rope_depends_only_on_relative_position():
     # rotation preserves the norm
     cos, sin = rotary_cos_sin(torch.tensor([[37]]), 16, 10000.0)
     torch.testing.assert_close(apply_rotary(q, cos, sin).norm(), q.norm())
+
+
+@pytest.mark.parametrize("cap", [30.0, 0.0])
+def test_softcapped_attention_backward_equals_autograd_in_float64(cap):
+    """The written-out backward against torch's numerical and analytical gradients of the plain formula."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = eager_logit_bias(None, 6, 6, "cpu").double()
+    assert torch.autograd.gradcheck(lambda *t: SoftcappedAttention.apply(*t, bias, cap), (q, k, v))
+
+    def plain(q, k, v):
+        logits = q @ k.transpose(-1, -2) / math.sqrt(4)
+        return (softcap(logits, cap) + bias).softmax(-1) @ v
+    out_grad = torch.randn(2, 3, 6, 4, dtype=torch.float64)
+    ours = torch.autograd.grad(SoftcappedAttention.apply(q, k, v, bias, cap), (q, k, v), out_grad)
+    for got, want in zip(ours, torch.autograd.grad(plain(q, k, v), (q, k, v), out_grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_rms_norm_backward_equals_autograd_in_float64():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, weight))
+    plain = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight  # grok-1's hk_rms_norm
+    torch.testing.assert_close(RMSNormFunction.apply(x, weight, 1e-5), plain)
 
 
 def test_softcap_bounds():
