@@ -7,6 +7,10 @@
                                        [--nproc 2] [--steps 24] [--log-every 4] [--json]
     python scripts/bench.py checkpoint [--preset small] [--nproc 2] [--steps 25] [--every 4] [--json]
     python scripts/bench.py init [--preset 1b] [--nproc 2] [--section.key=value ...] [--json]
+    python scripts/bench.py baseline [--text ../shared/data/tinyshakespeare.txt] [--rounds 10] [--steps 8]
+                                     [--trainer-steps 300] [--json]
+    python scripts/bench.py quality [--text ../shared/data/tinyshakespeare.txt] [--config configs/shakespeare.toml]
+                                    [--json]
 
 `model`: a trainer config's step (forward, backward, the trainer's AdamW) on one device, as strategy `none`
 runs it: the config's model, micro batch, sequence length, precision (bf16 autocast on GPU, fp32 on CPU),
@@ -27,6 +31,11 @@ Targets on 2 CPU ranks: fsdp state <= 0.55x ddp's; ddp tokens/s >= 0.9x twice th
 
 `init`: each rank's memory growth while the trainer builds and initialises the model (meta device, split,
 then only its shards filled) against the whole fp32 model's bytes (train/bench_init.py).
+
+`baseline`: tokens/s at nanoGPT's shakespeare_char shape, a nanoGPT-style GPT against our model with the same
+FLOPs (configs/nanogpt-shape.toml): model steps interleaved in one process, then the trainer end to end
+against nanoGPT's training loop. `quality`: held-out bits per byte on the last 10% of tiny Shakespeare at
+equal wall time, nanoGPT's char-level recipe against configs/shakespeare.toml (train/bench_baseline.py).
 
 Numbers live here and not in tests: timings vary with the machine and its load, so a timed test would either
 flake or assert nothing.
@@ -51,6 +60,7 @@ from .config import load_config
 from .metrics import peak_flops, peak_memory_mib, read_metrics  # the trainer's MFU: same peak table
 from .optim import build_optimizer
 from .parallel import apply_block_options, autocast, compute_dtype, uses_cuda
+from .bench_baseline import SHAPE_CONFIG, RECIPE_CONFIG, BaselineError, bench_baseline, bench_quality
 from .bench_init import bench_init
 from .trainer import build_model_config
 
@@ -326,16 +336,37 @@ def main(argv=None) -> int:
     i.add_argument("--nproc", type=integer(1), default=2)
     i.add_argument("--data-root", default="runs/data", help="where the stdlib corpora are prepared (reused)")
     i.add_argument("--json", action="store_true")
+    shakespeare = "../shared/data/tinyshakespeare.txt"  # the corpora beside the checkout
+    b = sub.add_parser("baseline", help=f"tokens/s against a nanoGPT-style GPT at its shape ({SHAPE_CONFIG})")
+    b.add_argument("--text", default=shakespeare, help="tinyshakespeare.txt")
+    b.add_argument("--rounds", type=integer(1), default=10, help="interleaved rounds of model steps")
+    b.add_argument("--steps", type=integer(1), default=8, help="model steps per round")
+    b.add_argument("--trainer-steps", type=integer(60), default=300, help="steps of each end-to-end run")
+    b.add_argument("--data-root", default="runs/data", help="where tiny Shakespeare is prepared (reused)")
+    b.add_argument("--json", action="store_true")
+    q = sub.add_parser("quality", help="held-out bits/byte at equal wall time against nanoGPT's recipe")
+    q.add_argument("--text", default=shakespeare, help="tinyshakespeare.txt")
+    q.add_argument("--config", default=RECIPE_CONFIG, help="our recipe")
+    q.add_argument("--data-root", default="runs/data", help="where tiny Shakespeare is prepared (reused)")
+    q.add_argument("--json", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     if overrides and args.section not in ("model", "init"):
         sub.choices[args.section].error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.section == "strategies" and -(-args.steps // args.log_every) < 3:  # rows: every log step + the last
         st.error(f"argument --steps: {args.steps} steps log fewer than 3 rows at --log-every {args.log_every} "
                      f"(the first and the last are not timed); raise --steps or lower --log-every")
-    return run_main(lambda: run(args, overrides), (BenchError,))
+    return run_main(lambda: run(args, overrides), (BenchError, BaselineError))
 
 
 def run(args, overrides: list[str]) -> None:
+    if args.section in ("baseline", "quality"):
+        if args.section == "baseline":
+            rows = bench_baseline(Path(args.text), Path(args.data_root), args.rounds, args.steps, args.trainer_steps)
+        else:
+            rows = bench_quality(Path(args.text), Path(args.data_root), args.config)
+        for row in rows:
+            print(json.dumps(row) if args.json else row, flush=True)
+        return
     if args.section == "init":
         config, data = preset_data("tiny", args.data_root)  # its config and data; the preset is --preset's
         flags = [f"--model.preset={args.preset}", "--parallel.strategy=fsdp", "--model.overrides.attn_backend=eager"]

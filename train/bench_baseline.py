@@ -1,0 +1,154 @@
+"""`scripts/bench.py baseline` and `quality`: us against a nanoGPT-style GPT (train/baseline.py).
+
+baseline: throughput at nanoGPT's shakespeare_char shape (4 layers, 4 heads, width 128, context 64, batch
+12, fp32), our model dense with the same FLOPs (configs/nanogpt-shape.toml). Model-only steps (forward,
+backward, AdamW) of both models interleaved round by round in one process, so that the machine's drift
+hits both alike; then the real trainer end to end (`python -m train`, one process, data loader, metrics,
+the final evaluation excluded) against nanoGPT's own training loop.
+
+quality: held-out bits per byte at equal wall time on tiny Shakespeare, the first 90% trained on and the
+last 10% scored: nanoGPT's recipe (char-level, 2000 iterations) against our recipe (configs/
+shakespeare.toml, prepared with --val-from end), each timed from start to its final score.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from model import GrokForCausalLM
+
+from .baseline import NanoGPT, adamw, train_recipe
+from .config import load_config
+from .metrics import read_metrics
+from .optim import build_optimizer
+from .trainer import build_model_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE_CONFIG = "configs/nanogpt-shape.toml"
+RECIPE_CONFIG = "configs/shakespeare.toml"
+TRAINER_VARIANTS = {  # name -> overrides of the shape config
+    "eager (soft-capped)": [],
+    "sdpa (no soft-cap)": ["--model.overrides.attn_backend=sdpa", "--model.overrides.attn_logit_softcap=0.0"],
+    "eager + compile": ["--parallel.compile=true"],
+}
+
+
+class BaselineError(RuntimeError):
+    """A run that failed: the message names it and its last line."""
+
+
+def run_trainer(args: list[str], what: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # one process: every core
+    result = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
+                            env=env)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BaselineError(f"{what} failed (exit {result.returncode}): {last}")
+
+
+def prepared(text: Path, data_root: Path, tokenizer_args: list[str], name: str) -> Path:
+    """tiny Shakespeare prepared once (reused), its last 10% of paragraphs held out."""
+    if not text.is_file():
+        raise BaselineError(f"--text {text}: no such file; point it at tinyshakespeare.txt")
+    out = data_root / name
+    command = [sys.executable, "-m", "data.prepare", "--source", str(text), "--out", str(out), "--val-from", "end",
+               "--val-fraction", "0.1", *tokenizer_args]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BaselineError(f"preparing {out} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return out
+
+
+def our_step(overrides: list[str], vocab_size: int, compile: bool = False):
+    config = load_config(REPO / SHAPE_CONFIG, overrides)
+    model = GrokForCausalLM(build_model_config(config, vocab_size)).train()
+    if compile:
+        for block in model.model.layers:
+            block.compile()
+    optimizer = build_optimizer(model, config.optim, torch.device("cpu"))
+    tokens = torch.randint(0, vocab_size, (config.batch.micro_batch_size, config.data.seq_len + 1))
+
+    def step():
+        model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, config.batch.micro_batch_size * config.data.seq_len
+
+
+def nanogpt_step(vocab_size: int = 65, batch: int = 12, context: int = 64):
+    model = NanoGPT(vocab_size, context, layers=4, heads=4, width=128)
+    optimizer = adamw(model, 1e-3)
+    tokens = torch.randint(0, vocab_size, (batch, context + 1))
+
+    def step():
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, batch * context
+
+
+def bench_baseline(text: Path, data_root: Path, rounds: int, steps: int, trainer_steps: int) -> list[dict]:
+    from data.tokenizer import BYTE_VOCAB_SIZE
+    runs = {"nanoGPT-style": nanogpt_step(),
+            "ours eager (soft-capped)": our_step([], BYTE_VOCAB_SIZE),
+            "ours sdpa (no soft-cap)": our_step(TRAINER_VARIANTS["sdpa (no soft-cap)"], BYTE_VOCAB_SIZE),
+            "ours eager + compile": our_step([], BYTE_VOCAB_SIZE, compile=True)}
+    seconds = {name: [] for name in runs}
+    for step, _ in runs.values():  # warm-up; includes compilation
+        for _ in range(3):
+            step()
+    for _ in range(rounds):
+        for name, (step, _) in runs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            seconds[name].append((time.perf_counter() - start) / steps)
+    rows = []
+    reference = statistics.median(seconds["nanoGPT-style"])
+    for name, (_, tokens) in runs.items():
+        median = statistics.median(seconds[name])
+        rows.append({"bench": "baseline", "what": f"model step: {name}", "ms_per_step": round(median * 1e3, 1),
+                     "tokens_per_s": round(tokens / median), "vs_nanogpt": round(reference / median, 3)})
+
+    # End to end: the trainer (loader, metrics, logging) against nanoGPT's loop (get_batch, lr schedule).
+    nano = train_recipe(text.read_text(), steps=trainer_steps)
+    rows.append({"bench": "baseline", "what": "training loop: nanoGPT-style", "ms_per_step": None,
+                 "tokens_per_s": nano["train_tokens_per_s"], "vs_nanogpt": 1.0})
+    data = prepared(text, data_root, ["--tokenizer", "byte"], "shakespeare-byte")
+    for name, overrides in TRAINER_VARIANTS.items():
+        with tempfile.TemporaryDirectory() as out:
+            run_trainer(["--config", SHAPE_CONFIG, f"--data.path={data}", f"--run.out_dir={out}",
+                         f"--run.max_steps={trainer_steps}", "--log.every=20", "--log.progress=false",
+                         "--eval.every=0", "--eval.max_sequences=1", "--checkpoint.every=0", "--run.resume=never",
+                         *overrides], f"the trainer with {name}")
+            timed = read_metrics(Path(out))[1:-1]  # not the warm-up interval, not the one with the final eval
+        tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
+        rows.append({"bench": "baseline", "what": f"trainer: {name}", "ms_per_step": None,
+                     "tokens_per_s": round(tokens_per_s),
+                     "vs_nanogpt": round(tokens_per_s / nano["train_tokens_per_s"], 3)})
+    return rows
+
+
+def bench_quality(text: Path, data_root: Path, config: str) -> list[dict]:
+    nano = train_recipe(text.read_text())
+    rows = [{"bench": "quality", "recipe": "nanoGPT-style (char, 2000 iterations)", **nano}]
+    recipe = load_config(REPO / config, [])
+    vocab = ["--tokenizer", "byte"] if recipe.model.overrides.get("vocab_size") == 260 else []
+    data = prepared(text, data_root, vocab or ["--vocab-size", "2048"], Path(recipe.data.path).name)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        run_trainer(["--config", config, f"--data.path={data}", f"--run.out_dir={out}", "--run.resume=never",
+                     "--log.progress=false"], f"the trainer with {config}")
+        seconds = time.perf_counter() - start
+        final = read_metrics(Path(out))[-1]
+    rows.append({"bench": "quality", "recipe": config, "val_bpb": round(final["val_bpb"], 3),
+                 "seconds": round(seconds, 1), "train_tokens_per_s": round(final["tokens_per_s"])})
+    rows.append({"bench": "quality-summary", "bpb_vs_nanogpt": round(rows[1]["val_bpb"] / rows[0]["val_bpb"], 3),
+                 "seconds_vs_nanogpt": round(rows[1]["seconds"] / rows[0]["seconds"], 3)})
+    return rows
