@@ -10,7 +10,7 @@
     python scripts/bench.py baseline [--text ../shared/data/tinyshakespeare.txt] [--rounds 10] [--steps 8]
                                      [--trainer-steps 300] [--json]
     python scripts/bench.py quality [--text ../shared/data/tinyshakespeare.txt] [--config configs/shakespeare.toml]
-                                    [--json]
+                                    [--section.key=value ...] [--json]
 
 `model`: a trainer config's step (forward, backward, the trainer's AdamW) on one device, as strategy `none`
 runs it: the config's model, micro batch, sequence length, precision (bf16 autocast on GPU, fp32 on CPU),
@@ -346,11 +346,11 @@ def main(argv=None) -> int:
     b.add_argument("--json", action="store_true")
     q = sub.add_parser("quality", help="held-out bits/byte at equal wall time against nanoGPT's recipe")
     q.add_argument("--text", default=shakespeare, help="tinyshakespeare.txt")
-    q.add_argument("--config", default=RECIPE_CONFIG, help="our recipe")
-    q.add_argument("--data-root", default="runs/data", help="where tiny Shakespeare is prepared (reused)")
+    q.add_argument("--config", default=RECIPE_CONFIG, help="our recipe; --section.key=value overrides it")
+    q.add_argument("--no-baseline", action="store_true", help="only our recipe (when tuning it)")
     q.add_argument("--json", action="store_true")
     args, overrides = parser.parse_known_args(argv)
-    if overrides and args.section not in ("model", "init"):
+    if overrides and args.section not in ("model", "init", "quality"):
         sub.choices[args.section].error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.section == "strategies" and -(-args.steps // args.log_every) < 3:  # rows: every log step + the last
         st.error(f"argument --steps: {args.steps} steps log fewer than 3 rows at --log-every {args.log_every} "
@@ -363,7 +363,7 @@ def run(args, overrides: list[str]) -> None:
         if args.section == "baseline":
             rows = bench_baseline(Path(args.text), Path(args.data_root), args.rounds, args.steps, args.trainer_steps)
         else:
-            rows = bench_quality(Path(args.text), Path(args.data_root), args.config)
+            rows = bench_quality(Path(args.text), args.config, overrides, with_baseline=not args.no_baseline)
         for row in rows:
             print(json.dumps(row) if args.json else row, flush=True)
         return

@@ -11,6 +11,7 @@ last 10% scored: nanoGPT's recipe (char-level, 2000 iterations) against our reci
 shakespeare.toml, prepared with --val-from end), each timed from start to its final score.
 """
 
+import json
 import os
 import statistics
 import subprocess
@@ -23,6 +24,7 @@ import torch
 
 from model import GrokForCausalLM
 
+from .checkpoint import step_dir
 from .baseline import NanoGPT, adamw, train_recipe
 from .config import load_config
 from .metrics import read_metrics
@@ -43,13 +45,14 @@ class BaselineError(RuntimeError):
     """A run that failed: the message names it and its last line."""
 
 
-def run_trainer(args: list[str], what: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # one process: every core
-    result = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
-                            env=env)
+def run_python(args: list[str], what: str) -> str:
+    """`python ARGS` in the checkout; its stdout. One process uses every core (no OMP_NUM_THREADS=1)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise BaselineError(f"{what} failed (exit {result.returncode}): {last}")
+    return result.stdout
 
 
 def prepared(text: Path, data_root: Path, tokenizer_args: list[str], name: str) -> Path:
@@ -57,11 +60,8 @@ def prepared(text: Path, data_root: Path, tokenizer_args: list[str], name: str) 
     if not text.is_file():
         raise BaselineError(f"--text {text}: no such file; point it at tinyshakespeare.txt")
     out = data_root / name
-    command = [sys.executable, "-m", "data.prepare", "--source", str(text), "--out", str(out), "--val-from", "end",
-               "--val-fraction", "0.1", *tokenizer_args]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise BaselineError(f"preparing {out} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    run_python(["-m", "data.prepare", "--source", str(text), "--out", str(out), "--val-from", "end",
+                "--val-fraction", "0.1", *tokenizer_args], f"preparing {out}")
     return out
 
 
@@ -123,7 +123,7 @@ def bench_baseline(text: Path, data_root: Path, rounds: int, steps: int, trainer
     data = prepared(text, data_root, ["--tokenizer", "byte"], "shakespeare-byte")
     for name, overrides in TRAINER_VARIANTS.items():
         with tempfile.TemporaryDirectory() as out:
-            run_trainer(["--config", SHAPE_CONFIG, f"--data.path={data}", f"--run.out_dir={out}",
+            run_python(["-m", "train", "--config", SHAPE_CONFIG, f"--data.path={data}", f"--run.out_dir={out}",
                          f"--run.max_steps={trainer_steps}", "--log.every=20", "--log.progress=false",
                          "--eval.every=0", "--eval.max_sequences=1", "--checkpoint.every=0", "--run.resume=never",
                          *overrides], f"the trainer with {name}")
@@ -135,20 +135,38 @@ def bench_baseline(text: Path, data_root: Path, rounds: int, steps: int, trainer
     return rows
 
 
-def bench_quality(text: Path, data_root: Path, config: str) -> list[dict]:
-    nano = train_recipe(text.read_text())
-    rows = [{"bench": "quality", "recipe": "nanoGPT-style (char, 2000 iterations)", **nano}]
-    recipe = load_config(REPO / config, [])
-    vocab = ["--tokenizer", "byte"] if recipe.model.overrides.get("vocab_size") == 260 else []
-    data = prepared(text, data_root, vocab or ["--vocab-size", "2048"], Path(recipe.data.path).name)
-    with tempfile.TemporaryDirectory() as out:
+def bench_quality(text: Path, config: str, overrides: list[str], with_baseline: bool = True,
+                  context: int = 64) -> list[dict]:
+    """Both recipes on the same split of the same file, scored on the same held-out bytes with the same
+    context: nanoGPT's loop, then ours as a user runs it (prepare, train, evaluate), each timed whole."""
+    if not text.is_file():
+        raise BaselineError(f"--text {text}: no such file; point it at tinyshakespeare.txt")
+    rows = []
+    if with_baseline:
+        rows.append({"bench": "quality", "recipe": "nanoGPT-style (char-level, 2000 iterations)",
+                     **train_recipe(text.read_text())})
+    recipe = load_config(REPO / config, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        run_trainer(["--config", config, f"--data.path={data}", f"--run.out_dir={out}", "--run.resume=never",
-                     "--log.progress=false"], f"the trainer with {config}")
+        body = text.read_text()
+        cut = int(len(body) * 0.9)  # nanoGPT's split, by characters
+        Path(tmp, "train.txt").write_text(body[:cut])
+        Path(tmp, "heldout.txt").write_text(body[cut:])
+        data, out = Path(tmp, "data"), Path(tmp, "run")
+        vocab = recipe.model.overrides.get("vocab_size", 2048)
+        run_python(["-m", "data.prepare", "--source", str(Path(tmp, "train.txt")), "--out", str(data),
+                    "--vocab-size", str(vocab), "--val-fraction", "0.01"], f"preparing {data}")
+        run_python(["-m", "train", "--config", config, f"--data.path={data}", f"--run.out_dir={out}",
+                    "--run.resume=never", "--log.progress=false", *overrides], f"the trainer with {config}")
+        final = read_metrics(out)[-1]
+        scored = run_python(["scripts/evaluate.py", str(step_dir(out / "checkpoints", final["step"])),
+                             "--text", str(Path(tmp, "heldout.txt")), "--seq-len", str(context)],
+                            "evaluating the held-out text")
         seconds = time.perf_counter() - start
-        final = read_metrics(Path(out))[-1]
-    rows.append({"bench": "quality", "recipe": config, "val_bpb": round(final["val_bpb"], 3),
+    score = json.loads(scored.strip().splitlines()[-1])
+    rows.append({"bench": "quality", "recipe": config, "val_bpb": round(score["val_bpb"], 3),
                  "seconds": round(seconds, 1), "train_tokens_per_s": round(final["tokens_per_s"])})
-    rows.append({"bench": "quality-summary", "bpb_vs_nanogpt": round(rows[1]["val_bpb"] / rows[0]["val_bpb"], 3),
-                 "seconds_vs_nanogpt": round(rows[1]["seconds"] / rows[0]["seconds"], 3)})
+    if with_baseline:
+        rows.append({"bench": "quality-summary", "bpb_vs_nanogpt": round(rows[1]["val_bpb"] / rows[0]["val_bpb"], 3),
+                     "seconds_vs_nanogpt": round(rows[1]["seconds"] / rows[0]["seconds"], 3)})
     return rows
