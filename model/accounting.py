@@ -22,10 +22,14 @@ def count_parameters(model: nn.Module) -> ParamCounts:
     """Counts from the module itself (works on the meta device).
 
     The tied embedding is counted once in both totals: the lookup is free, but the same matrix is
-    the output projection, a real matmul every token pays for.
+    the output projection, a real matmul every token pays for. With an untied lm_head (Grok-2) the
+    embedding is not active: the lm_head is that matmul.
     """
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
+    for module in model.modules():
+        if getattr(module, "lm_head", None) is not None:
+            inactive += module.model.embed_tokens.weight.numel()
     for module in model.modules():
         if isinstance(module, MoE):
             expert_params = module.w_gate.numel() + module.w_up.numel() + module.w_down.numel()

@@ -96,6 +96,7 @@ class AttentionInputs:
     allowed: torch.Tensor | None
     block_mask: BlockMask | None  # flex only
     logit_bias: torch.Tensor | None = None  # eager only: 0 where allowed, -inf elsewhere, [B|1, 1, q, k]
+    logit_temperature: torch.Tensor | None = None  # Grok-2's per-query factor [B|1, 1, q, 1]; None when off
 
     def to(self, device, non_blocking: bool = False) -> "AttentionInputs":
         """These inputs on `device`: Accelerate calls this when a device_map puts blocks on several devices."""
@@ -106,9 +107,10 @@ class AttentionInputs:
         # flex's mask reads `allowed` through a closure: rebuild it around the moved tensor
         block_mask = None if self.block_mask is None else flex_block_mask(allowed, self.query_len, self.key_len,
                                                                          cos.device)
-        bias = None if self.logit_bias is None else self.logit_bias.to(device, non_blocking=non_blocking)
+        bias, temperature = (None if t is None else t.to(device, non_blocking=non_blocking)
+                             for t in (self.logit_bias, self.logit_temperature))
         return AttentionInputs(cos, self.sin.to(device, non_blocking=non_blocking), self.query_len, self.key_len,
-                               allowed, block_mask, bias)
+                               allowed, block_mask, bias, temperature)
 
 
 def causal_allowed(query_len: int, key_len: int, key_keep: torch.Tensor | None, device) -> torch.Tensor:
@@ -147,6 +149,16 @@ def eager_logit_bias(allowed: torch.Tensor | None, query_len: int, key_len: int,
     return torch.zeros(keep.shape, device=device).masked_fill_(~keep, float("-inf"))
 
 
+def attention_temperature(position_ids: torch.Tensor, length: int) -> torch.Tensor | None:
+    """Grok-2's factor on the soft-capped logits of each query: log2(p) / log2(length) at 0-based position
+    p > length, 1 up to it (as xAI's published inference kernels apply it); None when length is 0."""
+    if length <= 0:
+        return None
+    positions = position_ids.float()
+    factor = torch.where(positions > length, torch.log2(positions.clamp(min=1)) / math.log2(length), 1.0)
+    return factor[:, None, :, None]
+
+
 def make_attention_inputs(config: GrokConfig, position_ids, query_len, key_len, key_keep) -> AttentionInputs:
     cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
     device = position_ids.device
@@ -155,38 +167,43 @@ def make_attention_inputs(config: GrokConfig, position_ids, query_len, key_len, 
     block_mask = flex_block_mask(allowed, query_len, key_len, device) if config.attn_backend == "flex" else None
     # eager: one additive mask for every layer
     logit_bias = eager_logit_bias(allowed, query_len, key_len, device) if config.attn_backend == "eager" else None
-    return AttentionInputs(cos, sin, query_len, key_len, allowed, block_mask, logit_bias)
+    temperature = attention_temperature(position_ids, config.attn_temperature_len)
+    return AttentionInputs(cos, sin, query_len, key_len, allowed, block_mask, logit_bias, temperature)
 
 
 class SoftcappedAttention(torch.autograd.Function):
-    """Grok's attention core in fp32: softmax(cap * tanh(q k^T / (sqrt(d) cap)) + bias) v (cap 0: no tanh).
+    """Grok's attention core in fp32: softmax(f * tanh(q k^T / (sqrt(d) cap)) + bias) v, where f is the cap,
+    times Grok-2's per-query temperature when there is one (cap 0: no tanh, f = 1 or the temperature).
 
     The backward is written out because autograd's would keep the logits, the tanh and the capped logits
-    and run ~twice the elementwise passes. With t = tanh(s) and p = softmax(cap t + bias):
-    dv = p^T dout; dz = softmax_backward(dout v^T, p); ds = cap (1 - t^2) dz / (sqrt(d) cap); dq = ds k;
+    and run ~twice the elementwise passes. With t = tanh(s) and p = softmax(f t + bias):
+    dv = p^T dout; dz = softmax_backward(dout v^T, p); ds = f (1 - t^2) dz / (sqrt(d) cap); dq = ds k;
     dk = ds^T q. Checked against autograd in float64 (tests/test_model.py)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, logit_bias, cap: float):
+    def forward(ctx, q, k, v, logit_bias, cap: float, temperature):
         scale = 1.0 / (math.sqrt(q.shape[-1]) * (cap if cap > 0 else 1.0))
         logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
         capped = logits.tanh_() if cap > 0 else logits
-        probs = torch.softmax(torch.add(logit_bias, capped, alpha=cap) if cap > 0 else capped + logit_bias, dim=-1)
-        ctx.save_for_backward(q, k, v, capped, probs)
-        ctx.cap, ctx.scale = cap, scale
+        factor = cap if cap > 0 else 1.0
+        if temperature is not None:  # [B|1, 1, query_len, 1]
+            factor = temperature * factor
+            probs = torch.softmax(torch.addcmul(logit_bias, capped, factor), dim=-1)
+        else:
+            probs = torch.softmax(torch.add(logit_bias, capped, alpha=factor), dim=-1)
+        ctx.save_for_backward(q, k, v, capped, probs, factor if temperature is not None else None)
+        ctx.cap, ctx.scale, ctx.factor = cap, scale, factor if temperature is None else None
         return probs.to(v.dtype) @ v
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, capped, probs = ctx.saved_tensors
+        q, k, v, capped, probs, factor = ctx.saved_tensors
+        factor = ctx.factor if factor is None else factor
         grad_v = probs.to(v.dtype).transpose(-1, -2) @ grad_out
         grad_probs = (grad_out @ v.transpose(-1, -2)).to(probs.dtype)
-        grad_z = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        if ctx.cap > 0:
-            grad_s = torch.ops.aten.tanh_backward(grad_z.mul_(ctx.cap * ctx.scale), capped)
-        else:
-            grad_s = grad_z.mul_(ctx.scale)
-        return grad_s @ k, grad_s.transpose(-1, -2) @ q, grad_v, None, None
+        grad_capped = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(factor).mul_(ctx.scale)
+        grad_s = torch.ops.aten.tanh_backward(grad_capped, capped) if ctx.cap > 0 else grad_capped
+        return grad_s @ k, grad_s.transpose(-1, -2) @ q, grad_v, None, None, None
 
 
 class Attention(nn.Module):
@@ -226,7 +243,8 @@ class Attention(nn.Module):
             bias = inputs.logit_bias
             if bias is None:  # inputs made for another backend
                 bias = eager_logit_bias(inputs.allowed, inputs.query_len, inputs.key_len, q.device)
-            return SoftcappedAttention.apply(q.float(), k.float(), v, bias, float(self.config.attn_logit_softcap))
+            return SoftcappedAttention.apply(q.float(), k.float(), v, bias, float(self.config.attn_logit_softcap),
+                                             inputs.logit_temperature)
 
     def _sdpa(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
         is_causal = inputs.allowed is None and inputs.query_len > 1
@@ -235,9 +253,13 @@ class Attention(nn.Module):
 
     def _flex(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
         cap = self.config.attn_logit_softcap
+        temperature = inputs.logit_temperature
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return cap * torch.tanh(score / cap) if cap > 0 else score
+            score = cap * torch.tanh(score / cap) if cap > 0 else score
+            if temperature is not None:
+                score = score * temperature[b if temperature.shape[0] > 1 else 0, 0, q_idx, 0]
+            return score
 
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=inputs.block_mask,
                               scale=1.0 / math.sqrt(self.head_dim), enable_gqa=True)

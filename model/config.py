@@ -41,6 +41,9 @@ class GrokConfig(PreTrainedConfig):
     embedding_multiplier: int | float | None = None  # None: sqrt(hidden_size), as grok-1
     output_multiplier: int | float = 1.0 / math.sqrt(3.0)
     attn_logit_softcap: int | float = 30.0
+    # Grok-2's long-context attention temperature: the soft-capped logits of the query at (0-based) position
+    # p > attn_temperature_len are multiplied by log2(p) / log2(attn_temperature_len). 0 turns it off.
+    attn_temperature_len: int = 0
     router_logit_softcap: int | float = 0.0
     final_logit_softcap: int | float = 0.0
 
@@ -48,7 +51,7 @@ class GrokConfig(PreTrainedConfig):
     initializer_range: int | float = 0.02
 
     use_cache: bool = True
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = True  # grok-1: the embedding is the output projection; False: a separate lm_head
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -58,8 +61,6 @@ class GrokConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.embedding_multiplier is None:
             self.embedding_multiplier = math.sqrt(self.hidden_size)
-        # The output projection *is* the input embedding: there is no separate lm_head.
-        self.tie_word_embeddings = True
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -83,12 +84,16 @@ class GrokConfig(PreTrainedConfig):
         if self.attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"GrokConfig.attn_backend must be one of {ATTENTION_BACKENDS}, "
                              f"got {self.attn_backend!r}")
+        if self.attn_temperature_len == 1:
+            raise ValueError("GrokConfig.attn_temperature_len must be 0 (off) or >= 2 (log2(1) = 0 divides)")
+        if self.attn_backend == "sdpa" and self.attn_temperature_len > 0:
+            raise ValueError("GrokConfig.attn_backend='sdpa' cannot apply attn_temperature_len: use 'eager' or 'flex'")
         if self.attn_backend == "sdpa" and self.attn_logit_softcap > 0:
             raise ValueError(
                 "GrokConfig.attn_backend='sdpa' cannot apply attn_logit_softcap: set attn_logit_softcap=0 "
                 "or use attn_backend='flex' (GPU) / 'eager'")
         for name in ("attn_logit_softcap", "router_logit_softcap", "final_logit_softcap",
-                     "shared_intermediate_size", "router_aux_loss_coef", "router_z_loss_coef"):
+                     "shared_intermediate_size", "router_aux_loss_coef", "router_z_loss_coef", "attn_temperature_len"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GrokConfig.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
 

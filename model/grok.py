@@ -155,11 +155,14 @@ class GrokModel(GrokPreTrainedModel):
 
 
 class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
-    """Grok decoder with the tied embedding as output projection (there is no separate lm_head)."""
+    """Grok decoder. Grok-1 ties the output projection to the embedding (no lm_head); Grok-2 has a separate
+    lm_head (tie_word_embeddings=False)."""
 
     def __init__(self, config: GrokConfig):
         super().__init__(config)
         self.model = GrokModel(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
         # (logits, targets) -> mean loss; a trainer whose logits are split over ranks replaces it.
         self.next_token_loss = next_token_loss
         self.post_init()
@@ -171,7 +174,7 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
         self.model.embed_tokens = value
 
     def get_output_embeddings(self):
-        return None  # logits use the input embedding matrix directly
+        return self.lm_head  # None when tied: the logits use the input embedding matrix directly
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=None, labels=None, targets=None, logits_to_keep: int = 0, cache=None,
@@ -183,8 +186,10 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
         h = out.last_hidden_state
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
-        # The multiplier scales h (d wide) rather than the logits (vocabulary wide): the same product.
-        logits = self.model.embed_tokens(h * self.config.output_multiplier, as_output=True)
+        # The multiplier scales h (d wide) rather than the logits (vocabulary wide): the same product. (Public
+        # Grok-2 loaders fold it into lm_head's weights instead: the same function again.)
+        h = h * self.config.output_multiplier
+        logits = self.model.embed_tokens(h, as_output=True) if self.lm_head is None else self.lm_head(h)
         logits = softcap(logits, self.config.final_logit_softcap)
 
         result = GrokCausalLMOutput(logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})

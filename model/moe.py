@@ -42,8 +42,19 @@ def grouped_geglu(x: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -
         return torch.cat([geglu(chunk, w_gate[e], w_up[e], w_down[e])
                           for e, chunk in enumerate(x.split(counts.tolist()))])
     ends = counts.cumsum(0).to(torch.int32)  # grouped_mm's offsets: where each expert's rows end
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _grouped_geglu_uncompiled(x, ends, w_gate, w_up, w_down)
+    return _grouped_geglu(x, ends, w_gate, w_up, w_down)
+
+
+def _grouped_geglu(x, ends, w_gate, w_up, w_down):
     hidden = F.gelu(F.grouped_mm(x, w_gate, offs=ends), approximate="tanh") * F.grouped_mm(x, w_up, offs=ends)
     return F.grouped_mm(hidden, w_down, offs=ends)
+
+
+# torch.compile traces grouped_mm with a shape check that admits only bf16 (torch 2.13), while the eager kernel
+# also runs fp32 (CPU): a compiled fp32 block runs its experts eagerly, the rest of the block compiled.
+_grouped_geglu_uncompiled = torch.compiler.disable(_grouped_geglu)
 
 
 def local_dispatch(routed: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:

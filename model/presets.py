@@ -34,12 +34,14 @@ PRESETS: dict[str, dict] = {
                    num_key_value_heads=8, head_dim=128, intermediate_size=32768, num_local_experts=8,
                    num_experts_per_tok=2, max_position_embeddings=8192, attn_logit_softcap=30.0,
                    attn_backend="flex"),
-    # Grok-2-like (the released Grok-2 config): experts plus a shared dense FFN, and three soft-caps.
+    # Grok-2 (the released config): experts plus a shared dense FFN, three soft-caps, the long-context
+    # attention temperature past position 1024, and an output projection of its own (lm_head, untied).
     "grok-2": dict(vocab_size=131072, hidden_size=8192, num_hidden_layers=64, num_attention_heads=64,
                    num_key_value_heads=8, head_dim=128, intermediate_size=16384, num_local_experts=8,
                    num_experts_per_tok=2, shared_intermediate_size=32768, max_position_embeddings=131072,
                    rope_theta=208533496.0, output_multiplier=0.5, attn_logit_softcap=30.0,
-                   router_logit_softcap=30.0, final_logit_softcap=50.0, attn_backend="flex"),
+                   router_logit_softcap=30.0, final_logit_softcap=50.0, attn_temperature_len=1024,
+                   tie_word_embeddings=False, attn_backend="flex"),
 }
 
 

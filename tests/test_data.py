@@ -122,6 +122,16 @@ def test_split_is_by_whole_documents_and_seeded(tmp_path, corpus_file):
         assert texts == [docs[i] for i in indices]
 
 
+def test_val_from_end_holds_out_the_last_documents_and_is_recorded(tmp_path, corpus_file):
+    train, val = split_documents(200, 0.1, seed=0, val_from="end")
+    assert np.array_equal(train, np.arange(180)) and np.array_equal(val, np.arange(180, 200))
+    assert prepare("--source", corpus_file, "--out", tmp_path / "p", "--tokenizer", "byte", "--val-fraction", 0.1,
+                   "--val-from", "end") == 0
+    assert read_manifest(tmp_path / "p")["settings"]["val_from"] == "end"
+    ids = TokenStream(tmp_path / "p", "val").read(0, 40)
+    assert bytes((ids[:20] - 4).astype(np.uint8)) == paragraphs(200)[180].encode()[:20]
+
+
 def test_gzipped_text_and_folder_sources(tmp_path):
     docs = paragraphs(30)
     (tmp_path / "books").mkdir()

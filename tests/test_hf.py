@@ -91,6 +91,20 @@ def test_save_pretrained_round_trip_is_exact_and_safetensors_only(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def test_untied_lm_head_and_temperature_round_trip(tmp_path):
+    """Grok-2's options survive save_pretrained / from_pretrained: its own lm_head, the temperature."""
+    model = small_model(tie_word_embeddings=False, attn_temperature_len=4)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" in f.keys()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not loaded.config.tie_word_embeddings and loaded.config.attn_temperature_len == 4
+    assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def _byte_bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

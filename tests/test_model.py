@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
-from model.attention import (Attention, RMSNormFunction, SoftcappedAttention, apply_rotary, eager_logit_bias,
+from model.attention import (Attention, RMSNormFunction, SoftcappedAttention, apply_rotary, attention_temperature,
+                             eager_logit_bias,
                              make_attention_inputs, rotary_cos_sin, softcap)
 from model.moe import MoE, geglu, grouped_geglu, load_balancing_loss
 
@@ -119,19 +120,23 @@ def test_rope_depends_only_on_relative_position():
     torch.testing.assert_close(apply_rotary(q, cos, sin).norm(), q.norm())
 
 
-@pytest.mark.parametrize("cap", [30.0, 0.0])
-def test_softcapped_attention_backward_equals_autograd_in_float64(cap):
+@pytest.mark.parametrize("cap,temperature_len", [(30.0, 0), (0.0, 0), (30.0, 3), (0.0, 2)])
+def test_softcapped_attention_backward_equals_autograd_in_float64(cap, temperature_len):
     """The written-out backward against torch's numerical and analytical gradients of the plain formula."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     bias = eager_logit_bias(None, 6, 6, "cpu").double()
-    assert torch.autograd.gradcheck(lambda *t: SoftcappedAttention.apply(*t, bias, cap), (q, k, v))
+    temperature = attention_temperature(torch.arange(6)[None], temperature_len)
+    temperature = None if temperature is None else temperature.double()
+    assert torch.autograd.gradcheck(lambda *t: SoftcappedAttention.apply(*t, bias, cap, temperature), (q, k, v))
 
     def plain(q, k, v):
-        logits = q @ k.transpose(-1, -2) / math.sqrt(4)
-        return (softcap(logits, cap) + bias).softmax(-1) @ v
+        logits = softcap(q @ k.transpose(-1, -2) / math.sqrt(4), cap)
+        if temperature is not None:
+            logits = logits * temperature
+        return (logits + bias).softmax(-1) @ v
     out_grad = torch.randn(2, 3, 6, 4, dtype=torch.float64)
-    ours = torch.autograd.grad(SoftcappedAttention.apply(q, k, v, bias, cap), (q, k, v), out_grad)
+    ours = torch.autograd.grad(SoftcappedAttention.apply(q, k, v, bias, cap, temperature), (q, k, v), out_grad)
     for got, want in zip(ours, torch.autograd.grad(plain(q, k, v), (q, k, v), out_grad)):
         torch.testing.assert_close(got, want)
 
@@ -143,6 +148,52 @@ def test_rms_norm_backward_equals_autograd_in_float64():
     assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, weight))
     plain = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight  # grok-1's hk_rms_norm
     torch.testing.assert_close(RMSNormFunction.apply(x, weight, 1e-5), plain)
+
+
+def test_attention_temperature_is_grok2s_log_ratio_past_its_length():
+    """xAI's Grok-2 kernels: factor log2(p) / log2(1024) for a query at 0-based position p > 1024, else 1."""
+    factor = attention_temperature(torch.tensor([[0, 1, 1024, 1025, 2048, 131071]]), 1024)[0, 0, :, 0]
+    torch.testing.assert_close(factor, torch.tensor([1.0, 1.0, 1.0, math.log2(1025) / 10, 1.1, math.log2(131071) / 10]))
+    assert attention_temperature(torch.arange(5)[None], 0) is None
+
+
+def test_attention_temperature_changes_only_queries_past_its_length():
+    """With the temperature at 4, positions 0..4 are exactly the plain model's; later ones differ; eager and
+    flex agree with it on."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 9))
+    plain = GrokForCausalLM(small_config()).eval()
+    tempered = GrokForCausalLM(small_config(attn_temperature_len=4)).eval()
+    tempered.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        a, b = plain(ids).logits, tempered(ids).logits
+        tempered.config.attn_backend = "flex"
+        c = tempered(ids).logits
+    torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=0)
+    assert (a[:, 5:] - b[:, 5:]).abs().max() > 1e-4
+    torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-4)
+
+
+def test_untied_output_projection_is_a_separate_lm_head():
+    config = small_config(tie_word_embeddings=False)
+    model = GrokForCausalLM(config)
+    assert model.get_output_embeddings() is model.lm_head
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    tied = count_parameters(GrokForCausalLM(small_config()))
+    assert count_parameters(model).total == tied.total + config.vocab_size * config.hidden_size
+    assert count_parameters(model).active == tied.active  # the lookup is free; lm_head is the output matmul
+    ids = torch.randint(0, 64, (2, 7))
+    out = model(ids, targets=ids)
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
+    h = model.model(ids).last_hidden_state
+    torch.testing.assert_close(out.logits, model.lm_head(h) * config.output_multiplier)
+
+
+def test_grok1_is_tied_and_grok2_untied_with_the_temperature():
+    assert preset_config("grok-1").tie_word_embeddings and preset_config("grok-1").attn_temperature_len == 0
+    grok2 = preset_config("grok-2")
+    assert not grok2.tie_word_embeddings and grok2.attn_temperature_len == 1024
 
 
 def test_softcap_bounds():

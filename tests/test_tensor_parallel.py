@@ -40,9 +40,11 @@ def test_tp2_follows_the_single_process_run(single_kv2, tp_run):
 
 
 @pytest.mark.parametrize("ffn", [
-    ["--model.overrides.shared_intermediate_size=64"],  # Grok-2: experts beside a shared FFN
+    # Grok-2: experts beside a shared FFN, an untied lm_head (split over the vocabulary), the temperature
+    ["--model.overrides.shared_intermediate_size=64", "--model.overrides.tie_word_embeddings=false",
+     "--model.overrides.attn_temperature_len=8"],
     ["--model.overrides.num_local_experts=1", "--model.overrides.num_experts_per_tok=1"],  # dense GeGLU
-], ids=["shared-ffn", "dense"])
+], ids=["grok-2", "dense"])
 def test_tp2_splits_the_dense_and_shared_ffn(data_dir, tmp_path, ffn):
     single = train(data_dir, tmp_path / "single", *KV2, *ffn, steps=4)
     assert_same_run(train(data_dir, tmp_path / "tp", *KV2, *ffn, "--parallel.tp_size=2", nproc=2, steps=4), single)

@@ -14,6 +14,7 @@ from conftest import REPO, STEPS, base_args, losses, train
 from model import GrokForCausalLM, preset_config
 from train.__main__ import main as train_main
 from train.config import load_config
+from train.optim import Muon, orthogonalize
 
 
 @pytest.mark.parametrize("strategy", [
@@ -33,12 +34,49 @@ def test_two_processes_follow_the_single_process_loss_curve(data_dir, reference,
     assert abs(rows[-1]["val_loss"] - single[-1]["val_loss"]) < 1e-5
 
 
+@pytest.fixture(scope="module")
+def muon_single(data_dir, tmp_path_factory):
+    return train(data_dir, tmp_path_factory.mktemp("muon-single"), "--optim.name=muon")
+
+
+@pytest.mark.parametrize("layout", [[], ["--parallel.ep_size=2"]], ids=["fsdp", "fsdp-ep2"])
+def test_muon_on_two_processes_follows_the_single_process_run(data_dir, muon_single, tmp_path, layout):
+    """Sharded matrices are orthogonalised whole (in fp32): the same updates as one process."""
+    rows = train(data_dir, tmp_path, "--optim.name=muon", *layout, nproc=2)
+    assert len(rows) == len(muon_single) == STEPS and all(row["grad_norm"] > 0.5 for row in muon_single)
+    assert max(abs(a - b) for a, b in zip(losses(rows), losses(muon_single))) < 1e-5
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(rows, muon_single)) < 1e-4
+
+
+def test_muon_orthogonalises_each_matrix_and_its_adamw_is_torchs():
+    torch.manual_seed(0)
+    stacked = torch.randn(3, 40, 24)
+    together = orthogonalize(stacked)
+    torch.testing.assert_close(together, torch.stack([orthogonalize(m) for m in stacked]))
+    singular = torch.linalg.svdvals(together)
+    assert singular.min() > 0.5 and singular.max() < 1.5  # the quintic's band around 1, not U V^T exactly
+    ours, theirs = (torch.nn.Linear(6, 5) for _ in range(2))
+    theirs.load_state_dict(ours.state_dict())
+    muon = Muon([{"params": list(ours.parameters()), "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95))
+    adamw = torch.optim.AdamW(theirs.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(5):
+        x = torch.randn(4, 6)
+        for model, optimizer in ((ours, muon), (theirs, adamw)):
+            model(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b)
+
+
 def test_gradient_accumulation_is_the_same_step(data_dir, tmp_path):
     # The router aux losses depend on which tokens share a micro-batch; without them, accumulation is exact.
     no_aux = ["--model.overrides.router_aux_loss_coef=0", "--model.overrides.router_z_loss_coef=0"]
     whole = train(data_dir, tmp_path / "a", *no_aux, "--batch.micro_batch_size=8", steps=6)
     accumulated = train(data_dir, tmp_path / "b", *no_aux, "--batch.micro_batch_size=2", steps=6)
-    assert max(abs(a - b) for a, b in zip(losses(whole), losses(accumulated))) < 1e-5
+    # Not 1e-6: other micro-batch shapes round the router logits differently, and a near-tied top-k pick may
+    # flip (~1e-5 on the loss); an accumulation bug (a missing or double division) moves it by > 1e-2.
+    assert max(abs(a - b) for a, b in zip(losses(whole), losses(accumulated))) < 5e-5
 
 
 def test_activation_checkpointing_recomputes_the_same_step(data_dir, reference, tmp_path):
@@ -166,4 +204,5 @@ def test_config_errors_are_one_line_and_name_the_key(data_dir, tmp_path, capsys)
     assert "cannot create folder" in error_of(capsys, *args, f"--run.out_dir={tmp_path / 'file' / 'x'}")
     assert "no such file" in error_of(capsys, "--config", str(tmp_path / "nope.toml"))
     assert "model.init_from" in error_of(capsys, *args, f"--model.init_from={tmp_path}")
+    assert "optim.name" in error_of(capsys, *args, "--optim.name=muon", "--parallel.strategy=deepspeed")
     assert not (tmp_path / "out").exists()

@@ -143,3 +143,10 @@ def train_recipe(text: str, steps: int = 2000, batch: int = 12, context: int = 6
     score = bits_per_byte(model, val_ids, context)
     return {"val_bpb": round(score, 3), "seconds": round(time.perf_counter() - start, 1),
             "train_tokens_per_s": round(steps * batch * context / loop_seconds)}
+
+
+if __name__ == "__main__":  # python -m train.baseline TEXT STEPS: one recipe run, its figures as JSON
+    import json
+    import sys
+    from pathlib import Path
+    print(json.dumps(train_recipe(Path(sys.argv[1]).read_text(), steps=int(sys.argv[2]))))

@@ -8,7 +8,7 @@
     python scripts/bench.py checkpoint [--preset small] [--nproc 2] [--steps 25] [--every 4] [--json]
     python scripts/bench.py init [--preset 1b] [--nproc 2] [--section.key=value ...] [--json]
     python scripts/bench.py baseline [--text ../shared/data/tinyshakespeare.txt] [--rounds 10] [--steps 8]
-                                     [--trainer-steps 300] [--json]
+                                     [--trainer-steps 300] [--trainer-rounds 2] [--json]
     python scripts/bench.py quality [--text ../shared/data/tinyshakespeare.txt] [--config configs/shakespeare.toml]
                                     [--section.key=value ...] [--json]
 
@@ -342,6 +342,7 @@ def main(argv=None) -> int:
     b.add_argument("--rounds", type=integer(1), default=10, help="interleaved rounds of model steps")
     b.add_argument("--steps", type=integer(1), default=8, help="model steps per round")
     b.add_argument("--trainer-steps", type=integer(60), default=300, help="steps of each end-to-end run")
+    b.add_argument("--trainer-rounds", type=integer(1), default=2, help="alternated end-to-end runs of each")
     b.add_argument("--data-root", default="runs/data", help="where tiny Shakespeare is prepared (reused)")
     b.add_argument("--json", action="store_true")
     q = sub.add_parser("quality", help="held-out bits/byte at equal wall time against nanoGPT's recipe")
@@ -361,7 +362,8 @@ def main(argv=None) -> int:
 def run(args, overrides: list[str]) -> None:
     if args.section in ("baseline", "quality"):
         if args.section == "baseline":
-            rows = bench_baseline(Path(args.text), Path(args.data_root), args.rounds, args.steps, args.trainer_steps)
+            rows = bench_baseline(Path(args.text), Path(args.data_root), args.rounds, args.steps, args.trainer_steps,
+                                  args.trainer_rounds)
         else:
             rows = bench_quality(Path(args.text), args.config, overrides, with_baseline=not args.no_baseline)
         for row in rows:

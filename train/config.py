@@ -56,6 +56,7 @@ class DataSection(Section):
 
 
 class OptimSection(Section):
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # final lr = lr * min_lr_ratio
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -66,6 +67,7 @@ class OptimSection(Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping (the norm is still logged)
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
 
 
 class BatchSection(Section):
@@ -90,7 +92,7 @@ class ParallelSection(Section):
     tp_size: int = Field(1, gt=0)  # fsdp/hsdp: tensor parallelism, ranks that split each matmul (one node)
     reshard_after_forward: bool = True  # fsdp/hsdp: free gathered params after forward (ZeRO-3 memory)
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each block (GPU; costs ~30 s cold and gains nothing on CPU)
+    compile: bool = False  # torch.compile each block: ~30 s cold, cached for re-runs (~/.cache/minicolossus)
     zero_stage: Literal[1, 2, 3] = 2  # deepspeed: 1 shards optimizer state, 2 + gradients, 3 + parameters
     offload_optimizer: bool = False  # deepspeed: optimizer state and its update on the CPU (ZeRO-Offload)
 
@@ -149,6 +151,9 @@ class TrainConfig(Section):
         if self.checkpoint.async_save and self.parallel.strategy == "deepspeed":
             raise ValueError("checkpoint.async_save: DeepSpeed writes its own checkpoint files synchronously; set it "
                              "to false or use none/ddp/fsdp/hsdp")
+        if self.optim.name == "muon" and self.parallel.strategy == "deepspeed":
+            raise ValueError("optim.name: muon orthogonalises whole matrices, which DeepSpeed's flat ZeRO partitions "
+                             "do not keep; use adamw or none/ddp/fsdp/hsdp")
         return self
 
     @property

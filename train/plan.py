@@ -36,11 +36,11 @@ class PlanError(ValueError):
 
 def tensor_parallel_split(model) -> tuple[int, int, int]:
     """(parameters tensor parallelism splits, routed experts' parameters, the rest): attention, the dense and
-    shared FFN and the embedding are split by tp; norms and the router are kept whole; routed experts are
+    shared FFN, the embedding and an untied lm_head are split by tp; norms and the router are kept whole; routed experts are
     kept whole by tp but spread over the ep ranks, which borrow tp's ranks."""
     split = experts = 0
     for name, p in model.named_parameters():
-        if any(part in name for part in ("_proj.", ".dense.", ".shared.", "embed_tokens.")):
+        if any(part in name for part in ("_proj.", ".dense.", ".shared.", "embed_tokens.", "lm_head.")):
             split += p.numel()
         elif ".moe.w_" in name:
             experts += p.numel()

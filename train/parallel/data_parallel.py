@@ -10,6 +10,8 @@ that routed tokens, the ep group included), both inside the block's unit.
 """
 
 import contextlib
+import os
+from pathlib import Path
 
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -22,8 +24,16 @@ from .mesh import WorldMesh
 from .precision import fsdp_policy
 
 
+def use_persistent_compile_cache() -> None:
+    """Inductor's compiled kernels and graphs go to a per-user cache that outlives /tmp cleanups and reboots
+    (TORCHINDUCTOR_CACHE_DIR, if set, wins): a re-run loads them instead of compiling again."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "minicolossus" / "inductor"))
+
+
 def apply_block_options(model: nn.Module, config: TrainConfig) -> None:
     """Activation checkpointing and torch.compile per transformer block (every strategy, DeepSpeed too)."""
+    if config.parallel.compile:
+        use_persistent_compile_cache()
     blocks = model.model.layers
     for i, block in enumerate(blocks):
         if config.parallel.activation_checkpointing:

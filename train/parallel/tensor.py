@@ -10,7 +10,8 @@ after each row-wise matmul and an all-gather before each column-wise one.
 The tied embedding is split over the vocabulary: as input embedding each rank looks up the ids in its
 rows and the partial sums are reduce-scattered to sequence shards; as output projection each rank
 computes the logits of its slice of the vocabulary, and the loss is computed on those slices
-(`loss_parallel`) without ever gathering B x T x V logits.
+(`loss_parallel`) without ever gathering B x T x V logits. An untied lm_head (Grok-2) is split the same
+way, column-wise over the vocabulary.
 
 Routed experts are not split: the router and experts see the whole micro-batch on every rank of the
 group (the same routing, so the router statistics are exactly one process's), and each rank keeps its
@@ -92,6 +93,9 @@ def vocab_parallel_loss(logits, targets):
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Split a GrokForCausalLM over tp_mesh in place (before activation checkpointing and FSDP wrap it)."""
     parallelize_module(model.model, tp_mesh, {"embed_tokens": TiedEmbeddingParallel(), "norm": SequenceParallel()})
+    if model.lm_head is not None:  # vocabulary-split logits for loss_parallel, from the sequence-split norm
+        parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
+                                                                       use_local_output=False)})
     for block in model.model.layers:
         parallelize_module(block, tp_mesh, block_plan(block))
     model.next_token_loss = vocab_parallel_loss
