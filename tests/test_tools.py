@@ -142,3 +142,16 @@ def test_bench_model_runs_a_config_with_overrides():
         bad = tool("scripts/bench.py", "model", override, ok=False)  # the trainer's checks, in one line
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and named in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_nanogpt_baseline_recipe_scores_held_out_characters_in_bits_per_byte():
+    """The yardstick of `bench.py baseline/quality`: an untrained model scores ~log2(vocabulary) bits a
+    character, and a few steps of the recipe run and report their figures."""
+    from train.baseline import NanoGPT, bits_per_byte, char_splits, train_recipe
+    text = "".join(chr(97 + (i * 7) % 13) for i in range(3000))
+    train_ids, val_ids, vocab = char_splits(text)
+    assert vocab == 13 and len(train_ids) == 2700 and len(val_ids) == 300
+    untrained = bits_per_byte(NanoGPT(vocab, 16, layers=1, heads=2, width=16), val_ids, context=16)
+    assert abs(untrained - math.log2(13)) < 0.2
+    result = train_recipe(text, steps=30, batch=4, context=16, warmup=5)
+    assert result["val_bpb"] < untrained and result["seconds"] > 0 and result["train_tokens_per_s"] > 0
