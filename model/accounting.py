@@ -30,7 +30,6 @@ def count_parameters(model: nn.Module) -> ParamCounts:
     for module in model.modules():
         if getattr(module, "lm_head", None) is not None:
             inactive += module.model.embed_tokens.weight.numel()
-    for module in model.modules():
         if isinstance(module, MoE):
             expert_params = module.w_gate.numel() + module.w_up.numel() + module.w_down.numel()
             inactive += expert_params * (module.num_experts - module.top_k) // module.num_experts

@@ -85,16 +85,6 @@ def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr: float) -> f
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def time_steps(step, steps: int, warmup: int) -> float:
-    """Seconds per call of step() after `warmup` untimed calls."""
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
-
-
 # --- nanoGPT's shakespeare_char recipe, scored in bits per byte ------------------------------------
 
 def char_splits(text: str, train_fraction: float = 0.9) -> tuple[torch.Tensor, torch.Tensor, int]:

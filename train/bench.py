@@ -42,9 +42,7 @@ flake or assert nothing.
 """
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +58,7 @@ from .config import load_config
 from .metrics import peak_flops, peak_memory_mib, read_metrics  # the trainer's MFU: same peak table
 from .optim import build_optimizer
 from .parallel import apply_block_options, autocast, compute_dtype, uses_cuda
-from .bench_baseline import SHAPE_CONFIG, RECIPE_CONFIG, BaselineError, bench_baseline, bench_quality
+from .bench_baseline import SHAPE_CONFIG, RECIPE_CONFIG, BaselineError, bench_baseline, bench_quality, run_python
 from .bench_init import bench_init
 from .trainer import build_model_config
 
@@ -197,11 +195,8 @@ PRESET_RUNS = {  # preset -> (config file, prepare arguments for its vocabulary)
 
 
 def trainer_run(command: list[str], what: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BenchError(f"{what} failed (exit {result.returncode}): {last}")
+    """`command` (sys.executable first) with one thread per process: several share the cores."""
+    run_python(command[1:], what, one_thread=True)
 
 
 def preset_data(preset: str, data_root: str) -> tuple[str, Path]:

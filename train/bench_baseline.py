@@ -6,9 +6,9 @@ backward, AdamW) of both models interleaved round by round in one process, so th
 hits both alike; then the real trainer end to end (`python -m train`, one process, data loader, metrics,
 the final evaluation excluded) against nanoGPT's own training loop.
 
-quality: held-out bits per byte at equal wall time on tiny Shakespeare, the first 90% trained on and the
-last 10% scored: nanoGPT's recipe (char-level, 2000 iterations) against our recipe (configs/
-shakespeare.toml, prepared with --val-from end), each timed from start to its final score.
+quality: held-out bits per byte at equal wall time on tiny Shakespeare, the first 90% of its characters
+trained on and the last 10% scored: nanoGPT's recipe (char-level, 2000 iterations) against our recipe
+(configs/shakespeare.toml), each timed from start to its final score.
 """
 
 import json
@@ -29,6 +29,7 @@ from .baseline import NanoGPT, adamw, train_recipe
 from .config import load_config
 from .metrics import read_metrics
 from .optim import build_optimizer
+from .parallel import apply_block_options
 from .trainer import build_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +46,12 @@ class BaselineError(RuntimeError):
     """A run that failed: the message names it and its last line."""
 
 
-def run_python(args: list[str], what: str) -> str:
-    """`python ARGS` in the checkout; its stdout. One process uses every core (no OMP_NUM_THREADS=1)."""
+def run_python(args: list[str], what: str, one_thread: bool = False) -> str:
+    """`python ARGS` in the checkout; its stdout. By default it uses every core (one process); one_thread for
+    processes that share the cores (torchrun ranks)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
     result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -65,12 +69,10 @@ def prepared(text: Path, data_root: Path, tokenizer_args: list[str], name: str) 
     return out
 
 
-def our_step(overrides: list[str], vocab_size: int, compile: bool = False):
+def our_step(overrides: list[str], vocab_size: int):
     config = load_config(REPO / SHAPE_CONFIG, overrides)
     model = GrokForCausalLM(build_model_config(config, vocab_size)).train()
-    if compile:
-        for block in model.model.layers:
-            block.compile()
+    apply_block_options(model, config)  # compile as the trainer does, with its cache
     optimizer = build_optimizer(model, config.optim, torch.device("cpu"))
     tokens = torch.randint(0, vocab_size, (config.batch.micro_batch_size, config.data.seq_len + 1))
 
@@ -99,7 +101,7 @@ def bench_baseline(text: Path, data_root: Path, rounds: int, steps: int, trainer
     runs = {"nanoGPT-style": nanogpt_step(),
             "ours eager (soft-capped)": our_step([], BYTE_VOCAB_SIZE),
             "ours sdpa (no soft-cap)": our_step(TRAINER_VARIANTS["sdpa (no soft-cap)"], BYTE_VOCAB_SIZE),
-            "ours eager + compile": our_step([], BYTE_VOCAB_SIZE, compile=True)}
+            "ours eager + compile": our_step(TRAINER_VARIANTS["eager + compile"], BYTE_VOCAB_SIZE)}
     seconds = {name: [] for name in runs}
     for step, _ in runs.values():  # warm-up; includes compilation
         for _ in range(3):
