@@ -35,7 +35,7 @@ class TorchEngine:
         self.expert_parameters = expert_parameters(self.model) if expert_parallel else []
         self.expert_gradient_scale = expert_gradient_scale(env.layout)
         self.optimizer = build_optimizer(self.model, config.optim, env.device)
-        self.gradient_bytes = 0  # measured in each step, before the gradients are freed
+        self.gradient_bytes = 0  # measured in the first step, before its gradients are freed
 
     def micro_batch(self, last: bool):
         stack = contextlib.ExitStack()
@@ -57,7 +57,8 @@ class TorchEngine:
         """Update unless told to skip or the gradient norm is not finite; returns the norm either way."""
         scale_expert_gradients(self.expert_parameters, self.expert_gradient_scale)
         grad_norm = clip_grad_norm(self.model.parameters(), self.grad_clip)
-        self.gradient_bytes = tensor_bytes(p.grad for p in self.model.parameters() if p.grad is not None)
+        if not self.gradient_bytes:  # the same parameters get gradients every step: counted once
+            self.gradient_bytes = tensor_bytes(p.grad for p in self.model.parameters() if p.grad is not None)
         if not skip and torch.isfinite(grad_norm):
             set_lr(self.optimizer, lr)
             self.optimizer.step()
@@ -66,7 +67,7 @@ class TorchEngine:
 
     def memory_bytes(self) -> dict[str, int]:
         """What this rank holds: its shards only under FSDP. Gradients are counted as the last step held them
-        (they are freed between steps)."""
+        (they are freed between steps; the first step counts them)."""
         return {"params": tensor_bytes(self.model.parameters()), "grads": self.gradient_bytes,
                 "optim": tensor_bytes(optimizer_state_tensors(self.optimizer))}
 
