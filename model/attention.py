@@ -186,19 +186,17 @@ class SoftcappedAttention(torch.autograd.Function):
     fp32 rounding, without a tanh (a CPU's vectorised tanh costs ~10x its sigmoid). The backward is written out
     because autograd's would keep every intermediate and run ~twice the elementwise passes. With
     p = softmax(2 f g + bias): dv = p^T dout; dz = softmax_backward(dout v^T, p);
-    ds = 4 f scale g (1 - g) dz, scale = 1 / (sqrt(d) cap); dq = ds k; dk = ds^T q. Checked against autograd
+    ds = 4 f g (1 - g) dz / (sqrt(d) cap); dq = ds k; dk = ds^T q. Checked against autograd
     of the tanh form in float64 (tests/test_model.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, logit_bias, cap: float, temperature):
-        scale = 1.0 / (math.sqrt(q.shape[-1]) * (cap if cap > 0 else 1.0))
-        scores = torch.matmul(q, k.transpose(-1, -2))
+        # scores -> g = sigmoid(2 s / cap) with the cap, else s; the factor then multiplies g (or s)
+        scale = (2.0 / cap if cap > 0 else 1.0) / math.sqrt(q.shape[-1])
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
         if cap > 0:
-            scores = scores.mul_(2 * scale).sigmoid_()  # g
-            factor = 2 * cap
-        else:
-            scores = scores.mul_(scale)
-            factor = 1.0
+            scores = scores.sigmoid_()
+        factor = 2 * cap if cap > 0 else 1.0
         if temperature is not None:  # [B|1, 1, query_len, 1]
             factor = temperature * factor
             probs = torch.softmax(torch.addcmul(logit_bias, scores, factor), dim=-1)
@@ -214,11 +212,8 @@ class SoftcappedAttention(torch.autograd.Function):
         factor = ctx.factor if factor is None else factor
         grad_v = probs.to(v.dtype).transpose(-1, -2) @ grad_out
         grad_probs = (grad_out @ v.transpose(-1, -2)).to(probs.dtype)
-        grad_z = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(factor)
-        if ctx.cap > 0:
-            grad_s = torch.ops.aten.sigmoid_backward(grad_z.mul_(2 * ctx.scale), scores)
-        else:
-            grad_s = grad_z.mul_(ctx.scale)
+        grad_z = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(factor * ctx.scale)
+        grad_s = torch.ops.aten.sigmoid_backward(grad_z, scores) if ctx.cap > 0 else grad_z
         return grad_s @ k, grad_s.transpose(-1, -2) @ q, grad_v, None, None, None
 
 

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch._inductor.config
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -39,7 +38,8 @@ def apply_block_options(model: nn.Module, config: TrainConfig, device: torch.dev
         if device.type == "cpu":
             # Compiled graphs call their kernels from C++ rather than Python: on a CPU that per-kernel overhead
             # is a visible part of a small model's step (+1-3% at nanoGPT's shape).
-            torch._inductor.config.cpp_wrapper = True
+            from torch._inductor import config as inductor_config  # only when compiling: not at every start-up
+            inductor_config.cpp_wrapper = True
     blocks = model.model.layers
     for i, block in enumerate(blocks):
         if config.parallel.activation_checkpointing:
