@@ -85,6 +85,19 @@ def test_activation_checkpointing_recomputes_the_same_step(data_dir, reference, 
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-6
 
 
+def test_compiled_training_follows_the_eager_run(data_dir, tmp_path):
+    # One process compiles the whole model as one graph (dense here: the MoE's routing is data-dependent).
+    # Inductor reorders fp32 sums, so not bitwise; a wrong graph (a missed soft-cap, a stale rotary table)
+    # moves the loss by > 1e-2. The checkpoint keeps the plain model's names, so resume and export work.
+    dense = ["--model.overrides.num_local_experts=1", "--model.overrides.num_experts_per_tok=1", "--data.seq_len=32"]
+    eager = train(data_dir, tmp_path / "eager", *dense, steps=4)
+    compiled = train(data_dir, tmp_path / "compiled", *dense, "--parallel.compile=true", steps=4)
+    assert max(abs(a - b) for a, b in zip(losses(eager), losses(compiled))) < 1e-4
+    assert abs(eager[-1]["val_loss"] - compiled[-1]["val_loss"]) < 1e-4
+    names = dcp.FileSystemReader(str(tmp_path / "compiled" / "checkpoints" / "step_00000004")).read_metadata()
+    assert not [key for key in names.state_dict_metadata if "_orig_mod" in key]
+
+
 def test_clipping_scales_gradients_to_the_limit():
     from conftest import small_model
     from train.parallel import clip_grad_norm

@@ -82,7 +82,7 @@ def bench_model(args, overrides: list[str]) -> dict:
     batch, seq_len = config.batch.micro_batch_size, config.data.seq_len
     torch.manual_seed(config.run.seed)
     model = GrokForCausalLM(model_config).to(device).train()
-    apply_block_options(model, config, device)
+    apply_block_options(model, config, device, one_graph=True)
     optimizer = build_optimizer(model, config.optim, device)
     tokens = torch.randint(0, model_config.vocab_size, (batch, seq_len + 1), device=device)
 
