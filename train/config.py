@@ -92,7 +92,8 @@ class ParallelSection(Section):
     tp_size: int = Field(1, gt=0)  # fsdp/hsdp: tensor parallelism, ranks that split each matmul (one node)
     reshard_after_forward: bool = True  # fsdp/hsdp: free gathered params after forward (ZeRO-3 memory)
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile (the whole model with one process, else per block): ~30 s cold, cached for re-runs (~/.cache/minicolossus)
+    # torch.compile: the whole model with one process, else per block; ~30 s cold, then cached for re-runs
+    compile: bool = False
     zero_stage: Literal[1, 2, 3] = 2  # deepspeed: 1 shards optimizer state, 2 + gradients, 3 + parameters
     offload_optimizer: bool = False  # deepspeed: optimizer state and its update on the CPU (ZeRO-Offload)
 
