@@ -72,7 +72,7 @@ def prepared(text: Path, data_root: Path, tokenizer_args: list[str], name: str) 
 def our_step(overrides: list[str], vocab_size: int):
     config = load_config(REPO / SHAPE_CONFIG, overrides)
     model = GrokForCausalLM(build_model_config(config, vocab_size)).train()
-    apply_block_options(model, config, torch.device("cpu"), one_graph=True)  # compile as the trainer does, with its cache
+    apply_block_options(model, config, torch.device("cpu"), one_graph=True)  # as the trainer compiles
     optimizer = build_optimizer(model, config.optim, torch.device("cpu"))
     tokens = torch.randint(0, vocab_size, (config.batch.micro_batch_size, config.data.seq_len + 1))
 

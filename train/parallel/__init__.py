@@ -27,8 +27,8 @@ from .process_group import (Env, LaunchError, all_reduce_max, all_reduce_sum, ba
 def parallelize(model: nn.Module, config: TrainConfig, env: Env, init_weights) -> nn.Module:
     """Split a meta-device model: tensor and expert parallelism, activation checkpointing and compile (per
     block, or whole with one process), FSDP; then `init_weights(model)` allocates and fills this rank's
-    shards; DDP last (it copies rank 0's weights). The order matters: the styles address modules by their names in the plain model,
-    and FSDP shards what the other dimensions left on each rank."""
+    shards; DDP last (it copies rank 0's weights). The order matters: the styles address modules by their
+    names in the plain model, and FSDP shards what the other dimensions left on each rank."""
     strategy = config.parallel.strategy
     mesh = build_world_mesh(env.layout, env.device.type) if strategy in ("fsdp", "hsdp") else None
     if mesh is not None and env.layout.tp > 1:

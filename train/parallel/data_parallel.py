@@ -31,7 +31,8 @@ def use_persistent_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "minicolossus" / "inductor"))
 
 
-def apply_block_options(model: nn.Module, config: TrainConfig, device: torch.device, one_graph: bool = False) -> None:
+def apply_block_options(model: nn.Module, config: TrainConfig, device: torch.device,
+                        one_graph: bool = False) -> None:
     """Activation checkpointing per block, and torch.compile: per block, or with one_graph (a single process,
     nothing hooked in between blocks) the whole model as one graph. One graph saves each block's call overhead
     and compiles the embedding, final norm and loss too (+4-8% a step at nanoGPT's shape on a CPU); under DDP,
