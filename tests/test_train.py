@@ -85,10 +85,15 @@ def test_activation_checkpointing_recomputes_the_same_step(data_dir, reference, 
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-6
 
 
-def test_compiled_training_follows_the_eager_run(data_dir, tmp_path):
+def test_compiled_training_follows_the_eager_run(data_dir, tmp_path, monkeypatch):
     # One process compiles the whole model as one graph (dense here: the MoE's routing is data-dependent).
     # Inductor reorders fp32 sums, so not bitwise; a wrong graph (a missed soft-cap, a stale rotary table)
     # moves the loss by > 1e-2. The checkpoint keeps the plain model's names, so resume and export work.
+    from torch._dynamo.utils import counters
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # as after `import torch`'s flex attention: inductor's /tmp default already written into the environment
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     dense = ["--model.overrides.num_local_experts=1", "--model.overrides.num_experts_per_tok=1", "--data.seq_len=32"]
     eager = train(data_dir, tmp_path / "eager", *dense, steps=4)
     compiled = train(data_dir, tmp_path / "compiled", *dense, "--parallel.compile=true", steps=4)
@@ -96,6 +101,14 @@ def test_compiled_training_follows_the_eager_run(data_dir, tmp_path):
     assert abs(eager[-1]["val_loss"] - compiled[-1]["val_loss"]) < 1e-4
     names = dcp.FileSystemReader(str(tmp_path / "compiled" / "checkpoints" / "step_00000004")).read_metadata()
     assert not [key for key in names.state_dict_metadata if "_orig_mod" in key]
+    # the kernels went to the per-user cache, and a re-run loads its graphs from there instead of compiling
+    cache = tmp_path / "home" / ".cache" / "minicolossus" / "inductor"
+    assert (cache / "fxgraph").is_dir() and any(cache.rglob("*.so"))
+    torch._dynamo.reset()  # forget the graphs in memory, as a new process would
+    counters.clear()
+    again = train(data_dir, tmp_path / "again", *dense, "--parallel.compile=true", steps=4)
+    assert counters["inductor"]["fxgraph_cache_hit"] > 0 and not counters["inductor"]["fxgraph_cache_miss"]
+    assert losses(again) == losses(compiled)
 
 
 def test_clipping_scales_gradients_to_the_limit():

@@ -27,8 +27,17 @@ from .precision import fsdp_policy
 
 def use_persistent_compile_cache() -> None:
     """Inductor's compiled kernels and graphs go to a per-user cache that outlives /tmp cleanups and reboots
-    (TORCHINDUCTOR_CACHE_DIR, if set, wins): a re-run loads them instead of compiling again."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "minicolossus" / "inductor"))
+    (a TORCHINDUCTOR_CACHE_DIR of the user's own wins): a re-run loads them instead of compiling again."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    # Importing parts of torch (flex attention among them) already writes inductor's /tmp default into the
+    # environment, so a setdefault would never take: only that default, or nothing, is replaced.
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(persistent_compile_cache_dir())
+
+
+def persistent_compile_cache_dir() -> Path:
+    return Path.home() / ".cache" / "minicolossus" / "inductor"
 
 
 def apply_block_options(model: nn.Module, config: TrainConfig, device: torch.device,
