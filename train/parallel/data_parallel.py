@@ -32,7 +32,7 @@ def use_persistent_compile_cache() -> None:
     # Importing parts of torch (flex attention among them) already writes inductor's /tmp default into the
     # environment, so a setdefault would never take: only that default, or nothing, is replaced.
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+    if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(persistent_compile_cache_dir())
 
 
