@@ -1,210 +1,147 @@
-"""The Colossus planner: will a model fit, and how long will its training take, on N GPUs?
+"""The Colossus planner: what a training job costs on N GPUs, communication included.
 
-    python scripts/plan.py --model PRESET --gpus N --gpu h100|h200|b200|a100 --strategy S [--tp N] [--ep N]
-                           [--seq-len T] [--global-batch-tokens B] [--micro-batch M] [--shard-size 8]
-                           [--activation-checkpointing] [--mfu 0.4] [--token-budget 6e12] [--json]
+    python scripts/plan.py --model MODEL --gpus N [--gpu h100] [--fabric roce400] [--strategy fsdp]
+                           [--tp N] [--pp N] [--ep N] [--cp N] [--schedule 1f1b|interleaved] [--virtual-stages V]
+                           [--checkpointing none|selective|full] [--micro-batch M] [--seq-len T]
+                           [--global-batch-tokens B] [--token-budget TOKENS] [--search [--top K]] [--json]
+    python scripts/plan.py --published [--json]
 
-S is ddp, fsdp, hsdp (shard inside a node of --shard-size GPUs, replicate across nodes), zero1, zero2 or
-zero3. Per GPU it prints the bytes of parameters, gradients and optimizer state (the same accounting the
-trainer logs as state_mib; a test checks the two agree within 10% on CPU for every strategy),
-activations (an estimate, see `activation_bytes`), whether that fits, FLOPs per token (model/accounting),
-and at the stated MFU the step time, tokens per day and days to the token budget.
-`--gpu cpu --dtype fp32` describes this project's CPU runs.
+MODEL is a preset or a reference spec (llama3-405b, deepseek-v3, megatron-1t). A layout is --strategy (the
+data-parallel kind: ddp, zero1-3, fsdp, hsdp) with --tp/--pp/--ep/--cp; data parallelism is what remains of
+--gpus. --search ranks every layout that fits by predicted throughput instead. --published prints the
+published runs the planner is checked against. The model behind the numbers is in train/planner/.
 """
 
 import json
 
-import torch
-
-from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
-from model.presets import PRESETS
-
 from .cli import ArgumentParser, integer, positive_number, run_main
-from .metrics import PEAK_BF16_FLOPS
-
-GIB = 2**30
-# Memory per device (what the CUDA allocator can use, about the card's HBM) and the dense bf16 peak.
-GPUS = {"h100": (80 * 1e9 / GIB, PEAK_BF16_FLOPS["H100"]), "h200": (141 * 1e9 / GIB, PEAK_BF16_FLOPS["H200"]),
-        "b200": (180 * 1e9 / GIB, PEAK_BF16_FLOPS["B200"]), "a100": (80 * 1e9 / GIB, PEAK_BF16_FLOPS["A100"]),
-        "cpu": (None, None)}
-STRATEGIES = ("ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")
+from .planner.hardware import FABRICS, GPUS, Cluster
+from .planner.layout import CHECKPOINTING, DATA_PARALLEL, SCHEDULES, Estimate, InvalidLayout, Job, Layout, estimate
+from .planner.published import RUNS
+from .planner.search import search
+from .planner.spec import MODELS, model_spec
 
 
-class PlanError(ValueError):
-    """A plan that cannot be made from these arguments: the message names the flags."""
-
-
-def tensor_parallel_split(model) -> tuple[int, int, int]:
-    """(parameters tensor parallelism splits, routed experts' parameters, the rest): attention, the dense and
-    shared FFN, the embedding and an untied lm_head are split by tp; norms and the router are kept whole; routed experts are
-    kept whole by tp but spread over the ep ranks, which borrow tp's ranks."""
-    split = experts = 0
-    for name, p in model.named_parameters():
-        if any(part in name for part in ("_proj.", ".dense.", ".shared.", "embed_tokens.", "lm_head.")):
-            split += p.numel()
-        elif ".moe.w_" in name:
-            experts += p.numel()
-    return split, experts, sum(p.numel() for p in model.parameters()) - split - experts
-
-
-def state_bytes(params: tuple[int, int, int], strategy: str, ranks: int, shard_size: int, dtype: str,
-                tp: int = 1, ep: int = 1) -> dict[str, float]:
-    """Parameters, gradients and AdamW state one rank holds, as the trainer counts them. `params` is
-    (tensor-parallel-split, routed experts, the rest), as tensor_parallel_split returns.
-
-    torch strategies keep fp32 parameters (bf16 compute through autocast / FSDP's mixed-precision policy)
-    and fp32 gradients; FSDP shards all three over its shard group, after tensor parallelism split what
-    it splits. Routed experts are sharded over all dp-shard x tp ranks when ep > 1 (ep borrows the tp
-    ranks), over the dp-shard ranks only otherwise. Without tp, ep moves experts between ranks but not the
-    bytes per rank. DeepSpeed ZeRO keeps the model in the compute dtype plus an fp32 master partition:
-    ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the parameters.
-    """
-    split, experts, rest = map(float, params)
-    if strategy in ("ddp", "fsdp", "hsdp"):
-        shards = {"ddp": 1, "fsdp": ranks // tp, "hsdp": shard_size // tp}[strategy]
-        p = (split / tp + rest + experts / (tp if ep > 1 else 1)) / shards
-        return {"params": 4 * p, "grads": 4 * p, "optim": 8 * p}
-    whole = experts + rest
-    p = split + whole
-    model_bytes = 2 if dtype == "bf16" else 4
-    stage = int(strategy[-1])
-    return {"params": model_bytes * p / (ranks if stage == 3 else 1),
-            "grads": model_bytes * p / (ranks if stage >= 2 else 1),
-            "optim": 12 * p / ranks}  # fp32 master partition + AdamW's two moments
-
-
-def activation_bytes(config, seq_len: int, micro_batch: int, checkpointing: bool, dtype: str, tp: int = 1) -> float:
-    """Estimate after Korthikanti et al. (2022), adapted: fused attention keeps no T x T scores; per token
-    and layer ~29 d bytes for attention and the four sandwich norms plus 8 bytes per GeGLU unit of the
-    routed experts (top_k of them) and the shared FFN; the fp32 logits add ~10 bytes per vocab entry. With
-    activation checkpointing a layer keeps only its input, and one layer is recomputed at a time. Tensor
-    (and sequence) parallelism divides all of it by tp but the routed experts, which see the whole batch."""
-    scale = 1 if dtype == "bf16" else 2
-    d, tokens = config.hidden_size, seq_len * micro_batch
-    routed = config.intermediate_size * config.num_experts_per_tok if config.is_moe else 0
-    split_ffn = config.shared_intermediate_size + (0 if config.is_moe else config.intermediate_size)
-    per_layer = tokens * scale * ((29 * d + 8 * split_ffn) / tp + 8 * routed)
-    layers = config.num_hidden_layers
-    stored = layers * tokens * scale * 2 * d / tp + per_layer if checkpointing else layers * per_layer
-    return stored + tokens * 10 * config.vocab_size / tp
-
-
-def plan(model: str, gpus: int, gpu: str, strategy: str, seq_len: int | None = None,
-         global_batch_tokens: int = 16 * 2**20, micro_batch: int = 1, shard_size: int = 8,
-         activation_checkpointing: bool = False, mfu: float = 0.4, token_budget: float | None = None,
-         dtype: str = "bf16", vocab_size: int | None = None, tp: int = 1, ep: int = 1) -> dict:
-    config = preset_config(model, **({"vocab_size": vocab_size} if vocab_size else {}))
-    with torch.device("meta"):
-        meta_model = GrokForCausalLM(config)
-    counts = count_parameters(meta_model)
-    seq_len = seq_len or config.max_position_embeddings
-    shard_size = min(shard_size, gpus)
-    if strategy == "hsdp" and gpus % shard_size:
-        raise PlanError(f"--gpus {gpus} is not a multiple of --shard-size {shard_size}: pass whole shard groups")
-    check_split(config, strategy, gpus, shard_size, tp, ep)
-    state = state_bytes(tensor_parallel_split(meta_model), strategy, gpus, shard_size, dtype, tp, ep)
-    activations = activation_bytes(config, seq_len, micro_batch, activation_checkpointing, dtype, tp)
-    memory_gib, peak = GPUS[gpu]
-    total_gib = (sum(state.values()) + activations) / GIB
-    flops = flops_per_token(config, counts.active, seq_len)
-    result = {
-        "model": model, "params_total": counts.total, "params_active": counts.active, "gpus": gpus, "gpu": gpu,
-        "strategy": strategy, "tp": tp, "ep": ep, "seq_len": seq_len, "micro_batch": micro_batch, "dtype": dtype,
-        "activation_checkpointing": activation_checkpointing,
-        "params_gib": state["params"] / GIB, "grads_gib": state["grads"] / GIB, "optim_gib": state["optim"] / GIB,
-        "state_gib": sum(state.values()) / GIB, "activations_gib": activations / GIB, "total_gib": total_gib,
-        "gpu_memory_gib": memory_gib, "fits": None if memory_gib is None else total_gib <= 0.9 * memory_gib,
-        "flops_per_token": flops, "requested_batch_tokens": global_batch_tokens,
-    }
-    # Every data-parallel rank (a tp group counts once) takes at least one micro-batch per step.
-    smallest_batch = gpus // tp * micro_batch * seq_len
-    result["min_global_batch_tokens"] = smallest_batch
-    if peak:
-        tokens_per_s = gpus * peak * mfu / flops
-        batch = max(global_batch_tokens, smallest_batch)
-        result.update({"mfu": mfu, "global_batch_tokens": batch,
-                       "step_s": batch / tokens_per_s, "tokens_per_day": tokens_per_s * 86400})
-        if token_budget:
-            result.update({"token_budget": token_budget, "days": token_budget / result["tokens_per_day"]})
-    return result
-
-
-def check_split(config, strategy: str, gpus: int, shard_size: int, tp: int, ep: int) -> None:
-    """The trainer's layout rules (train/parallel/mesh.py), for flags."""
-    if (tp > 1 or ep > 1) and strategy not in ("fsdp", "hsdp"):
-        raise PlanError(f"--tp / --ep need --strategy fsdp or hsdp, not {strategy}")
-    group = shard_size if strategy == "hsdp" else gpus
-    if group % tp:
-        raise PlanError(f"--tp {tp} does not divide the {group} GPUs of a shard group")
-    if ep > 1 and (config.num_local_experts % ep or group % ep):  # ep borrows dp-shard x tp ranks
-        raise PlanError(f"--ep {ep} must divide the model's {config.num_local_experts} experts and the {group} GPUs "
-                        f"of a shard group")
-    for name, size in (("attention heads", config.num_attention_heads), ("KV heads", config.num_key_value_heads),
-                       ("vocabulary", config.vocab_size)):
-        if size % tp:
-            raise PlanError(f"--tp {tp} does not divide the model's {size} {name}")
+def as_dict(result: Estimate, token_budget: float | None = None) -> dict:
+    job, layout = result.job, result.layout
+    row = {"model": job.spec.name, "gpus": job.gpus, "gpu": job.cluster.gpu.name, "fabric": job.cluster.fabric.name,
+           "layout": layout.describe(), "strategy": layout.data_parallel, "dp": result.dp, "tp": layout.tp,
+           "pp": layout.pp, "ep": layout.ep, "cp": layout.cp, "schedule": layout.schedule,
+           "virtual_stages": layout.virtual_stages, "checkpointing": layout.checkpointing,
+           "micro_batch": layout.micro_batch, "micro_batches": result.micro_batches, "seq_len": job.seq_len,
+           "global_batch_tokens": result.batch_tokens, "params_total": job.spec.params_total,
+           "params_active": job.spec.params_active,
+           "flops_per_token": job.spec.model_flops_per_token(job.seq_len),
+           "tflops_per_gpu": result.tflops_per_gpu, "mfu": result.mfu, "step_s": result.step_s,
+           "compute_s": result.compute_s, "bubble_s": result.bubble_s, "exposed_comm_s": result.exposed_comm_s,
+           "mem_gib": result.mem_gib, "memory_gib": result.memory_gib,
+           "gpu_memory_gib": job.cluster.gpu.usable_memory_gib, "fits": result.fits,
+           "tokens_per_day": result.tokens_per_s * 86400,
+           "traffic": [vars(t) for t in result.traffic]}
+    if token_budget:
+        row.update(token_budget=token_budget, days=token_budget / row["tokens_per_day"])
+    return row
 
 
 def human(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
 
 
-def size(gib: float) -> str:
-    return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
-
-
 def report(r: dict) -> str:
-    split = "".join(f" x {name} {r[name]}" for name in ("tp", "ep") if r[name] > 1)
-    lines = [f"{r['model']}: {human(r['params_total'])} params ({human(r['params_active'])} active), {r['strategy']}{split} on "
-             f"{r['gpus']:,} x {r['gpu']} ({r['dtype']}, seq {r['seq_len']}, micro-batch {r['micro_batch']}"
-             f"{', activation checkpointing' if r['activation_checkpointing'] else ''})",
-             f"  per GPU: params {size(r['params_gib'])} + grads {size(r['grads_gib'])} + optimizer "
-             f"{size(r['optim_gib'])} + activations ~{size(r['activations_gib'])} = {size(r['total_gib'])}"]
-    if r["fits"] is not None:
-        verdict = "fits" if r["fits"] else "DOES NOT FIT"
-        lines.append(f"  {verdict} in {r['gpu_memory_gib']:.0f} GiB (90% usable)")
-    lines.append(f"  training FLOPs per token {human(r['flops_per_token'])}")
-    if r.get("global_batch_tokens", 0) > r["requested_batch_tokens"]:
-        lines.append(f"  note: {r['gpus'] // r['tp']:,} data-parallel ranks need a global batch of at least "
-                     f"{r['gpus'] // r['tp']:,} x {r['micro_batch']} x {r['seq_len']} = "
-                     f"{human(r['min_global_batch_tokens'])} tokens (asked: {human(r['requested_batch_tokens'])}); "
-                     f"a larger --tp or pipeline parallelism (not modelled) lowers it")
-    if "step_s" in r:
-        lines.append(f"  at {r['mfu']:.0%} MFU: {r['step_s']:.2f} s per {human(r['global_batch_tokens'])}-token step, "
-                     f"{human(r['tokens_per_day'])} tokens/day"
-                     + (f", {r['days']:.1f} days for {human(r['token_budget'])} tokens" if "days" in r else ""))
+    lines = [f"{r['model']}: {human(r['params_total'])} params ({human(r['params_active'])} active) on {r['gpus']:,} x "
+             f"{r['gpu']}, {r['fabric']}",
+             f"  layout {r['layout']}: dp {r['dp']:,} x tp {r['tp']} x pp {r['pp']} x cp {r['cp']}"
+             + (f" (ep {r['ep']} over dp x cp x tp)" if r["ep"] > 1 else "")
+             + f", {r['micro_batches']} micro-batch(es) of {r['micro_batch']} x {r['seq_len']} per rank "
+               f"= {human(r['global_batch_tokens'])} tokens a step",
+             "  per GPU: " + " + ".join(f"{name} {gib:.1f}" for name, gib in r["memory_gib"].items())
+             + f" = {r['mem_gib']:.1f} GiB: " + ("fits" if r["fits"] else "DOES NOT FIT")
+             + f" in {r['gpu_memory_gib']:.0f} GiB usable",
+             f"  step {r['step_s']:.2f} s = compute {r['compute_s']:.2f} + pipeline bubble {r['bubble_s']:.2f} + "
+             f"exposed communication {r['exposed_comm_s']:.2f}",
+             f"  {r['tflops_per_gpu']:.0f} TFLOP/s per GPU ({r['mfu']:.0%} MFU), {human(r['tokens_per_day'])} tokens/day"
+             + (f", {r['days']:.1f} days for {human(r['token_budget'])} tokens" if "days" in r else "")]
+    for t in r["traffic"]:
+        lines.append(f"    {t['name']:<40} {t['link']:<6} {t['bytes_per_step'] / 2**30:9.2f} GiB sent/step "
+                     f"{t['seconds']:8.3f} s, exposed {t['exposed_s']:.3f} s")
     return "\n".join(lines)
+
+
+def ranking(rows: list[dict]) -> str:
+    header = f"{'#':>3}  {'layout':<44} {'mem GiB':>8} {'step s':>8} {'exposed s':>9} {'TFLOP/s':>8} {'MFU':>5} " \
+             f"{'tokens/day':>11}" + (f" {'days':>7}" if rows and "days" in rows[0] else "")
+    lines = [header]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"{i:>3}  {r['layout']:<44} {r['mem_gib']:>8.1f} {r['step_s']:>8.2f} {r['exposed_comm_s']:>9.2f} "
+                     f"{r['tflops_per_gpu']:>8.0f} {r['mfu']:>5.0%} {human(r['tokens_per_day']):>11}"
+                     + (f" {r['days']:>7.1f}" if "days" in r else ""))
+    return "\n".join(lines)
+
+
+def published_rows() -> list[dict]:
+    rows = []
+    for run in RUNS:
+        result = estimate(run.job(), run.layout)
+        best = search(run.job(), top=1)
+        rows.append({"run": run.name, "layout": run.layout.describe(), "unit": run.unit, "published": run.figure,
+                     "predicted": run.predicted(result), "fits": result.fits, "source": run.source,
+                     "vs_best": result.tokens_per_s / best[0].tokens_per_s if best else None,
+                     "best_layout": best[0].layout.describe() if best else None})
+    return rows
 
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="scripts/plan.py", description=__doc__)
-    parser.add_argument("--model", required=True, choices=list(PRESETS))
-    parser.add_argument("--gpus", type=integer(1), required=True)
+    parser.add_argument("--model", choices=MODELS)
+    parser.add_argument("--gpus", type=integer(1))
     parser.add_argument("--gpu", default="h100", choices=list(GPUS))
-    parser.add_argument("--strategy", required=True, choices=STRATEGIES)
-    parser.add_argument("--seq-len", type=integer(1), help="default: the preset's context")
-    parser.add_argument("--global-batch-tokens", type=positive_number, default=16 * 2**20)
+    parser.add_argument("--fabric", default="roce400", choices=list(FABRICS), help="scale-out network per GPU")
+    parser.add_argument("--strategy", default="fsdp", choices=DATA_PARALLEL, help="the data-parallel kind")
+    for name, what in (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert"), ("cp", "context")):
+        parser.add_argument(f"--{name}", type=integer(1), default=1, help=f"{what}-parallel GPUs")
+    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    parser.add_argument("--virtual-stages", type=integer(1), default=None, help="interleaved: chunks per rank (2)")
+    parser.add_argument("--checkpointing", default="none", choices=CHECKPOINTING, help="activation checkpointing")
     parser.add_argument("--micro-batch", type=integer(1), default=1, help="sequences per GPU per forward")
     parser.add_argument("--shard-size", type=integer(1), default=8, help="hsdp: GPUs per shard group (a node)")
-    parser.add_argument("--tp", type=integer(1), default=1, help="tensor-parallel GPUs (inside a node)")
-    parser.add_argument("--ep", type=integer(1), default=1, help="expert-parallel GPUs")
-    parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--mfu", type=positive_number, default=0.4, help="in (0, 1]")
+    parser.add_argument("--seq-len", type=integer(1), help="default: 8192, or the preset's context if shorter")
+    parser.add_argument("--global-batch-tokens", type=positive_number, default=16 * 2**20, help="16M: Llama 3's")
     parser.add_argument("--token-budget", type=positive_number)
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32"), help="default: bf16 on GPUs, fp32 on cpu")
-    parser.add_argument("--vocab-size", type=integer(1), help="override the preset's vocabulary")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--search", action="store_true", help="rank every layout that fits")
+    parser.add_argument("--top", type=integer(1), default=10, help="--search: how many to print")
+    parser.add_argument("--published", action="store_true", help="the published runs, predicted vs published")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line, one per layout")
     args = parser.parse_args(argv)
-    if args.mfu > 1:
-        parser.error(f"argument --mfu: {args.mfu} is above 1 (a fraction of the peak, e.g. 0.4)")
+    if not args.published and (args.model is None or args.gpus is None):
+        parser.error("--model and --gpus are required (or --published)")
 
     def work() -> int:
-        result = plan(args.model, args.gpus, args.gpu, args.strategy, args.seq_len, int(args.global_batch_tokens),
-                      args.micro_batch, args.shard_size, args.activation_checkpointing, args.mfu, args.token_budget,
-                      args.dtype or ("fp32" if args.gpu == "cpu" else "bf16"), args.vocab_size, args.tp, args.ep)
-        print(json.dumps(result) if args.json else report(result))
-        return 0 if result["fits"] in (True, None) else 1
-    return run_main(work, (PlanError,))
+        if args.published:
+            rows = published_rows()
+            for row in rows:
+                print(json.dumps(row) if args.json else
+                      f"{row['run']:<40} {row['layout']:<36} published {row['published']:>9,.0f} predicted "
+                      f"{row['predicted']:>9,.0f} {row['unit']} ({row['predicted'] / row['published'] - 1:+.0%}); "
+                      f"{row['vs_best']:.0%} of the search's best ({row['best_layout']})")
+            return 0
+        spec = model_spec(args.model)
+        seq_len = args.seq_len or min(8192, spec.context)
+        job = Job(spec, Cluster(GPUS[args.gpu], FABRICS[args.fabric]), args.gpus, seq_len, int(args.global_batch_tokens))
+        if args.search:
+            rows = [as_dict(r, args.token_budget) for r in search(job, top=args.top)]
+            if not rows:
+                raise InvalidLayout(f"no layout of {args.model} fits on {args.gpus:,} x {args.gpu} with a "
+                                    f"{human(job.global_batch_tokens)}-token batch: add GPUs or raise --global-batch-tokens")
+            print("\n".join(json.dumps(r) for r in rows) if args.json else ranking(rows))
+            return 0
+        virtual = args.virtual_stages or (2 if args.schedule == "interleaved" else 1)
+        layout = Layout(args.strategy, tp=args.tp, pp=args.pp, ep=args.ep, cp=args.cp, micro_batch=args.micro_batch,
+                        schedule=args.schedule, virtual_stages=virtual, checkpointing=args.checkpointing,
+                        shard_size=args.shard_size)
+        row = as_dict(estimate(job, layout), args.token_budget)
+        print(json.dumps(row) if args.json else report(row))
+        return 0 if row["fits"] else 1
+    return run_main(work, (InvalidLayout,))

@@ -1,0 +1,347 @@
+"""One layout of one job: memory per GPU, the bytes every collective moves, and the step time they add up to.
+
+Ranks are ordered tp fastest, then cp, then dp, then pp (Megatron's order): a tp group is 8 neighbours on one
+node, a cp group strides over tp, a dp group over tp x cp, and pipeline stages sit on different nodes.
+Expert parallelism borrows consecutive data-parallel (and tp / cp) ranks, as in Megatron and this trainer.
+
+What overlaps with compute, and what does not:
+  tp   its all-gathers / reduce-scatters sit between the matmuls that need them: in the critical path.
+  cp   the all-gather of K and V before each attention (Llama 3's scheme), its reduce-scatter in the backward:
+       in the critical path.
+  ep   the token dispatch and combine overlap only with what one micro-batch has in flight that does not
+       depend on them, the shared experts; the rest is exposed (two-micro-batch schedules such as DualPipe,
+       which hide it behind another micro-batch, are not modelled).
+  pp   the bubble is never hidden: (pp - 1) micro-batch times for 1F1B, (pp - 1) / v interleaved. 1F1B's
+       point-to-point sends are in the critical path; interleaved overlaps them but for its fill and drain.
+  dp   gradient reductions overlap with the last micro-batch's backward, ZeRO-1/2's parameter all-gather with
+       the first micro-batch's forward, FSDP / ZeRO-3's per-micro-batch all-gathers (prefetched a layer ahead)
+       with all of the step's compute; the first gather and last reduction of one layer never overlap.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from . import collectives
+from .hardware import GIB, Cluster
+from .spec import ModelSpec
+
+DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp")
+CHECKPOINTING = ("none", "selective", "full")
+SCHEDULES = ("1f1b", "interleaved")
+DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's bucket_cap_mb
+
+
+@dataclass(frozen=True)
+class Layout:
+    data_parallel: str = "fsdp"
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    cp: int = 1
+    micro_batch: int = 1  # sequences per forward
+    schedule: str = "1f1b"
+    virtual_stages: int = 1  # interleaved: model chunks per pipeline rank
+    checkpointing: str = "none"
+    shard_size: int = 8  # hsdp: the GPUs a shard group spans (one node)
+
+    def describe(self) -> str:
+        parts = [self.data_parallel] + [f"{name}{getattr(self, name)}" for name in ("tp", "pp", "ep", "cp")
+                                        if getattr(self, name) > 1]
+        if self.pp > 1:
+            parts.append(self.schedule + (f"(v{self.virtual_stages})" if self.schedule == "interleaved" else ""))
+        if self.checkpointing != "none":
+            parts.append(f"ac-{self.checkpointing}")
+        return " ".join(parts) + f" mb{self.micro_batch}"
+
+
+@dataclass(frozen=True)
+class Job:
+    spec: ModelSpec
+    cluster: Cluster
+    gpus: int
+    seq_len: int
+    global_batch_tokens: int = 16 * 2**20  # Llama 3's
+    model_bytes: int = 2  # bf16 compute; 4 describes this project's fp32 CPU runs
+
+
+class InvalidLayout(ValueError):
+    """This layout cannot run this job: the message says which number does not divide which."""
+
+
+@dataclass
+class Traffic:
+    """One kind of collective over a step: what this GPU sends, on which link, and what it costs."""
+    name: str
+    link: str  # "nvlink" or "fabric"
+    bytes_per_step: float
+    seconds: float
+    exposed_s: float
+
+
+@dataclass
+class Estimate:
+    job: Job
+    layout: Layout
+    dp: int
+    micro_batches: int  # per data-parallel rank and step
+    memory_gib: dict
+    traffic: list = field(default_factory=list)
+    compute_s: float = 0.0  # the step's compute on one GPU, recomputation included
+    bubble_s: float = 0.0
+    step_s: float = 0.0
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.dp * self.micro_batches * self.layout.micro_batch * self.job.seq_len
+
+    @property
+    def mem_gib(self) -> float:
+        return sum(self.memory_gib.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.mem_gib <= self.job.cluster.gpu.usable_memory_gib
+
+    @property
+    def exposed_comm_s(self) -> float:
+        return sum(t.exposed_s for t in self.traffic)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch_tokens / self.step_s
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        flops = self.job.spec.model_flops_per_token(self.job.seq_len)
+        return self.tokens_per_s * flops / self.job.gpus / 1e12
+
+    @property
+    def mfu(self) -> float:
+        return self.tflops_per_gpu * 1e12 / self.job.cluster.gpu.peak_flops
+
+
+def check(job: Job, layout: Layout) -> int:
+    """The data-parallel degree, or InvalidLayout naming what does not divide."""
+    s, L = job.spec, layout
+    model_parallel = L.tp * L.pp * L.cp
+    if job.gpus % model_parallel:
+        raise InvalidLayout(f"tp {L.tp} x pp {L.pp} x cp {L.cp} = {model_parallel} does not divide {job.gpus} GPUs")
+    dp = job.gpus // model_parallel
+    if L.tp > job.cluster.gpus_per_node:
+        raise InvalidLayout(f"tp {L.tp} spans more than a node of {job.cluster.gpus_per_node} GPUs")
+    if s.heads % L.tp or (s.kv_heads % L.tp and L.tp % s.kv_heads):
+        raise InvalidLayout(f"tp {L.tp} does not divide the {s.heads} heads / {s.kv_heads} KV heads")
+    if L.pp * L.virtual_stages > s.layers:
+        raise InvalidLayout(f"pp {L.pp} x {L.virtual_stages} virtual stages is more than {s.layers} layers")
+    if L.ep > 1 and (not s.is_moe or s.experts % L.ep or (dp * L.cp * L.tp) % L.ep):
+        raise InvalidLayout(f"ep {L.ep} must divide the {s.experts} experts and the {dp * L.cp * L.tp} "
+                            f"data x context x tensor parallel ranks it borrows")
+    if job.seq_len % (2 * L.cp) and L.cp > 1:
+        raise InvalidLayout(f"cp {L.cp}: sequence {job.seq_len} must split into 2 x cp chunks")
+    if L.data_parallel == "hsdp" and (dp % L.shard_size or L.shard_size == 1):
+        raise InvalidLayout(f"hsdp: shard size {L.shard_size} must divide the {dp} data-parallel ranks")
+    sequences = job.global_batch_tokens // job.seq_len
+    if sequences < dp * L.micro_batch:
+        raise InvalidLayout(f"{dp} data-parallel ranks x micro-batch {L.micro_batch} need at least "
+                            f"{dp * L.micro_batch * job.seq_len:,} tokens a step (asked {job.global_batch_tokens:,})")
+    if L.schedule == "interleaved" and sequences // (dp * L.micro_batch) < L.pp:
+        raise InvalidLayout("interleaved: needs at least pp micro-batches a step")
+    return dp
+
+
+def stage_params(s: ModelSpec, L: Layout) -> tuple[float, float]:
+    """(dense, routed-expert) parameters one GPU of the first stage holds before data-parallel sharding: its
+    layers' share split by tp (experts by ep instead), plus the embedding (and, without pp, the output)."""
+    embedding = s.vocab * s.hidden * (2 if L.pp == 1 and not s.tied_embeddings else 1)
+    dense = (math.ceil(s.layers / L.pp) * s.dense_params / s.layers + embedding) / L.tp
+    experts = math.ceil(s.moe_layers / L.pp) * s.expert_params / max(s.moe_layers, 1) / L.ep
+    return dense, experts
+
+
+def expert_replicas(L: Layout, dp: int) -> int:
+    """The ranks that hold the same experts. ep borrows dp x cp x tp ranks; without ep the experts are whole
+    on every tp rank (this trainer splits only attention and the dense FFN) and replicated over dp x cp."""
+    return dp * L.cp * L.tp // L.ep if L.ep > 1 else dp * L.cp
+
+
+def memory(job: Job, L: Layout, dp: int) -> dict:
+    """Bytes per GPU on the busiest (first) pipeline stage, in GiB."""
+    s = job.spec
+    stage_layers, moe_stage_layers = math.ceil(s.layers / L.pp), math.ceil(s.moe_layers / L.pp)
+    dense, experts = stage_params(s, L)
+    expert_data_parallel = expert_replicas(L, dp)
+    shard_dense, shard_experts = {"ddp": (1, 1), "hsdp": (L.shard_size, max(1, expert_data_parallel * L.shard_size // dp))}.get(
+        L.data_parallel, (dp * L.cp, expert_data_parallel))
+    held = dense / shard_dense + experts / shard_experts  # parameters whose optimizer state this GPU keeps
+    if L.data_parallel in ("ddp", "fsdp", "hsdp"):  # this trainer: fp32 parameters and gradients (autocast)
+        params = grads = 4 * held
+        optim = 8 * held
+    else:  # DeepSpeed ZeRO: model-dtype parameters and gradients, fp32 master + moments sharded
+        whole = dense + experts
+        stage = int(L.data_parallel[-1])
+        params = job.model_bytes * (held if stage == 3 else whole)
+        grads = job.model_bytes * (held if stage >= 2 else whole)
+        optim = 12 * held
+    layer = dense / stage_layers + experts / max(moe_stage_layers, 1)
+    if L.data_parallel in ("fsdp", "hsdp", "zero3"):  # two gathered bf16 layers (one prefetched) + a full-size grad
+        buffers = 2 * job.model_bytes * layer + 4 * layer
+    else:
+        buffers = 2 * DDP_BUCKET_BYTES
+    return {"params": params / GIB, "grads": grads / GIB, "optimizer": optim / GIB,
+            "activations": activations(job, L) / GIB, "buffers": buffers / GIB}
+
+
+def activations(job: Job, L: Layout) -> float:
+    """Saved tensors, bf16, after Korthikanti et al. (2022) with fused attention (no T x T scores) and sequence
+    parallelism (all of it split by tp but the routed experts, which see whole tokens). Per token and layer:
+    each norm's input (2h), the q/k/v projection's input, q, k and v, the attention output; the FFN's input
+    and, gated, its gate, up and product (2 bytes each per unit; ungated: up and activation) -- for the dense
+    or shared FFN and for each of the top_k routed experts. Selective checkpointing recomputes the attention
+    core with q, k, v and the FFN's product from what it keeps; full keeps only each layer's input (and
+    recomputes one layer at a time). 1F1B's first stage holds pp micro-batches of its layers in flight,
+    interleaved (1 + (pp-1) / (pp v)) times that."""
+    s = job.spec
+    tokens = L.micro_batch * job.seq_len / L.cp
+    kv = 2 * (s.kv_lora_rank + s.qk_rope_dim) if s.kv_lora_rank else 2 * 2 * s.kv_heads * s.head_dim
+    q = 2 * s.heads * (s.head_dim + s.qk_rope_dim)
+    attention = (2 * s.norms_per_layer + 2 + 2) * s.hidden + q + kv  # norms, q/k/v input, output + q, k, v
+    tensors_per_unit = 3 if s.gated_ffn else 2
+    if L.checkpointing == "selective":
+        attention -= q + kv + 2 * s.hidden
+        tensors_per_unit -= 1
+    split_units = s.shared_ffn if s.is_moe else s.ffn
+    routed_units = s.top_k * s.expert_ffn if s.is_moe else 0
+    per_layer = (attention + 2 * s.hidden + 2 * tensors_per_unit * split_units) / L.tp + 2 * tensors_per_unit * routed_units
+    stage_layers = math.ceil(s.layers / L.pp)
+    in_flight = 1
+    if L.pp > 1:
+        in_flight = L.pp * (1 + (L.pp - 1) / (L.pp * L.virtual_stages) if L.schedule == "interleaved" else 1)
+    if L.checkpointing == "full":
+        kept = stage_layers * in_flight * tokens * 2 * s.hidden / L.tp + tokens * per_layer
+    else:
+        kept = stage_layers * in_flight * tokens * per_layer
+    logits = tokens * 10 * s.vocab / L.tp  # fp32 logits and their gradient, on the last stage
+    return kept + logits
+
+
+def work_flops_per_token(spec: ModelSpec, seq_len: int, checkpointing: str) -> float:
+    """What the GPUs compute per token: 6N matmuls, the causal attention cores, and what checkpointing redoes."""
+    attention = spec.attention_flops(seq_len, causal=True)
+    recompute = {"none": 0.0, "selective": attention / 3, "full": 2 * spec.params_active + attention / 3}
+    return 6 * spec.params_active + attention + recompute[checkpointing]
+
+
+def estimate(job: Job, layout: Layout) -> Estimate:
+    L, s, cluster = layout, job.spec, job.cluster
+    dp = check(job, L)
+    m = job.global_batch_tokens // job.seq_len // (dp * L.micro_batch)
+    result = Estimate(job, L, dp, m, memory(job, L, dp))
+    gpu = cluster.gpu
+    stage_layers = math.ceil(s.layers / L.pp)
+    moe_stage_layers = math.ceil(s.moe_layers / L.pp)
+    tokens = L.micro_batch * job.seq_len  # one micro-batch, whole sequences
+    work = work_flops_per_token(s, job.seq_len, L.checkpointing)
+    t_compute = tokens * work / (L.tp * L.cp * L.pp) / (gpu.peak_flops * gpu.matmul_efficiency)
+    forward_share = (2 * s.params_active + s.attention_flops(job.seq_len, True) / 3) / work
+    recomputes = L.checkpointing == "full"
+    per_mb = []  # (name, link, seconds, bytes sent, exposed seconds) per micro-batch on one stage
+
+    def link(ranks: int, stride: int) -> tuple[str, float, float]:
+        bandwidth, latency = cluster.link(ranks, stride)
+        return ("nvlink" if cluster.in_node(ranks, stride) else "fabric"), bandwidth, latency
+
+    if L.tp > 1:
+        kind, bw, lat = link(L.tp, 1)
+        seconds, sent = collectives.all_reduce(tokens / L.cp * s.hidden * 2, L.tp, bw, lat)
+        count = (6 if recomputes else 4) * stage_layers  # 2 all-gather + reduce-scatter pairs each way
+        per_mb.append(("tp all-gather/reduce-scatter", kind, seconds * count, sent * count, seconds * count))
+    if L.cp > 1:
+        kind, bw, lat = link(L.cp, L.tp)
+        kv = 2 * (s.kv_lora_rank + s.qk_rope_dim) if s.kv_lora_rank else 2 * 2 * max(s.kv_heads // L.tp, 1) * s.head_dim
+        seconds, sent = collectives.all_gather(tokens * kv, L.cp, bw, lat)
+        count = (3 if L.checkpointing != "none" else 2) * stage_layers
+        per_mb.append(("cp all-gather K/V", kind, seconds * count, sent * count, seconds * count))
+    if L.ep > 1:
+        kind, bw, lat = link(L.ep, 1)
+        local_tokens = tokens / (L.cp * L.tp)
+        destinations = s.top_k
+        remote_share = (L.ep - 1) / L.ep
+        if kind == "fabric":
+            nodes = L.ep // cluster.gpus_per_node
+            if s.routing_node_limit:
+                destinations = min(s.top_k, s.routing_node_limit)  # one copy a node, forwarded over NVLink
+            remote_share = (nodes - 1) / nodes
+        seconds, sent = collectives.all_to_all(local_tokens * destinations * s.hidden * 2 * remote_share, L.ep, bw, lat)
+        count = (6 if recomputes else 4) * moe_stage_layers
+        shared = local_tokens * 6 * s.ffn_params(s.shared_ffn) / (gpu.peak_flops * gpu.matmul_efficiency) / 2
+        exposed = max(0.0, seconds - shared) * count
+        per_mb.append(("ep all-to-all", kind, seconds * count, sent * count, exposed))
+    if L.pp > 1:
+        kind, bw, lat = link(L.pp, L.tp * L.cp * dp)
+        seconds, sent = collectives.send(tokens / (L.cp * L.tp) * s.hidden * 2, bw, lat)
+        count = 2 * L.virtual_stages
+        in_path = seconds * count if L.schedule == "1f1b" else 0.0
+        per_mb.append(("pp send/recv", kind, seconds * count, sent * count, in_path))
+
+    t_micro_batch = t_compute + sum(exposed for *_, exposed in per_mb)
+    bubble = 0.0 if L.pp == 1 else (L.pp - 1) / (L.virtual_stages if L.schedule == "interleaved" else 1)
+    result.compute_s = m * t_compute
+    result.bubble_s = bubble * t_micro_batch
+    for name, kind, seconds, sent, exposed in per_mb:
+        result.traffic.append(Traffic(name, kind, sent * m, seconds * m, exposed * (m + bubble)))
+    if L.pp > 1 and L.schedule == "interleaved":  # fill and drain
+        name, kind, seconds, sent, _ = next(t for t in per_mb if t[0].startswith("pp"))
+        result.traffic[-1].exposed_s = seconds / L.virtual_stages * (L.pp - 1)
+    result.traffic += data_parallel_traffic(job, L, dp, m, t_compute, forward_share, link)
+    result.step_s = (m + bubble) * t_micro_batch + sum(t.exposed_s for t in result.traffic if t.name.startswith("dp"))
+    return result
+
+
+def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float, forward_share: float,
+                          link) -> list:
+    s = job.spec
+    stage_layers = math.ceil(s.layers / L.pp)
+    dense, experts = stage_params(s, L)
+    grad_bytes = 4 if L.data_parallel in ("ddp", "fsdp", "hsdp") else job.model_bytes
+    forward_window, backward_window = t_compute * forward_share, t_compute * (1 - forward_share)
+    traffic = []
+    groups = [("dense", dense, dp * L.cp, L.tp)]
+    if experts:
+        groups.append(("experts", experts, expert_replicas(L, dp), L.ep if L.ep > 1 else L.tp))
+    for what, params, ranks, stride in groups:
+        if ranks <= 1 or not params:
+            continue
+        shard_ranks = L.shard_size if L.data_parallel == "hsdp" else ranks
+        kind, bw, lat = link(shard_ranks, stride)
+        # issued a layer at a time: each layer's collective pays its own latency
+        gather_s, gather_sent = per_layer(collectives.all_gather, job.model_bytes * params, shard_ranks, bw, lat, stage_layers)
+        reduce_s, reduce_sent = per_layer(collectives.reduce_scatter, grad_bytes * params, shard_ranks, bw, lat, stage_layers)
+        if L.data_parallel == "ddp":
+            reduce_s, reduce_sent = per_layer(collectives.all_reduce, 4 * params, ranks, bw, lat, stage_layers)
+            traffic.append(overlapped(f"dp all-reduce ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers))
+        elif L.data_parallel in ("zero1", "zero2"):
+            traffic.append(overlapped(f"dp reduce-scatter ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers))
+            traffic.append(overlapped(f"dp all-gather ({what})", kind, gather_s, gather_sent, forward_window, stage_layers))
+        else:  # fsdp / hsdp / zero3: gathers for each micro-batch's forward and backward
+            reduces = m if L.data_parallel == "zero3" else 1
+            traffic.append(overlapped(f"dp all-gather ({what})", kind, 2 * m * gather_s, 2 * m * gather_sent,
+                                      m * t_compute, 2 * m * stage_layers))
+            traffic.append(overlapped(f"dp reduce-scatter ({what})", kind, reduces * reduce_s, reduces * reduce_sent,
+                                      reduces * backward_window, stage_layers * reduces))
+            if L.data_parallel == "hsdp" and ranks > shard_ranks:
+                kind, bw, lat = link(ranks // shard_ranks, stride * shard_ranks)
+                seconds, sent = collectives.all_reduce(grad_bytes * params / shard_ranks, ranks // shard_ranks, bw, lat)
+                traffic.append(overlapped(f"dp all-reduce across replicas ({what})", kind, seconds, sent, 0.0, 1))
+    return traffic
+
+
+def per_layer(collective, size: float, ranks: int, bandwidth: float, latency: float, layers: int):
+    seconds, sent = collective(size / layers, ranks, bandwidth, latency)
+    return seconds * layers, sent * layers
+
+
+def overlapped(name: str, kind: str, seconds: float, sent: float, window: float, pieces: int) -> Traffic:
+    """A collective issued in `pieces` (per layer) behind `window` seconds of compute: what does not fit in the
+    window is exposed, and so is the one piece that has nothing to hide behind."""
+    exposed = max(0.0, seconds - window) + seconds / max(pieces, 1)
+    return Traffic(name, kind, sent, seconds, min(seconds, exposed))

@@ -1,0 +1,37 @@
+"""Every layout of a job that fits, ranked by predicted step time."""
+
+import itertools
+
+from .layout import CHECKPOINTING, DATA_PARALLEL, Estimate, InvalidLayout, Job, Layout, estimate
+
+
+def powers_of_two(limit: int) -> list[int]:
+    return [2**i for i in range(limit.bit_length()) if 2**i <= limit]
+
+
+def candidates(job: Job):
+    s, node = job.spec, job.cluster.gpus_per_node
+    tps = powers_of_two(node)
+    # any stage count that divides the job (100,000 GPUs = 2^5 x 5^5 take pp 5 or 25), uneven stages allowed
+    pps = [p for p in range(1, min(s.layers, 128) + 1) if job.gpus % p == 0]
+    eps = powers_of_two(s.experts) if s.is_moe else [1]
+    cps = [c for c in powers_of_two(32) if job.seq_len >= 16384 or c == 1]
+    for dp_kind, tp, pp, ep, cp, ac, micro in itertools.product(DATA_PARALLEL, tps, pps, eps, cps, CHECKPOINTING,
+                                                                 (1, 2, 4)):
+        schedules = [("1f1b", 1)] + ([("interleaved", 2), ("interleaved", 4)] if pp > 1 else [])
+        for schedule, virtual in schedules:
+            yield Layout(dp_kind, tp=tp, pp=pp, ep=ep, cp=cp, micro_batch=micro, schedule=schedule,
+                         virtual_stages=virtual, checkpointing=ac, shard_size=node)
+
+
+def search(job: Job, top: int | None = None, fitting_only: bool = True) -> list[Estimate]:
+    results = []
+    for layout in candidates(job):
+        try:
+            result = estimate(job, layout)
+        except InvalidLayout:
+            continue
+        if result.fits or not fitting_only:
+            results.append(result)
+    results.sort(key=lambda r: r.batch_tokens / r.step_s, reverse=True)  # tokens per second, best first
+    return results[:top] if top else results
