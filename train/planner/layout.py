@@ -29,6 +29,7 @@ DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp")
 CHECKPOINTING = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved")
 DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's bucket_cap_mb
+ZERO3_REUSE_DISTANCE = 1e9  # DeepSpeed's stage3_max_reuse_distance, in parameters
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,7 @@ def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float
     dense, experts = stage_params(s, L)
     grad_bytes = 4 if L.data_parallel in ("ddp", "fsdp", "hsdp") else job.model_bytes
     forward_window, backward_window = t_compute * forward_share, t_compute * (1 - forward_share)
+    stage_params_count = dense + experts
     traffic = []
     groups = [("dense", dense, dp * L.cp, L.tp)]
     if experts:
@@ -320,12 +322,18 @@ def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float
             reduce_s, reduce_sent = per_layer(collectives.all_reduce, 4 * params, ranks, bw, lat, stage_layers)
             traffic.append(overlapped(f"dp all-reduce ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers))
         elif L.data_parallel in ("zero1", "zero2"):
-            traffic.append(overlapped(f"dp reduce-scatter ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers))
+            # DeepSpeed all-reduces the gradients at these stages (each rank then keeps its partition) and
+            # all-gathers the updated parameters after its optimizer step, as measured on this trainer
+            reduce_s, reduce_sent = per_layer(collectives.all_reduce, grad_bytes * params, ranks, bw, lat, stage_layers)
+            traffic.append(overlapped(f"dp all-reduce ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers))
             traffic.append(overlapped(f"dp all-gather ({what})", kind, gather_s, gather_sent, forward_window, stage_layers))
         else:  # fsdp / hsdp / zero3: gathers for each micro-batch's forward and backward
             reduces = m if L.data_parallel == "zero3" else 1
-            traffic.append(overlapped(f"dp all-gather ({what})", kind, 2 * m * gather_s, 2 * m * gather_sent,
-                                      m * t_compute, 2 * m * stage_layers))
+            # DeepSpeed ZeRO-3 keeps what it gathered for the forward until the backward when the stage's
+            # parameters are within its reuse distance (stage3_max_reuse_distance, 1e9): one gather, not two
+            gathers = 1 if L.data_parallel == "zero3" and stage_params_count <= ZERO3_REUSE_DISTANCE else 2
+            traffic.append(overlapped(f"dp all-gather ({what})", kind, gathers * m * gather_s, gathers * m * gather_sent,
+                                      m * t_compute, gathers * m * stage_layers))
             traffic.append(overlapped(f"dp reduce-scatter ({what})", kind, reduces * reduce_s, reduces * reduce_sent,
                                       reduces * backward_window, stage_layers * reduces))
             if L.data_parallel == "hsdp" and ranks > shard_ranks:
