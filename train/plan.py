@@ -5,20 +5,26 @@
                            [--checkpointing none|selective|full] [--micro-batch M] [--seq-len T]
                            [--global-batch-tokens B] [--token-budget TOKENS] [--search [--top K]] [--json]
     python scripts/plan.py --published [--json]
+    python scripts/plan.py --scaling grok-1,grok-2 --gpu-counts 1024,8192,100000 [--plot FILE.png] [--json]
 
 MODEL is a preset or a reference spec (llama3-405b, deepseek-v3, megatron-1t). A layout is --strategy (the
 data-parallel kind: ddp, zero1-3, fsdp, hsdp) with --tp/--pp/--ep/--cp; data parallelism is what remains of
 --gpus. --search ranks every layout that fits by predicted throughput instead. --published prints the
-published runs the planner is checked against. The model behind the numbers is in train/planner/.
+published runs the planner is checked against. --scaling prints (and with --plot draws) the best layout's
+tokens/day of each model at each GPU count, for the same global batch. The model behind the numbers is in
+train/planner/.
 """
 
 import json
+from pathlib import Path
 
 from .cli import ArgumentParser, integer, positive_number, run_main
 from .planner.hardware import FABRICS, GPUS, Cluster
 from .planner.layout import CHECKPOINTING, DATA_PARALLEL, SCHEDULES, Estimate, InvalidLayout, Job, Layout, estimate
 from .planner.published import RUNS
+from .planner.scaling import scaling
 from .planner.search import search
+from .plot import plot_scaling
 from .planner.spec import MODELS, model_spec
 
 
@@ -93,6 +99,27 @@ def published_rows() -> list[dict]:
     return rows
 
 
+def print_scaling(models: list[str], gpu_counts: list[int], args) -> int:
+    curves = {}
+    for name in models:
+        points = []
+        for gpus, best in scaling(name, gpu_counts, args.gpu, args.fabric, args.seq_len or 8192,
+                                  int(args.global_batch_tokens)):
+            row = as_dict(best) if best else {"model": name, "gpus": gpus, "fits": False}
+            print(json.dumps(row) if args.json else
+                  f"{name:<12} {gpus:>8,} GPUs  " + (f"{row['layout']:<44} {row['mfu']:>4.0%} MFU "
+                                                     f"{human(row['tokens_per_day']):>8} tokens/day"
+                                                     if best else "no layout fits"))
+            if best:
+                points.append((gpus, row["tokens_per_day"]))
+        curves[name] = points
+    if args.plot:
+        plot_scaling(curves, f"best layout per GPU count, {human(int(args.global_batch_tokens))}-token batches, "
+                             f"{args.gpu}", Path(args.plot))
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="scripts/plan.py", description=__doc__)
     parser.add_argument("--model", choices=MODELS)
@@ -113,10 +140,21 @@ def main(argv=None) -> int:
     parser.add_argument("--search", action="store_true", help="rank every layout that fits")
     parser.add_argument("--top", type=integer(1), default=10, help="--search: how many to print")
     parser.add_argument("--published", action="store_true", help="the published runs, predicted vs published")
+    parser.add_argument("--scaling", help="comma-separated models: best layout at each of --gpu-counts")
+    parser.add_argument("--gpu-counts", default="1024,2048,4096,8192,16384,32768,65536,100000,200000")
+    parser.add_argument("--plot", help="--scaling: write the curves to this PNG")
     parser.add_argument("--json", action="store_true", help="one JSON object per line, one per layout")
     args = parser.parse_args(argv)
-    if not args.published and (args.model is None or args.gpus is None):
-        parser.error("--model and --gpus are required (or --published)")
+    if not (args.published or args.scaling) and (args.model is None or args.gpus is None):
+        parser.error("--model and --gpus are required (or --published, or --scaling)")
+    scaling_models = args.scaling.split(",") if args.scaling else []
+    for name in scaling_models:
+        if name not in MODELS:
+            parser.error(f"argument --scaling: unknown model {name!r}: choose from {', '.join(MODELS)}")
+    try:
+        gpu_counts = [int(n) for n in args.gpu_counts.split(",")]
+    except ValueError:
+        parser.error(f"argument --gpu-counts: {args.gpu_counts!r} is not a comma-separated list of integers")
 
     def work() -> int:
         if args.published:
@@ -127,6 +165,8 @@ def main(argv=None) -> int:
                       f"{row['predicted']:>9,.0f} {row['unit']} ({row['predicted'] / row['published'] - 1:+.0%}); "
                       f"{row['vs_best']:.0%} of the search's best ({row['best_layout']})")
             return 0
+        if scaling_models:
+            return print_scaling(scaling_models, gpu_counts, args)
         spec = model_spec(args.model)
         seq_len = args.seq_len or min(8192, spec.context)
         job = Job(spec, Cluster(GPUS[args.gpu], FABRICS[args.fabric]), args.gpus, seq_len, int(args.global_batch_tokens))

@@ -73,6 +73,30 @@ def plot(runs: list[Path], out: Path) -> Path:
     return out
 
 
+def plot_scaling(curves: dict[str, list[tuple[int, float]]], title: str, out: Path) -> Path:
+    """Predicted tokens/day against GPU count, one curve per label (the planner's best layout at each count)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(8, 5))
+    for label, points in curves.items():
+        ax.plot([g for g, _ in points], [t / 1e12 for _, t in points], "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("predicted tokens/day (T)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    figure.tight_layout()
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    plt.close(figure)
+    write_durably(out, png.getvalue())
+    return out
+
+
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="scripts/plot.py", description=__doc__)
     parser.add_argument("runs", type=Path, nargs="+", help="run folders (each with metrics.jsonl)")
