@@ -32,12 +32,6 @@ STRATEGY_RUNS = {  # name -> (processes, trainer overrides, the planner's layout
     "hsdp-2x2": (4, ["--parallel.strategy=hsdp", "--parallel.replicate_size=2", "--parallel.shard_size=2",
                      "--batch.micro_batch_size=2"], Layout("hsdp", shard_size=2, micro_batch=2)),
 }
-# The planner's tp and ep traffic is Megatron's (an all-gather and a reduce-scatter around each split block,
-# top_k copies of each token each way); this trainer's DTensor plan and token dispatch move more, so for those
-# two only the memory is checked here.
-TRAFFIC_UNCHECKED = {"tp2", "ep2"}
-
-
 def measured_run(data_dir, out, preset, processes, overrides) -> dict:
     """Memory the trainer logs and bytes its second step sends (rank 0), counted by train/planner/traffic_probe."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
@@ -68,9 +62,8 @@ def test_predicted_memory_and_traffic_per_rank_match_real_runs_within_10_percent
         state = (predicted.memory_gib["params"] + predicted.memory_gib["grads"] + predicted.memory_gib["optimizer"]) * 1024
         assert abs(state / measured["state"] - 1) < 0.10, (name, state, measured)
         assert abs(predicted.memory_gib["params"] * 1024 / measured["params"] - 1) < 0.10, (name, predicted, measured)
-        if name not in TRAFFIC_UNCHECKED:
-            sent = sum(t.bytes_per_step for t in predicted.traffic)
-            assert abs(sent / measured["bytes"] - 1) < 0.10, (name, sent, measured, predicted.traffic)
+        sent = sum(t.bytes_per_step for t in predicted.traffic)
+        assert abs(sent / measured["bytes"] - 1) < 0.10, (name, sent, measured, predicted.traffic)
 
 
 def test_parameter_counts_match_the_model_and_the_publications():

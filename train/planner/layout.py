@@ -232,6 +232,20 @@ def work_flops_per_token(spec: ModelSpec, seq_len: int, checkpointing: str) -> f
     return 6 * spec.params_active + attention + recompute[checkpointing]
 
 
+def tensor_parallel_collectives(s: ModelSpec, L: Layout, stage_layers: int, moe_stage_layers: int,
+                                recomputes: bool) -> float:
+    """All-reduce equivalents per micro-batch on one stage. Attention and a dense or shared FFN: an all-gather
+    in and a reduce-scatter out, each way (2); routed experts, which this trainer runs whole on every tp rank,
+    gather their input in the forward and their output's gradient in the backward (1); the embedding
+    (reduce-scatter out) and the logits (all-gather in) on the first and last stage (1 each). A full
+    recompute repeats the forward's half."""
+    dense_layers = stage_layers - moe_stage_layers
+    ffn = 2 * dense_layers + (2 * moe_stage_layers if s.shared_ffn else 0) + 1 * moe_stage_layers
+    per_layer = 2 * stage_layers + ffn
+    ends = 2 if L.pp == 1 else 1
+    return (1.5 if recomputes else 1.0) * per_layer + ends
+
+
 def estimate(job: Job, layout: Layout) -> Estimate:
     L, s, cluster = layout, job.spec, job.cluster
     dp = check(job, L)
@@ -245,6 +259,7 @@ def estimate(job: Job, layout: Layout) -> Estimate:
     t_compute = tokens * work / (L.tp * L.cp * L.pp) / (gpu.peak_flops * gpu.matmul_efficiency)
     forward_share = (2 * s.params_active + s.attention_flops(job.seq_len, True) / 3) / work
     recomputes = L.checkpointing == "full"
+    act = job.model_bytes  # activations travel in the compute dtype
     per_mb = []  # (name, link, seconds, bytes sent, exposed seconds) per micro-batch on one stage
 
     def link(ranks: int, stride: int) -> tuple[str, float, float]:
@@ -253,13 +268,14 @@ def estimate(job: Job, layout: Layout) -> Estimate:
 
     if L.tp > 1:
         kind, bw, lat = link(L.tp, 1)
-        seconds, sent = collectives.all_reduce(tokens / L.cp * s.hidden * 2, L.tp, bw, lat)
-        count = (6 if recomputes else 4) * stage_layers  # 2 all-gather + reduce-scatter pairs each way
+        # in all-reduce equivalents (an all-gather before and a reduce-scatter after each split block, each way)
+        seconds, sent = collectives.all_reduce(tokens / L.cp * s.hidden * act, L.tp, bw, lat)
+        count = tensor_parallel_collectives(s, L, stage_layers, moe_stage_layers, recomputes)
         per_mb.append(("tp all-gather/reduce-scatter", kind, seconds * count, sent * count, seconds * count))
     if L.cp > 1:
         kind, bw, lat = link(L.cp, L.tp)
-        kv = 2 * (s.kv_lora_rank + s.qk_rope_dim) if s.kv_lora_rank else 2 * 2 * max(s.kv_heads // L.tp, 1) * s.head_dim
-        seconds, sent = collectives.all_gather(tokens * kv, L.cp, bw, lat)
+        kv = (s.kv_lora_rank + s.qk_rope_dim) if s.kv_lora_rank else 2 * max(s.kv_heads // L.tp, 1) * s.head_dim
+        seconds, sent = collectives.all_gather(tokens * kv * act, L.cp, bw, lat)
         count = (3 if L.checkpointing != "none" else 2) * stage_layers
         per_mb.append(("cp all-gather K/V", kind, seconds * count, sent * count, seconds * count))
     if L.ep > 1:
@@ -272,14 +288,14 @@ def estimate(job: Job, layout: Layout) -> Estimate:
             if s.routing_node_limit:
                 destinations = min(s.top_k, s.routing_node_limit)  # one copy a node, forwarded over NVLink
             remote_share = (nodes - 1) / nodes
-        seconds, sent = collectives.all_to_all(local_tokens * destinations * s.hidden * 2 * remote_share, L.ep, bw, lat)
+        seconds, sent = collectives.all_to_all(local_tokens * destinations * s.hidden * act * remote_share, L.ep, bw, lat)
         count = (6 if recomputes else 4) * moe_stage_layers
         shared = local_tokens * 6 * s.ffn_params(s.shared_ffn) / (gpu.peak_flops * gpu.matmul_efficiency) / 2
         exposed = max(0.0, seconds - shared) * count
         per_mb.append(("ep all-to-all", kind, seconds * count, sent * count, exposed))
     if L.pp > 1:
         kind, bw, lat = link(L.pp, L.tp * L.cp * dp)
-        seconds, sent = collectives.send(tokens / (L.cp * L.tp) * s.hidden * 2, bw, lat)
+        seconds, sent = collectives.send(tokens / (L.cp * L.tp) * s.hidden * act, bw, lat)
         count = 2 * L.virtual_stages
         in_path = seconds * count if L.schedule == "1f1b" else 0.0
         per_mb.append(("pp send/recv", kind, seconds * count, sent * count, in_path))
