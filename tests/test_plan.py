@@ -87,6 +87,18 @@ def test_published_runs_are_predicted_within_20_percent(run):
     assert abs(predicted / run.figure - 1) < 0.20, (run.name, predicted, run.figure)
 
 
+# Open: the planner does not model DualPipe (which is what makes DeepSeek-V3's 64-way cross-node experts
+# pay), and prefers ZeRO-3 to Llama 3's pipeline at 128K context; those two are not yet ranked within 15%.
+RANKED = [run for run in RUNS if not run.model == "deepseek-v3" and run.seq_len <= 8192]
+
+
+@pytest.mark.parametrize("run", RANKED, ids=[run.name for run in RANKED])
+def test_search_ranks_the_published_layout_within_15_percent_of_its_best(run):
+    published = estimate(run.job(), run.layout)
+    best = search(run.job(), top=1, data_parallel=run.data_parallel)[0]
+    assert published.tokens_per_s >= 0.85 * best.tokens_per_s, (run.name, best.layout.describe())
+
+
 def test_fsdp_over_the_whole_of_colossus_is_bound_by_its_all_gathers():
     # Every GPU gathers Grok-1's 631 GB of bf16 weights for each forward and again for each backward through a
     # ~50 GB/s NIC: ~25 s of traffic against ~8 s of compute (one 8K sequence per GPU, 819M tokens a step).

@@ -91,7 +91,7 @@ def published_rows() -> list[dict]:
     rows = []
     for run in RUNS:
         result = estimate(run.job(), run.layout)
-        best = search(run.job(), top=1)
+        best = search(run.job(), top=1, data_parallel=run.data_parallel)
         rows.append({"run": run.name, "layout": run.layout.describe(), "unit": run.unit, "published": run.figure,
                      "predicted": run.predicted(result), "fits": result.fits, "source": run.source,
                      "vs_best": result.tokens_per_s / best[0].tokens_per_s if best else None,

@@ -63,6 +63,9 @@ class Job:
     seq_len: int
     global_batch_tokens: int = 16 * 2**20  # Llama 3's
     model_bytes: int = 2  # bf16 compute; 4 describes this project's fp32 CPU runs
+    # today's kernels; a published run of 2021 (Megatron-LM's 1T) had neither
+    fused_attention: bool = True  # flash attention: no T x T scores kept for the backward
+    sequence_parallel: bool = True  # the residual stream split over tp ranks between blocks
 
 
 class InvalidLayout(ValueError):
@@ -193,8 +196,8 @@ def memory(job: Job, L: Layout, dp: int) -> dict:
 
 
 def activations(job: Job, L: Layout) -> float:
-    """Saved tensors, bf16, after Korthikanti et al. (2022) with fused attention (no T x T scores) and sequence
-    parallelism (all of it split by tp but the routed experts, which see whole tokens). Per token and layer:
+    """Saved tensors, bf16, after Korthikanti et al. (2022): with fused attention no T x T scores, and with
+    sequence parallelism all of it split by tp but the routed experts (which see whole tokens). Per token and layer:
     each norm's input (2h), the q/k/v projection's input, q, k and v, the attention output; the FFN's input
     and, gated, its gate, up and product (2 bytes each per unit; ungated: up and activation) -- for the dense
     or shared FFN and for each of the top_k routed experts. Selective checkpointing recomputes the attention
@@ -205,14 +208,19 @@ def activations(job: Job, L: Layout) -> float:
     tokens = L.micro_batch * job.seq_len / L.cp
     kv = 2 * (s.kv_lora_rank + s.qk_rope_dim) if s.kv_lora_rank else 2 * 2 * s.kv_heads * s.head_dim
     q = 2 * s.heads * (s.head_dim + s.qk_rope_dim)
-    attention = (2 * s.norms_per_layer + 2 + 2) * s.hidden + q + kv  # norms, q/k/v input, output + q, k, v
+    # the residual stream's tensors (norm inputs, the q/k/v and FFN inputs) are split by tp only under
+    # sequence parallelism; the heads' and the FFN units' always are
+    stream = (2 * s.norms_per_layer + 2 + 2) * s.hidden / (L.tp if job.sequence_parallel else 1)
+    attention = q + kv + 2 * s.hidden  # q, k, v and the attention output
+    if not job.fused_attention:  # the T x T scores: softmax output, dropout mask and output (5 bytes each)
+        attention += 5 * s.heads * job.seq_len / L.cp
     tensors_per_unit = 3 if s.gated_ffn else 2
     if L.checkpointing == "selective":
-        attention -= q + kv + 2 * s.hidden
+        attention = 0.0
         tensors_per_unit -= 1
     split_units = s.shared_ffn if s.is_moe else s.ffn
     routed_units = s.top_k * s.expert_ffn if s.is_moe else 0
-    per_layer = (attention + 2 * s.hidden + 2 * tensors_per_unit * split_units) / L.tp + 2 * tensors_per_unit * routed_units
+    per_layer = stream + (attention + 2 * tensors_per_unit * split_units) / L.tp + 2 * tensors_per_unit * routed_units
     stage_layers = math.ceil(s.layers / L.pp)
     in_flight = 1
     if L.pp > 1:

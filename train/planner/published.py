@@ -9,7 +9,7 @@ GPU-hours per trillion tokens, which needs no FLOP counting at all.
 from dataclasses import dataclass
 
 from .hardware import FABRICS, GPUS, Cluster
-from .layout import Estimate, Job, Layout, estimate
+from .layout import DATA_PARALLEL, Estimate, Job, Layout, estimate
 from .spec import REFERENCES, ModelSpec
 
 
@@ -26,10 +26,15 @@ class PublishedRun:
     figure: float
     unit: str  # "TFLOP/s per GPU" or "GPU-hours per 1T tokens"
     source: str
+    # what the run's software offered: the search is ranked among the same choices
+    data_parallel: tuple = DATA_PARALLEL
+    fused_attention: bool = True
+    sequence_parallel: bool = True
 
     def job(self) -> Job:
         return Job(REFERENCES[self.model], Cluster(GPUS[self.gpu], FABRICS[self.fabric]), self.gpus, self.seq_len,
-                   self.global_batch_tokens)
+                   self.global_batch_tokens, fused_attention=self.fused_attention,
+                   sequence_parallel=self.sequence_parallel)
 
     def predicted(self, result: Estimate | None = None) -> float:
         result = result or estimate(self.job(), self.layout)
@@ -60,6 +65,8 @@ RUNS = (
     PublishedRun("DeepSeek-V3, 2,048 H800", "deepseek-v3", "h800", "ib-ndr", 2048, 4096, 15360 * 4096,
                  Layout("zero1", pp=16, ep=64), 180e3, "GPU-hours per 1T tokens", "DeepSeek-AI 2024, section 1"),
     PublishedRun("Megatron-LM 1T GPT, 3,072 A100", "megatron-1t", "a100", "ib-hdr", 3072, 2048, 3072 * 2048,
-                 Layout("zero1", tp=8, pp=64, checkpointing="full"), 163, "TFLOP/s per GPU",
-                 "Narayanan et al. 2021, table 1"),
+                 Layout("ddp", tp=8, pp=64, checkpointing="full"), 163, "TFLOP/s per GPU",
+                 "Narayanan et al. 2021, table 1",
+                 # Megatron-LM in 2021: no distributed optimizer, no flash attention, no sequence parallelism
+                 data_parallel=("ddp",), fused_attention=False, sequence_parallel=False),
 )
