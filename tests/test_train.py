@@ -219,6 +219,10 @@ def test_config_errors_are_one_line_and_name_the_key(data_dir, tmp_path, capsys)
     assert "unknown" in error_of(capsys, *args, "--model.preset=huge")
     message = error_of(capsys, *args, "--batch.global_batch_size=10")
     assert "batch.global_batch_size 10" in message and "use 8 or 12" in message
+    from train.config import ConfigError  # fewer sequences than ranks x micro-batch: two sizes, both valid
+    config = load_config(None, [*args[2:], "--batch.global_batch_size=32", "--batch.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match=r"use 128 or 256 or batch.micro_batch_size 2$"):
+        config.grad_accumulation(16)
     assert "data.seq_len 1024 exceeds the model's context 256" in error_of(capsys, *args, "--data.seq_len=1024")
     assert "no manifest.json" in error_of(capsys, *args, f"--data.path={tmp_path / 'missing'}")
     message = error_of(capsys, *args, "--model.overrides.vocab_size=999")

@@ -174,12 +174,15 @@ class TrainConfig(Section):
         sequences = self.global_batch_sequences()
         per_step = self.batch.micro_batch_size * data_parallel_size
         if sequences % per_step:
+            # the two nearest multiples; below one micro-batch per rank, the smallest two there are
             lower = max(per_step, sequences // per_step * per_step)
-            upper = (sequences // per_step + 1) * per_step
+            upper = lower + per_step
+            smaller_micro = (f" or batch.micro_batch_size {sequences // data_parallel_size}"
+                             if sequences >= data_parallel_size and sequences % data_parallel_size == 0 else "")
             raise ConfigError(
                 f"batch.global_batch_size {sequences} is not divisible by micro_batch_size "
-                f"{self.batch.micro_batch_size} x {data_parallel_size} data-parallel ranks; use {lower} or {upper} "
-                f"(or change batch.micro_batch_size)")
+                f"{self.batch.micro_batch_size} x {data_parallel_size} data-parallel ranks; use {lower} or {upper}"
+                f"{smaller_micro or ' (or change batch.micro_batch_size)'}")
         return sequences // per_step
 
     def dump_toml(self) -> str:
