@@ -140,27 +140,38 @@ def check_torchrun_command(argv: list[str], nnodes: int, nproc: int, node_rank: 
     return load_config(REPO / config_path, train_args)  # the trainer accepts what the job passes
 
 
-def test_slurm_script_starts_one_torchrun_per_node(tmp_path):
+def test_slurm_script_starts_one_process_per_rank_from_the_allocation(tmp_path):
+    """Without a cluster (tests/test_slurm.py runs it under a real SLURM): the ranks per node come from the GPUs
+    allocated, the threads from the CPUs, and a GPU-less allocation without RANKS_PER_NODE is one line."""
     subprocess.run(["bash", "-n", "scripts/slurm/train.sbatch"], cwd=REPO, check=True)
     record = tmp_path / "launches.jsonl"
     fake = tmp_path / "bin"
     fake.mkdir()
-    # scontrol expands the node list; srun runs its command once per node with SLURM_NODEID set
+    # scontrol expands the node list; srun runs its command once per task with SLURM_PROCID / SLURM_LOCALID
     executable(fake / "scontrol", "#!/usr/bin/env bash\nprintf 'gpu-node-17\\ngpu-node-18\\n'\n")
     executable(fake / "srun", "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n"
-                              "for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n \"$@\" || exit; done\n")
-    executable(fake / "python", f"#!{sys.executable}\nimport json, sys\n"
-                                f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+                              "for p in $(seq 0 $((WORLD_SIZE - 1))); do SLURM_PROCID=$p "
+                              "SLURM_LOCALID=$((p % LOCAL_WORLD_SIZE)) \"$@\" || exit; done\n")
+    executable(fake / "python", f"#!{sys.executable}\nimport json, os, sys\n"
+                                f"keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'OMP_NUM_THREADS')\n"
+                                f"open({str(record)!r}, 'a').write(json.dumps([sys.argv[1:], "
+                                f"{{k: os.environ[k] for k in keys}}]) + '\\n')\n")
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": str(fake / "python"),
            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-node-[17-18]",
-           "SLURM_GPUS_ON_NODE": "8"}
+           "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_ON_NODE": "64"}
     run(["bash", "scripts/slurm/train.sbatch", "configs/gpu-350m.toml", "--run.max_steps=10"], env=env)
     launches = recorded_launches(record)
-    assert len(launches) == 2
-    for node_rank, argv in enumerate(launches):
-        assert argv[:2] == ["-m", "torch.distributed.run"]
-        config = check_torchrun_command(argv[2:], 2, 8, node_rank, "gpu-node-17:29500")
-        assert config.parallel.strategy == "hsdp" and config.run.max_steps == 10
+    assert [int(e["RANK"]) for _, e in launches] == list(range(16))
+    assert [int(e["LOCAL_RANK"]) for _, e in launches] == list(range(8)) * 2
+    assert {(e["WORLD_SIZE"], e["MASTER_ADDR"], e["OMP_NUM_THREADS"]) for _, e in launches} == {("16", "gpu-node-17", "8")}
+    argv = launches[0][0]
+    assert argv[:2] == ["-m", "train"] and argv[2] == "--parallel.strategy=hsdp"
+    config = load_config(REPO / argv[4], [argv[2], *argv[5:]])  # the trainer accepts what the job passes
+    assert config.parallel.strategy == "hsdp" and config.run.max_steps == 10
+    cpu_only = {**env, "SLURM_GPUS_ON_NODE": "0"}
+    refused = subprocess.run(["bash", "scripts/slurm/train.sbatch", "configs/tiny.toml"], cwd=REPO, env=cpu_only,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "set RANKS_PER_NODE" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_kubernetes_job_is_consistent_and_builds_the_torchrun_command(tmp_path):
