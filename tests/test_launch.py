@@ -5,6 +5,7 @@ never comes produces an error within the timeout, not a hang."""
 import json
 import os
 import socket
+import signal
 import stat
 import subprocess
 import sys
@@ -198,3 +199,40 @@ def test_kubernetes_job_is_consistent_and_builds_the_torchrun_command(tmp_path):
     for index, argv in enumerate(recorded_launches(record)):
         config = check_torchrun_command(argv, nnodes, gpus, index, endpoint)
         assert config.parallel.strategy == "hsdp"
+
+
+def test_kubernetes_manifest_is_valid_and_a_terminated_pod_exits_75_for_its_failure_policy(tmp_path):
+    validate = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict",
+                               "scripts/k8s/train.yaml"], cwd=REPO, capture_output=True, text=True)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    _, job = yaml.safe_load_all((REPO / "scripts" / "k8s" / "train.yaml").read_text())
+    pod = job["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= 120  # a checkpoint's time between SIGTERM and SIGKILL
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]}} in rules
+    container = pod["containers"][0]
+    # a torchrun stand-in whose worker checkpoints and exits 75 on SIGTERM, and which exits 1 when its
+    # worker fails, as torchrun does; the pod's shell must turn the kubelet's SIGTERM into exit 75
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    ready = tmp_path / "worker-ready"
+    executable(fake / "torchrun", f"""#!{sys.executable}
+import signal, subprocess, sys
+worker = subprocess.Popen([sys.executable, "-c", '''
+import pathlib, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+pathlib.Path({str(ready)!r}).write_text("up")
+time.sleep(60)
+'''])
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stand-in agent outlives its worker, as torchrun tries to
+sys.exit(1 if worker.wait() else 0)
+""")
+    env = {**os.environ, **{item["name"]: item["value"] for item in container["env"]},
+           "PATH": f"{fake}:{os.environ['PATH']}", "JOB_COMPLETION_INDEX": "0"}
+    shell = subprocess.Popen([*container["command"], *container["args"]], env=env, cwd=REPO)
+    deadline = time.time() + 30
+    while not ready.exists():
+        assert time.time() < deadline and shell.poll() is None
+        time.sleep(0.05)
+    shell.send_signal(signal.SIGTERM)  # what the kubelet sends first
+    assert shell.wait(timeout=30) == 75
