@@ -98,11 +98,12 @@ def wait_for(env, job: str, states: set, timeout: float = 240) -> dict:
     return state
 
 
-def submit(env, root, out: Path, *train_args) -> str:
+def submit(env, root, out: Path, *train_args, sbatch_args=(), settings=None) -> str:
     """The project's batch script, unchanged; on a CPU partition the documented RANKS_PER_NODE setting."""
-    result = subprocess.run(["sbatch", "--parsable", f"--output={root}/job-%j.out", "scripts/slurm/train.sbatch",
-                             "configs/tiny.toml", *train_args], cwd=REPO, capture_output=True, text=True,
-                            env={**env, "RANKS_PER_NODE": "2", "PYTHON": sys.executable})
+    result = subprocess.run(["sbatch", "--parsable", f"--output={root}/job-%j.out", *sbatch_args,
+                             "scripts/slurm/train.sbatch", "configs/tiny.toml", *train_args], cwd=REPO,
+                            capture_output=True, text=True,
+                            env={**env, "RANKS_PER_NODE": "2", "PYTHON": sys.executable, **(settings or {})})
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
 
@@ -142,3 +143,17 @@ def test_a_signalled_job_checkpoints_exits_75_requeues_and_resumes(slurm, data_d
     rows = read_metrics(out)
     assert [row["step"] for row in rows] == list(range(1, 41))
     assert losses(rows) == losses(straight)
+
+
+def test_the_time_limit_warning_checkpoints_and_the_job_ends_with_75(slurm, data_dir, tmp_path):
+    # A 1-minute limit is inside the script's 180 s warning: SIGUSR1 comes at once. REQUEUE=0 so that what
+    # SLURM records is the job's own exit code.
+    env, root = slurm
+    out = tmp_path / "limited"
+    job = submit(env, root, out, *base_args(data_dir, out, steps=100_000)[2:], "--log.every=100",
+                 sbatch_args=["--time=1"], settings={"REQUEUE": "0"})
+    state = wait_for(env, job, {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}, timeout=120)
+    log = (root / f"job-{job}.out").read_text()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0", log
+    assert "preempted at step" in log
+    assert any((folder / "COMPLETE").exists() for folder in (out / "checkpoints").iterdir())
