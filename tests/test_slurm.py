@@ -121,7 +121,8 @@ def test_a_batch_job_trains_like_torchrun(slurm, data_dir, tmp_path):
     assert losses(read_metrics(tmp_path / "slurm")) == losses(reference)
 
 
-def test_a_signalled_job_checkpoints_exits_75_requeues_and_resumes(slurm, data_dir, tmp_path):
+@pytest.mark.parametrize("signal_name", ["USR1", "TERM"])
+def test_a_signalled_job_checkpoints_exits_75_requeues_and_resumes(slurm, data_dir, tmp_path, signal_name):
     env, root = slurm
     out = tmp_path / "preempted"
     args = base_args(data_dir, out, steps=40)[2:]
@@ -130,7 +131,7 @@ def test_a_signalled_job_checkpoints_exits_75_requeues_and_resumes(slurm, data_d
     while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 5:
         assert time.time() < deadline and job_state(env, job).get("JobState") in ("PENDING", "RUNNING")
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)  # as the time-limit warning does
+    subprocess.run(["scancel", f"--signal={signal_name}", job], env=env, check=True)
     state = wait_for(env, job, {"PENDING", "COMPLETED", "FAILED"})
     log = (root / f"job-{job}.out").read_text()
     assert state["JobState"] == "PENDING" and state["Restarts"] == "1", log
