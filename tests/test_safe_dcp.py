@@ -152,6 +152,7 @@ def save_sharded(rank: int, folder: str, store: str) -> None:
     full = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(full, os.path.join(folder, "full.pt"))
+    dist.barrier()  # neither rank tears gloo down while the other still works (a SIGABRT in one CI run)
     dist.destroy_process_group()
 
 

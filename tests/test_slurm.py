@@ -136,10 +136,16 @@ def test_a_signalled_job_checkpoints_exits_75_requeues_and_resumes(slurm, data_d
     log = (root / f"job-{job}.out").read_text()
     assert state["JobState"] == "PENDING" and state["Restarts"] == "1", log
     assert "Exited with exit code 75" in log and "requeueing job" in log
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)  # skip the delay
+    # the node is free again once the first run's processes are gone; then skip SLURM's requeue delay
+    deadline = time.time() + 120
+    while subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip() != "idle":
+        assert time.time() < deadline
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     state = wait_for(env, job, {"COMPLETED", "FAILED", "CANCELLED"})
     log = (root / f"job-{job}.out").read_text()
-    assert state["JobState"] == "COMPLETED" and "resumed from" in log, log
+    daemons = "".join((root / "log" / name).read_text()[-1500:] for name in ("slurmctld.log", "slurmd.log"))
+    assert state["JobState"] == "COMPLETED" and "resumed from" in log, (state, log, daemons)
     straight = train(data_dir, tmp_path / "straight", nproc=2, steps=40)
     rows = read_metrics(out)
     assert [row["step"] for row in rows] == list(range(1, 41))
