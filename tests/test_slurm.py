@@ -141,6 +141,9 @@ def test_a_signalled_job_checkpoints_exits_75_requeues_and_resumes(slurm, data_d
     while subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip() != "idle":
         assert time.time() < deadline
         time.sleep(0.5)
+    # slurmd refuses a launch credential issued in the same second as it revoked the job's last one
+    # ("Job N already killed, do not launch batch job"): start the requeued run in a later second
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     state = wait_for(env, job, {"COMPLETED", "FAILED", "CANCELLED"})
     log = (root / f"job-{job}.out").read_text()
