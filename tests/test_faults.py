@@ -93,6 +93,33 @@ def test_sigterm_to_a_single_process_exits_with_the_preemption_code(work, tmp_pa
     assert (tmp_path / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").is_file()
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for the signal (Linux: the SigCgt mask in /proc/PID/status)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) >> (signum - 1) & 1)
+
+
+def test_a_signal_during_start_up_is_acted_on_after_the_first_step(work, tmp_path):
+    # SIGUSR1 as soon as `python -m train` records it: seconds before torch is even imported. The default
+    # action would kill the rank (exit 138, no checkpoint, no requeue); it must checkpoint step 1 and exit 75.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads the signal mask from /proc")
+    argv = [sys.executable, "-m", "train", *report.train_args(work[0], tmp_path), "--parallel.strategy=none",
+            "--run.max_steps=200"]
+    job = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while job.poll() is None and not catches(job.pid, signal.SIGUSR1):
+        time.sleep(0.005)
+    assert "libtorch" not in open(f"/proc/{job.pid}/maps").read()  # still starting: torch not even loaded
+    job.send_signal(signal.SIGUSR1)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 75 and "preempted at step 1:" in stderr, stderr
+    assert (tmp_path / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
+
+
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(work, tmp_path):
     small = tmp_path / "small"
     small.mkdir()

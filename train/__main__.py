@@ -8,6 +8,10 @@ launcher runs the same training. Exit codes: 0 done, 2 bad input or a stop expla
 import os
 import sys
 
+from . import preemption
+
+preemption.catch()  # before the heavy imports below: a preemption signal during start-up is acted on, not fatal
+
 from data.folders import FolderError
 from data.shards import DataError
 

@@ -9,7 +9,6 @@ per-micro-batch mean losses gives exactly the global mean: the same math at ever
 import math
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from data.tokenizer import load as load_tokenizer
 from data.tokenizer import token_byte_lengths
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
 
-from . import checkpoint, faults, weights
+from . import checkpoint, faults, preemption, weights
 from .config import ConfigError, TrainConfig
 from .metrics import MetricsLogger, peak_memory_mib
 from .engine import build_engine
@@ -170,7 +169,6 @@ class Trainer:
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient, or a loss spike
         self.bad_streak = 0  # ... of them in a row
         self.loss_mean = None  # running mean of accepted losses, for the spike guard
-        self.preempt_requested = False  # set by the SIGTERM handler, agreed on by all ranks each step
         self.fault = faults.from_env()
         self.checkpointer = checkpoint.Checkpointer(config.checkpoint_dir, env, config.checkpoint.keep,
                                                     config.checkpoint.async_save)
@@ -237,7 +235,7 @@ class Trainer:
             counts = out.expert_token_counts.detach()
             expert_counts = counts if expert_counts is None else expert_counts + counts
         # One small reduction per step so that every rank takes the same decisions: skip or not, stop or not.
-        flags = torch.tensor([float(self.preempt_requested), self.checkpointer.local_done()], device=sums.device)
+        flags = torch.tensor([float(preemption.requested()), self.checkpointer.local_done()], device=sums.device)
         agreed = all_reduce_sum(torch.cat([sums[:1], flags])).tolist()
         loss = agreed[0] / (self.grad_accumulation * self.env.world_size)
         spike = bool(self.config.run.loss_spike_factor and self.loss_mean is not None
@@ -300,8 +298,7 @@ class Trainer:
                                self.step, config.log.progress, config.log.tensorboard)
         logger.throughput(self.tokens_seen)
         last = {}
-        for signum in (signal.SIGTERM, signal.SIGUSR1):  # what SLURM and Kubernetes send before a kill
-            signal.signal(signum, self._request_preemption)
+        preemption.catch()  # already done by `python -m train`; this covers a Trainer built in-process
         try:
             while self.step < config.run.max_steps:
                 local = self.train_step()
@@ -330,6 +327,7 @@ class Trainer:
                     saved = self.save()
                 if local["preempt"] and not done:
                     self.checkpointer.wait()
+                    preemption.clear()
                     raise Preempted(f"preempted at step {self.step}: checkpoint {saved} written; launch the same "
                                     f"command again to resume")
             self.checkpointer.wait()  # the run ends when its last checkpoint is complete
@@ -337,9 +335,6 @@ class Trainer:
             logger.close()
             self.loader.close()
         return last
-
-    def _request_preemption(self, signum, frame) -> None:
-        self.preempt_requested = True  # acted on at the end of the current step, on every rank together
 
 
 def run(config: TrainConfig) -> dict:
