@@ -88,7 +88,8 @@ def test_published_runs_are_predicted_within_20_percent(run):
 
 
 # Open: the planner does not model DualPipe (which is what makes DeepSeek-V3's 64-way cross-node experts
-# pay), and prefers ZeRO-3 to Llama 3's pipeline at 128K context; those two are not yet ranked within 15%.
+# pay), and at 128K context its best pipelines as Llama 3 did but with twice the cp and virtual stages (the
+# published v2 keeps half of 16 micro-batches in the bubble); those two are not yet ranked within 15%.
 RANKED = [run for run in RUNS if not run.model == "deepseek-v3" and run.seq_len <= 8192]
 
 
@@ -97,6 +98,28 @@ def test_search_ranks_the_published_layout_within_15_percent_of_its_best(run):
     published = estimate(run.job(), run.layout)
     best = search(run.job(), top=1, data_parallel=run.data_parallel)[0]
     assert published.tokens_per_s >= 0.85 * best.tokens_per_s, (run.name, best.layout.describe())
+
+
+@pytest.mark.parametrize("run", [run for run in RUNS if run.model == "llama3-405b"], ids=lambda run: run.name)
+def test_the_search_pipelines_llama3_as_meta_did(run):
+    # ZeRO-3 without a pipeline looks as fast only if its gathers could hide behind the whole step's compute;
+    # phase by phase, a forward's gathers have only the forward to hide behind
+    best = search(run.job(), top=1, data_parallel=run.data_parallel)[0]
+    assert (best.layout.tp, best.layout.pp, best.layout.data_parallel) == (8, 16, "zero1"), best.layout.describe()
+
+
+def test_sharded_gathers_hide_only_behind_their_own_phase():
+    # One H100 node's worth of fabric: Llama 3 405B under ZeRO-3 with tp 8 over 16 nodes, one 8K sequence a
+    # step. The forward's gather of a tp rank's 50.6B bf16 weights takes ~2.4 s on 40 GB/s but its compute
+    # ~1.3 s: ~1.1 s of it is exposed however long the backward that follows.
+    job = Job(REFERENCES["llama3-405b"], Cluster(GPUS["h100"], FABRICS["roce400"]), 128, 8192, 16 * 8192)
+    result = estimate(job, Layout("zero3", tp=8, checkpointing="selective"))
+    gather = next(t for t in result.traffic if t.name.startswith("dp all-gather"))
+    forward = result.compute_s * (2 * job.spec.params_active + job.spec.attention_flops(8192, True) / 3) / (
+        6 * job.spec.params_active + job.spec.attention_flops(8192, True) * 4 / 3)
+    one_gather = gather.seconds / 2  # once for the forward, once for the backward (beyond the reuse distance)
+    assert one_gather > forward and gather.exposed_s >= one_gather - forward
+    assert result.step_s >= result.compute_s + one_gather - forward
 
 
 def test_fsdp_over_the_whole_of_colossus_is_bound_by_its_all_gathers():

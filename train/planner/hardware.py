@@ -64,7 +64,7 @@ class Cluster:
     def link(self, group_size: int, stride: int) -> tuple[float, float]:
         """(bytes/s per GPU, latency per hop) of the slowest link a group of `group_size` ranks crosses, whose
         members are `stride` ranks apart in the job's rank order (nodes hold consecutive ranks)."""
-        if group_size <= 1 or group_size * stride <= self.gpus_per_node:
+        if self.in_node(group_size, stride):
             return self.gpu.nvlink_bytes_per_s * BUS_EFFICIENCY, NVLINK_LATENCY_S
         return self.fabric.bytes_per_s * BUS_EFFICIENCY, self.fabric.latency_s
 

@@ -314,9 +314,9 @@ def estimate(job: Job, layout: Layout) -> Estimate:
     result.bubble_s = bubble * t_micro_batch
     for name, kind, seconds, sent, exposed in per_mb:
         result.traffic.append(Traffic(name, kind, sent * m, seconds * m, exposed * (m + bubble)))
-    if L.pp > 1 and L.schedule == "interleaved":  # fill and drain
-        name, kind, seconds, sent, _ = next(t for t in per_mb if t[0].startswith("pp"))
-        result.traffic[-1].exposed_s = seconds / L.virtual_stages * (L.pp - 1)
+    if L.pp > 1 and L.schedule == "interleaved":  # its sends are exposed only in the fill and drain
+        pipeline_sends = result.traffic[-1]  # appended last above
+        pipeline_sends.exposed_s = pipeline_sends.seconds / m / L.virtual_stages * (L.pp - 1)
     result.traffic += data_parallel_traffic(job, L, dp, m, t_compute, forward_share, link)
     result.step_s = (m + bubble) * t_micro_batch + sum(t.exposed_s for t in result.traffic if t.name.startswith("dp"))
     return result
@@ -331,6 +331,7 @@ def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float
     forward_window, backward_window = t_compute * forward_share, t_compute * (1 - forward_share)
     stage_params_count = dense + experts
     traffic = []
+    compute_windows = {}  # per link: the compute left to hide sharded gathers and reductions behind
     groups = [("dense", dense, dp * L.cp, L.tp)]
     if experts:
         groups.append(("experts", experts, expert_replicas(L, dp), L.ep if L.ep > 1 else L.tp))
@@ -352,19 +353,41 @@ def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float
             traffic.append(overlapped(f"dp all-reduce ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers))
             traffic.append(overlapped(f"dp all-gather ({what})", kind, gather_s, gather_sent, forward_window, stage_layers))
         else:  # fsdp / hsdp / zero3: gathers for each micro-batch's forward and backward
-            reduces = m if L.data_parallel == "zero3" else 1
-            # DeepSpeed ZeRO-3 keeps what it gathered for the forward until the backward when the stage's
-            # parameters are within its reuse distance (stage3_max_reuse_distance, 1e9): one gather, not two
-            gathers = 1 if L.data_parallel == "zero3" and stage_params_count <= ZERO3_REUSE_DISTANCE else 2
-            traffic.append(overlapped(f"dp all-gather ({what})", kind, gathers * m * gather_s, gathers * m * gather_sent,
-                                      m * t_compute, gathers * m * stage_layers))
-            traffic.append(overlapped(f"dp reduce-scatter ({what})", kind, reduces * reduce_s, reduces * reduce_sent,
-                                      reduces * backward_window, stage_layers * reduces))
+            windows = compute_windows.setdefault(kind, {"forward": forward_window, "backward": backward_window})
+            traffic += sharded_traffic(L, what, kind, m, (gather_s, gather_sent), (reduce_s, reduce_sent), windows,
+                                       stage_layers, stage_params_count)
             if L.data_parallel == "hsdp" and ranks > shard_ranks:
                 kind, bw, lat = link(ranks // shard_ranks, stride * shard_ranks)
                 seconds, sent = collectives.all_reduce(grad_bytes * params / shard_ranks, ranks // shard_ranks, bw, lat)
                 traffic.append(overlapped(f"dp all-reduce across replicas ({what})", kind, seconds, sent, 0.0, 1))
     return traffic
+
+
+def sharded_traffic(L: Layout, what: str, kind: str, m: int, gather, reduce, windows: dict, layers: int,
+                    stage_params_count: float) -> list:
+    """FSDP / ZeRO-3, phase by phase: each micro-batch's forward hides its gathers behind the forward's compute
+    only, and its backward hides the backward's re-gathers and the gradient reduce-scatter behind the
+    backward's compute (FSDP reduces in the last micro-batch's backward, ZeRO-3 in every one). Collectives on
+    one link share its windows (`windows`, per micro-batch, consumed here): what a phase's compute cannot
+    cover is exposed, plus one layer of each collective, which has nothing to hide behind."""
+    (gather_s, gather_sent), (reduce_s, reduce_sent) = gather, reduce
+    reduces = m if L.data_parallel == "zero3" else 1
+    # DeepSpeed ZeRO-3 keeps what it gathered for the forward until the backward when the stage's
+    # parameters are within its reuse distance (stage3_max_reuse_distance, 1e9): one gather, not two
+    regather_s = 0.0 if L.data_parallel == "zero3" and stage_params_count <= ZERO3_REUSE_DISTANCE else gather_s
+    forward_exposed = m * max(0.0, gather_s - windows["forward"])
+    # the backward's re-gathers are prefetched ahead of the compute that needs them: they take the window first
+    backward_gather_exposed = m * max(0.0, regather_s - windows["backward"])
+    windows["forward"] = max(0.0, windows["forward"] - gather_s)
+    windows["backward"] = max(0.0, windows["backward"] - regather_s)
+    reduce_exposed = reduces * max(0.0, reduce_s - windows["backward"])
+    windows["backward"] = max(0.0, windows["backward"] - reduce_s * reduces / m)
+    gathers = 1 + (regather_s > 0)
+    total_gather, total_reduce = gathers * m * gather_s, reduces * reduce_s
+    return [Traffic(f"dp all-gather ({what})", kind, gathers * m * gather_sent, total_gather,
+                    min(total_gather, forward_exposed + backward_gather_exposed + gather_s / layers)),
+            Traffic(f"dp reduce-scatter ({what})", kind, reduces * reduce_sent, total_reduce,
+                    min(total_reduce, reduce_exposed + reduce_s / layers))]
 
 
 def per_layer(collective, size: float, ranks: int, bandwidth: float, latency: float, layers: int):
