@@ -61,17 +61,33 @@ class RMSNorm(nn.Module):
             return RMSNormFunction.apply(x.float(), self.weight.float(), self.eps).to(x.dtype)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
+def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape [B, 1, T, head_dim] for rotate-half RoPE over the full head dim.
 
     The sine's first half is negated here, once per forward, so that every layer's rotation is a roll:
     rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin, exactly (only signs move)."""
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta ** exponents)
-    phase = position_ids.float()[..., None] * inv_freq  # [B, T, head_dim/2]
-    phase = torch.cat([phase, phase], dim=-1)[:, None]  # grok-1 tiles the phase: halves share frequencies
-    sin = phase.sin()
-    return phase.cos(), torch.cat([-sin[..., :head_dim // 2], sin[..., head_dim // 2:]], dim=-1)
+    phase = position_ids.float()[:, None, :, None] * inv_freq  # [B, 1, T, head_dim/2]
+    cos, sin = phase.cos(), phase.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # grok-1 tiles: halves share frequencies
+
+
+# The tables as one opaque operator, so that torch.compile computes them once per forward: as plain ops,
+# inductor fuses the pow and cos into every layer's rotary kernels and recomputes them per element in the
+# backward (7% of a compiled step at nanoGPT's shape on a CPU). The copy of this file in an export, loaded
+# with trust_remote_code into a process that has already imported it, finds the operator registered.
+if not hasattr(torch.ops.minicolossus, "rotary_tables"):
+    @torch.library.register_fake(torch.library.custom_op("minicolossus::rotary_tables", rotary_tables,
+                                                         mutates_args=()))
+    def _rotary_tables_shapes(position_ids, head_dim, theta):
+        shape = (position_ids.shape[0], 1, position_ids.shape[1], head_dim)
+        return position_ids.new_empty(shape, dtype=torch.float32), position_ids.new_empty(shape, dtype=torch.float32)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotary_tables, computed once per forward even under torch.compile."""
+    return torch.ops.minicolossus.rotary_tables(position_ids, head_dim, theta)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
 from model.attention import (Attention, RMSNormFunction, SoftcappedAttention, apply_rotary, attention_temperature,
                              eager_logit_bias,
-                             make_attention_inputs, rotary_cos_sin, softcap)
+                             make_attention_inputs, rotary_cos_sin, rotary_tables, softcap)
 from model.moe import MoE, gated_gelu, geglu, grouped_geglu, load_balancing_loss
 
 from conftest import small_config, small_model
@@ -166,6 +166,26 @@ def test_compiled_rotary_equals_eager():
     x = torch.randn(2, 3, 5, 8)
     cos, sin = rotary_cos_sin(torch.arange(5)[None], 8, 10000.0)
     torch.testing.assert_close(torch.compile(apply_rotary, fullgraph=True)(x, cos, sin), apply_rotary(x, cos, sin))
+
+
+def test_a_compiled_forward_computes_the_rotary_tables_once_as_one_operator():
+    """Traced as plain ops, inductor fused cos/sin into every layer's kernels and recomputed them per element
+    in the backward; as one opaque operator the tables are computed once and saved."""
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = small_model(num_hidden_layers=3, num_local_experts=1, num_experts_per_tok=1)
+    torch.compile(model, backend=record, fullgraph=True)(torch.randint(0, 97, (2, 6)))
+    (graph,) = graphs
+    targets = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.minicolossus.rotary_tables) == 1
+    assert not {torch.cos, torch.sin, torch.Tensor.cos, torch.Tensor.sin} & set(targets)
+    cos, sin = rotary_cos_sin(torch.arange(6)[None], 8, 10000.0)  # the operator computes what its body does
+    for got, want in zip((cos, sin), rotary_tables(torch.arange(6)[None], 8, 10000.0)):
+        assert torch.equal(got, want)
 
 
 def test_rms_norm_backward_equals_autograd_in_float64():
