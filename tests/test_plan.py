@@ -12,7 +12,8 @@ from model import preset_config
 from train import plan
 from train.metrics import read_metrics
 from train.planner.hardware import FABRICS, GPUS, Cluster
-from train.planner.layout import Job, Layout, estimate
+from train.planner.layout import (Job, Layout, estimate, forward_flops_per_token, sharded_traffic,
+                                  work_flops_per_token)
 from train.planner.published import RUNS
 from train.planner.search import search
 from train.planner.spec import REFERENCES, from_config, model_spec
@@ -115,11 +116,29 @@ def test_sharded_gathers_hide_only_behind_their_own_phase():
     job = Job(REFERENCES["llama3-405b"], Cluster(GPUS["h100"], FABRICS["roce400"]), 128, 8192, 16 * 8192)
     result = estimate(job, Layout("zero3", tp=8, checkpointing="selective"))
     gather = next(t for t in result.traffic if t.name.startswith("dp all-gather"))
-    forward = result.compute_s * (2 * job.spec.params_active + job.spec.attention_flops(8192, True) / 3) / (
-        6 * job.spec.params_active + job.spec.attention_flops(8192, True) * 4 / 3)
+    forward = result.compute_s * forward_flops_per_token(job.spec, 8192) / work_flops_per_token(job.spec, 8192,
+                                                                                                "selective")
     one_gather = gather.seconds / 2  # once for the forward, once for the backward (beyond the reuse distance)
     assert one_gather > forward and gather.exposed_s >= one_gather - forward
     assert result.step_s >= result.compute_s + one_gather - forward
+
+
+def test_fsdp_reduces_in_the_last_backward_only_and_later_collectives_get_what_it_leaves():
+    # Two FSDP groups on one link, 4 micro-batches, 10 layers: each forward has 1 s of compute, each backward 3 s.
+    # The dense group's 2 s reduce-scatter runs in the last backward only (after its 0.5 s re-gather), so the
+    # experts' re-gathers hide in every backward but their 1 s reduce-scatter finds the last one used up.
+    windows = {"forward": 1.0, "backward": 3.0, "last backward": 3.0}
+    fsdp = Layout("fsdp")
+    dense = sharded_traffic(fsdp, "dense", "fabric", 4, (0.5, 1.0), (2.0, 1.0), windows, 10, 1e9)
+    experts = sharded_traffic(fsdp, "experts", "fabric", 4, (0.5, 1.0), (1.0, 1.0), windows, 10, 1e9)
+    assert [t.seconds for t in dense] == [4.0, 2.0]  # a gather for each forward and each backward; one reduce
+    assert [t.exposed_s for t in dense] == pytest.approx([0.05, 0.2])  # only the layer with nothing before it
+    assert [t.exposed_s for t in experts] == pytest.approx([0.05, 1.0])
+    assert windows == pytest.approx({"forward": 0.0, "backward": 2.0, "last backward": 0.0})
+    # ZeRO-3 reduces in every backward and, within its reuse distance, gathers once a micro-batch
+    windows = {"forward": 1.0, "backward": 3.0, "last backward": 3.0}
+    zero3 = sharded_traffic(Layout("zero3"), "dense", "fabric", 4, (0.5, 1.0), (2.0, 1.0), windows, 10, 1e9)
+    assert [t.seconds for t in zero3] == [2.0, 8.0] and [t.exposed_s for t in zero3] == pytest.approx([0.05, 0.2])
 
 
 def test_fsdp_over_the_whole_of_colossus_is_bound_by_its_all_gathers():

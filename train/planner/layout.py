@@ -240,6 +240,12 @@ def work_flops_per_token(spec: ModelSpec, seq_len: int, checkpointing: str) -> f
     return 6 * spec.params_active + attention + recompute[checkpointing]
 
 
+def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """A forward's share of the work: a third of the matmuls and of the attention cores (a recompute is
+    part of the backward)."""
+    return 2 * spec.params_active + spec.attention_flops(seq_len, causal=True) / 3
+
+
 def tensor_parallel_collectives(s: ModelSpec, L: Layout, stage_layers: int, moe_stage_layers: int,
                                 recomputes: bool) -> float:
     """All-reduce equivalents per micro-batch on one stage. Attention and a dense or shared FFN: an all-gather
@@ -265,7 +271,7 @@ def estimate(job: Job, layout: Layout) -> Estimate:
     tokens = L.micro_batch * job.seq_len  # one micro-batch, whole sequences
     work = work_flops_per_token(s, job.seq_len, L.checkpointing)
     t_compute = tokens * work / (L.tp * L.cp * L.pp) / (gpu.peak_flops * gpu.matmul_efficiency)
-    forward_share = (2 * s.params_active + s.attention_flops(job.seq_len, True) / 3) / work
+    forward_share = forward_flops_per_token(s, job.seq_len) / work
     recomputes = L.checkpointing == "full"
     act = job.model_bytes  # activations travel in the compute dtype
     per_mb = []  # (name, link, seconds, bytes sent, exposed seconds) per micro-batch on one stage
@@ -353,7 +359,8 @@ def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float
             traffic.append(overlapped(f"dp all-reduce ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers))
             traffic.append(overlapped(f"dp all-gather ({what})", kind, gather_s, gather_sent, forward_window, stage_layers))
         else:  # fsdp / hsdp / zero3: gathers for each micro-batch's forward and backward
-            windows = compute_windows.setdefault(kind, {"forward": forward_window, "backward": backward_window})
+            windows = compute_windows.setdefault(kind, {"forward": forward_window, "backward": backward_window,
+                                                        "last backward": backward_window})
             traffic += sharded_traffic(L, what, kind, m, (gather_s, gather_sent), (reduce_s, reduce_sent), windows,
                                        stage_layers, stage_params_count)
             if L.data_parallel == "hsdp" and ranks > shard_ranks:
@@ -367,27 +374,33 @@ def sharded_traffic(L: Layout, what: str, kind: str, m: int, gather, reduce, win
                     stage_params_count: float) -> list:
     """FSDP / ZeRO-3, phase by phase: each micro-batch's forward hides its gathers behind the forward's compute
     only, and its backward hides the backward's re-gathers and the gradient reduce-scatter behind the
-    backward's compute (FSDP reduces in the last micro-batch's backward, ZeRO-3 in every one). Collectives on
-    one link share its windows (`windows`, per micro-batch, consumed here): what a phase's compute cannot
-    cover is exposed, plus one layer of each collective, which has nothing to hide behind."""
+    backward's compute (ZeRO-3 reduces in every micro-batch's backward, FSDP in the last one's only, so the
+    last backward is a window of its own). Collectives on one link share its windows (`windows`, seconds per
+    micro-batch, consumed here): what a phase's compute cannot cover is exposed, plus one layer of each
+    collective, which has nothing to hide behind."""
     (gather_s, gather_sent), (reduce_s, reduce_sent) = gather, reduce
-    reduces = m if L.data_parallel == "zero3" else 1
     # DeepSpeed ZeRO-3 keeps what it gathered for the forward until the backward when the stage's
     # parameters are within its reuse distance (stage3_max_reuse_distance, 1e9): one gather, not two
-    regather_s = 0.0 if L.data_parallel == "zero3" and stage_params_count <= ZERO3_REUSE_DISTANCE else gather_s
-    forward_exposed = m * max(0.0, gather_s - windows["forward"])
+    regathers = not (L.data_parallel == "zero3" and stage_params_count <= ZERO3_REUSE_DISTANCE)
+    reduces_every_micro_batch = L.data_parallel == "zero3"
+
+    def behind(seconds: float, phase: str) -> float:
+        exposed = max(0.0, seconds - windows[phase])
+        windows[phase] = max(0.0, windows[phase] - seconds)
+        return exposed
+
+    def in_every_backward(seconds: float) -> float:
+        return (m - 1) * behind(seconds, "backward") + behind(seconds, "last backward")
+
+    forward_exposed = m * behind(gather_s, "forward")
     # the backward's re-gathers are prefetched ahead of the compute that needs them: they take the window first
-    backward_gather_exposed = m * max(0.0, regather_s - windows["backward"])
-    windows["forward"] = max(0.0, windows["forward"] - gather_s)
-    windows["backward"] = max(0.0, windows["backward"] - regather_s)
-    reduce_exposed = reduces * max(0.0, reduce_s - windows["backward"])
-    windows["backward"] = max(0.0, windows["backward"] - reduce_s * reduces / m)
-    gathers = 1 + (regather_s > 0)
-    total_gather, total_reduce = gathers * m * gather_s, reduces * reduce_s
-    return [Traffic(f"dp all-gather ({what})", kind, gathers * m * gather_sent, total_gather,
-                    min(total_gather, forward_exposed + backward_gather_exposed + gather_s / layers)),
-            Traffic(f"dp reduce-scatter ({what})", kind, reduces * reduce_sent, total_reduce,
-                    min(total_reduce, reduce_exposed + reduce_s / layers))]
+    gather_exposed = forward_exposed + (in_every_backward(gather_s) if regathers else 0.0)
+    reduce_exposed = in_every_backward(reduce_s) if reduces_every_micro_batch else behind(reduce_s, "last backward")
+    gathers, reduces = (2 if regathers else 1) * m, m if reduces_every_micro_batch else 1
+    return [Traffic(f"dp all-gather ({what})", kind, gathers * gather_sent, gathers * gather_s,
+                    min(gathers * gather_s, gather_exposed + gather_s / layers)),
+            Traffic(f"dp reduce-scatter ({what})", kind, reduces * reduce_sent, reduces * reduce_s,
+                    min(reduces * reduce_s, reduce_exposed + reduce_s / layers))]
 
 
 def per_layer(collective, size: float, ranks: int, bandwidth: float, latency: float, layers: int):
