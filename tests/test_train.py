@@ -95,6 +95,9 @@ def test_compiled_training_follows_the_eager_run(data_dir, tmp_path, monkeypatch
     # as after `import torch`'s flex attention: inductor's /tmp default already written into the environment
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     dense = ["--model.overrides.num_local_experts=1", "--model.overrides.num_experts_per_tok=1", "--data.seq_len=32"]
+    # as in a new process: a model compiled earlier in this one at other shapes would make dynamo compile
+    # this run's graph with dynamic shapes, and the re-run below (after a reset) a static one
+    torch._dynamo.reset()
     eager = train(data_dir, tmp_path / "eager", *dense, steps=4)
     compiled = train(data_dir, tmp_path / "compiled", *dense, "--parallel.compile=true", steps=4)
     assert max(abs(a - b) for a, b in zip(losses(eager), losses(compiled))) < 1e-4
