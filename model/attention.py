@@ -75,7 +75,7 @@ def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tu
 
 # The tables as one opaque operator, so that torch.compile computes them once per forward: as plain ops,
 # inductor fuses the pow and cos into every layer's rotary kernels and recomputes them per element in the
-# backward (7% of a compiled step at nanoGPT's shape on a CPU). The copy of this file in an export, loaded
+# backward (about 5% of a compiled step at nanoGPT's shape on a CPU). The copy of this file in an export, loaded
 # with trust_remote_code into a process that has already imported it, finds the operator registered.
 if not hasattr(torch.ops.minicolossus, "rotary_tables"):
     @torch.library.register_fake(torch.library.custom_op("minicolossus::rotary_tables", rotary_tables,
