@@ -1,8 +1,8 @@
 """The Colossus planner: what a training job costs on N GPUs, communication included.
 
     python scripts/plan.py --model MODEL --gpus N [--gpu h100] [--fabric roce400] [--strategy fsdp]
-                           [--tp N] [--pp N] [--ep N] [--cp N] [--schedule 1f1b|interleaved] [--virtual-stages V]
-                           [--checkpointing none|selective|full] [--micro-batch M] [--seq-len T]
+                           [--tp N] [--pp N] [--ep N] [--cp N] [--schedule 1f1b|interleaved|dualpipe]
+                           [--virtual-stages V] [--checkpointing none|selective|full] [--micro-batch M] [--seq-len T]
                            [--global-batch-tokens B] [--token-budget TOKENS] [--search [--top K]] [--json]
     python scripts/plan.py --published [--json]
     python scripts/plan.py --scaling grok-1,grok-2 --gpu-counts 1024,8192,100000 [--plot FILE.png] [--json]
@@ -90,9 +90,9 @@ def ranking(rows: list[dict]) -> str:
 def published_rows() -> list[dict]:
     rows = []
     for run in RUNS:
-        result = estimate(run.job(), run.layout)
+        result = run.estimate()
         best = search(run.job(), top=1, data_parallel=run.data_parallel)
-        rows.append({"run": run.name, "layout": run.layout.describe(), "unit": run.unit, "published": run.figure,
+        rows.append({"run": run.name, "layout": result.layout.describe(), "unit": run.unit, "published": run.figure,
                      "predicted": run.predicted(result), "fits": result.fits, "source": run.source,
                      "vs_best": result.tokens_per_s / best[0].tokens_per_s if best else None,
                      "best_layout": best[0].layout.describe() if best else None})

@@ -9,10 +9,13 @@ What overlaps with compute, and what does not:
   cp   the all-gather of K and V before each attention (Llama 3's scheme), its reduce-scatter in the backward:
        in the critical path.
   ep   the token dispatch and combine overlap only with what one micro-batch has in flight that does not
-       depend on them, the shared experts; the rest is exposed (two-micro-batch schedules such as DualPipe,
-       which hide it behind another micro-batch, are not modelled).
-  pp   the bubble is never hidden: (pp - 1) micro-batch times for 1F1B, (pp - 1) / v interleaved. 1F1B's
-       point-to-point sends are in the critical path; interleaved overlaps them but for its fill and drain.
+       depend on them, the shared experts; the rest is exposed. DualPipe (DeepSeek-V3) runs one micro-batch's
+       forward beside another's backward, so each one's all-to-alls hide behind the other's compute, at the
+       price of the GPU share its communication kernels hold while they run (COMMUNICATION_SM_SHARE).
+  pp   the bubble is never hidden: (pp - 1) micro-batch times for 1F1B, (pp - 1) / v interleaved, and
+       DualPipe's (pp/2 - 1)(F&B + B - 3W) (a forward, a full backward, a weight-gradient backward). 1F1B's
+       point-to-point sends are in the critical path; interleaved and DualPipe overlap them but for the
+       fill and drain.
   dp   gradient reductions overlap with the last micro-batch's backward, ZeRO-1/2's parameter all-gather with
        the first micro-batch's forward, FSDP / ZeRO-3's per-micro-batch all-gathers (prefetched a layer ahead)
        with all of the step's compute; the first gather and last reduction of one layer never overlap.
@@ -27,9 +30,11 @@ from .spec import ModelSpec
 
 DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp")
 CHECKPOINTING = ("none", "selective", "full")
-SCHEDULES = ("1f1b", "interleaved")
+SCHEDULES = ("1f1b", "interleaved", "dualpipe")
 DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's bucket_cap_mb
 ZERO3_REUSE_DISTANCE = 1e9  # DeepSpeed's stage3_max_reuse_distance, in parameters
+# DeepSeek-V3 gives 20 of the H800's 132 SMs to the all-to-all kernels that run beside the compute
+COMMUNICATION_SM_SHARE = 20 / 132
 
 
 @dataclass(frozen=True)
@@ -150,15 +155,19 @@ def check(job: Job, layout: Layout) -> int:
                             f"{dp * L.micro_batch * job.seq_len:,} tokens a step (asked {job.global_batch_tokens:,})")
     if L.schedule == "interleaved" and sequences // (dp * L.micro_batch) < L.pp:
         raise InvalidLayout("interleaved: needs at least pp micro-batches a step")
+    if L.schedule == "dualpipe" and (L.pp % 2 or L.virtual_stages != 1 or sequences // (dp * L.micro_batch) < 2 * L.pp):
+        raise InvalidLayout("dualpipe: needs an even pp, no virtual stages and at least 2 x pp micro-batches a step")
     return dp
 
 
 def stage_params(s: ModelSpec, L: Layout) -> tuple[float, float]:
     """(dense, routed-expert) parameters one GPU of the first stage holds before data-parallel sharding: its
-    layers' share split by tp (experts by ep instead), plus the embedding (and, without pp, the output)."""
+    layers' share split by tp (experts by ep instead), plus the embedding (and, without pp, the output).
+    DualPipe's GPUs each hold two stages, one of each direction: the first and the last."""
     embedding = s.vocab * s.hidden * (2 if L.pp == 1 and not s.tied_embeddings else 1)
-    dense = (math.ceil(s.layers / L.pp) * s.dense_params / s.layers + embedding) / L.tp
-    experts = math.ceil(s.moe_layers / L.pp) * s.expert_params / max(s.moe_layers, 1) / L.ep
+    copies = 2 if L.schedule == "dualpipe" else 1
+    dense = (copies * math.ceil(s.layers / L.pp) * s.dense_params / s.layers + copies * embedding) / L.tp
+    experts = copies * math.ceil(s.moe_layers / L.pp) * s.expert_params / max(s.moe_layers, 1) / L.ep
     return dense, experts
 
 
@@ -186,7 +195,8 @@ def memory(job: Job, L: Layout, dp: int) -> dict:
         params = job.model_bytes * (held if stage == 3 else whole)
         grads = job.model_bytes * (held if stage >= 2 else whole)
         optim = 12 * held
-    layer = dense / stage_layers + experts / max(moe_stage_layers, 1)
+    copies = 2 if L.schedule == "dualpipe" else 1
+    layer = (dense / stage_layers + experts / max(moe_stage_layers, 1)) / copies
     if L.data_parallel in ("fsdp", "hsdp", "zero3"):  # two gathered bf16 layers (one prefetched) + a full-size grad
         buffers = 2 * job.model_bytes * layer + 4 * layer
     else:
@@ -203,7 +213,7 @@ def activations(job: Job, L: Layout) -> float:
     or shared FFN and for each of the top_k routed experts. Selective checkpointing recomputes the attention
     core with q, k, v and the FFN's product from what it keeps; full keeps only each layer's input (and
     recomputes one layer at a time). 1F1B's first stage holds pp micro-batches of its layers in flight,
-    interleaved (1 + (pp-1) / (pp v)) times that."""
+    interleaved (1 + (pp-1) / (pp v)) times that, DualPipe pp + 1."""
     s = job.spec
     tokens = L.micro_batch * job.seq_len / L.cp
     kv = 2 * (s.kv_lora_rank + s.qk_rope_dim) if s.kv_lora_rank else 2 * 2 * s.kv_heads * s.head_dim
@@ -225,6 +235,7 @@ def activations(job: Job, L: Layout) -> float:
     in_flight = 1
     if L.pp > 1:
         in_flight = L.pp * (1 + (L.pp - 1) / (L.pp * L.virtual_stages) if L.schedule == "interleaved" else 1)
+        in_flight += 1 if L.schedule == "dualpipe" else 0
     if L.checkpointing == "full":
         kept = stage_layers * in_flight * tokens * 2 * s.hidden / L.tp + tokens * per_layer
     else:
@@ -234,16 +245,36 @@ def activations(job: Job, L: Layout) -> float:
 
 
 def work_flops_per_token(spec: ModelSpec, seq_len: int, checkpointing: str) -> float:
-    """What the GPUs compute per token: 6N matmuls, the causal attention cores, and what checkpointing redoes."""
-    attention = spec.attention_flops(seq_len, causal=True)
+    """What the GPUs compute per token: 6N matmuls, the causal attention cores, what checkpointing redoes,
+    and the multi-token-prediction modules (one more layer's attention each)."""
+    attention = spec.attention_flops(seq_len, causal=True) * (1 + spec.mtp_depth / spec.layers)
     recompute = {"none": 0.0, "selective": attention / 3, "full": 2 * spec.params_active + attention / 3}
-    return 6 * spec.params_active + attention + recompute[checkpointing]
+    return 6 * (spec.params_active + spec.mtp_params_active) + attention + recompute[checkpointing]
 
 
 def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     """A forward's share of the work: a third of the matmuls and of the attention cores (a recompute is
     part of the backward)."""
-    return 2 * spec.params_active + spec.attention_flops(seq_len, causal=True) / 3
+    attention = spec.attention_flops(seq_len, causal=True) * (1 + spec.mtp_depth / spec.layers)
+    return 2 * (spec.params_active + spec.mtp_params_active) + attention / 3
+
+
+def slowest_stage(s: ModelSpec, L: Layout, seq_len: int) -> float:
+    """How much longer the busiest pipeline rank computes than the average: layers are whole, and the output
+    matrix (with any multi-token-prediction modules) sits on the last stage as a block of its own. Layers
+    are placed to minimise the busiest rank (Llama 3 takes one layer off its first and last stages);
+    DualPipe's ranks each hold a stage from each end."""
+    if L.pp == 1:
+        return 1.0
+    layer = 6 * s.layer_params_active + s.attention_flops(seq_len, causal=True) / s.layers
+    end = (6 * (s.vocab * s.hidden + s.mtp_params_active) + s.mtp_depth * (layer - 6 * s.layer_params_active)) / layer
+    ranks = L.pp // 2 if L.schedule == "dualpipe" else L.pp
+    # the busiest rank holds n whole layers, or the end block and n layers: the least n that places them all
+    loads = sorted({float(n) for n in range(1, s.layers + 1)} | {n + end for n in range(s.layers + 1)})
+    busiest = next(load for load in loads
+                   if (ranks - 1) * math.floor(load + 1e-9) + max(0, math.floor(load - end + 1e-9)) >= s.layers
+                   and load >= end)
+    return busiest / ((s.layers + end) / ranks)
 
 
 def tensor_parallel_collectives(s: ModelSpec, L: Layout, stage_layers: int, moe_stage_layers: int,
@@ -272,6 +303,10 @@ def estimate(job: Job, layout: Layout) -> Estimate:
     work = work_flops_per_token(s, job.seq_len, L.checkpointing)
     t_compute = tokens * work / (L.tp * L.cp * L.pp) / (gpu.peak_flops * gpu.matmul_efficiency)
     forward_share = forward_flops_per_token(s, job.seq_len) / work
+    dualpipe = L.schedule == "dualpipe"
+    if dualpipe and L.ep > 1:  # the all-to-all kernels run beside the compute, on SMs of their own
+        t_compute /= 1 - COMMUNICATION_SM_SHARE
+    t_compute *= slowest_stage(s, L, job.seq_len)  # a pipeline runs at the pace of its busiest rank
     recomputes = L.checkpointing == "full"
     act = job.model_bytes  # activations travel in the compute dtype
     per_mb = []  # (name, link, seconds, bytes sent, exposed seconds) per micro-batch on one stage
@@ -299,13 +334,15 @@ def estimate(job: Job, layout: Layout) -> Estimate:
         remote_share = (L.ep - 1) / L.ep
         if kind == "fabric":
             nodes = L.ep // cluster.gpus_per_node
-            if s.routing_node_limit:
-                destinations = min(s.top_k, s.routing_node_limit)  # one copy a node, forwarded over NVLink
+            if s.routing_node_limit:  # one copy a node, forwarded over NVLink
+                destinations = min(s.top_k, s.routing_node_limit, nodes)
             remote_share = (nodes - 1) / nodes
         seconds, sent = collectives.all_to_all(local_tokens * destinations * s.hidden * act * remote_share, L.ep, bw, lat)
         count = (6 if recomputes else 4) * moe_stage_layers
         shared = local_tokens * 6 * s.ffn_params(s.shared_ffn) / (gpu.peak_flops * gpu.matmul_efficiency) / 2
         exposed = max(0.0, seconds - shared) * count
+        if dualpipe:  # behind the compute of the micro-batch running beside it
+            exposed = max(0.0, seconds * count - t_compute)
         per_mb.append(("ep all-to-all", kind, seconds * count, sent * count, exposed))
     if L.pp > 1:
         kind, bw, lat = link(L.pp, L.tp * L.cp * dp)
@@ -315,17 +352,29 @@ def estimate(job: Job, layout: Layout) -> Estimate:
         per_mb.append(("pp send/recv", kind, seconds * count, sent * count, in_path))
 
     t_micro_batch = t_compute + sum(exposed for *_, exposed in per_mb)
-    bubble = 0.0 if L.pp == 1 else (L.pp - 1) / (L.virtual_stages if L.schedule == "interleaved" else 1)
+    bubble = pipeline_bubble(s, L, job.seq_len, forward_share, work)
     result.compute_s = m * t_compute
     result.bubble_s = bubble * t_micro_batch
     for name, kind, seconds, sent, exposed in per_mb:
         result.traffic.append(Traffic(name, kind, sent * m, seconds * m, exposed * (m + bubble)))
-    if L.pp > 1 and L.schedule == "interleaved":  # its sends are exposed only in the fill and drain
+    if L.pp > 1 and L.schedule != "1f1b":  # its sends are exposed only in the fill and drain
         pipeline_sends = result.traffic[-1]  # appended last above
         pipeline_sends.exposed_s = pipeline_sends.seconds / m / L.virtual_stages * (L.pp - 1)
     result.traffic += data_parallel_traffic(job, L, dp, m, t_compute, forward_share, link)
     result.step_s = (m + bubble) * t_micro_batch + sum(t.exposed_s for t in result.traffic if t.name.startswith("dp"))
     return result
+
+
+def pipeline_bubble(s: ModelSpec, L: Layout, seq_len: int, forward_share: float, work: float) -> float:
+    """The bubble in micro-batch times. DualPipe's (pp/2 - 1)(F&B + B - 3W), with F&B a forward and a
+    backward run side by side (F + B when the compute, not the communication, sets their pace), B a full
+    backward and W its weight-gradient part (2 N per token)."""
+    if L.pp == 1:
+        return 0.0
+    if L.schedule == "dualpipe":
+        forward, backward, weights = forward_share, 1 - forward_share, 2 * s.params_active / work
+        return (L.pp / 2 - 1) * (forward + 2 * backward - 3 * weights)
+    return (L.pp - 1) / (L.virtual_stages if L.schedule == "interleaved" else 1)
 
 
 def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float, forward_share: float,

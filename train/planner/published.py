@@ -1,15 +1,20 @@
 """Published training runs, each with its layout and figure, against which the planner is checked.
 
+A publication gives a layout's parallel degrees and some of its knobs; what it leaves open (an interleaved
+schedule's depth, the micro-batch, checkpointing where it says nothing) the planner fills in as it would for
+a plan of its own: the fastest choice that fits, or the fastest if none does (`PublishedRun.open`).
+
 Each figure is converted to the publication's own FLOP counting before it is compared: Llama 3 counts the
 causal attention it computes (its 430 TFLOP/s on 8,192 GPUs only reproduce with half the context); Megatron-LM
 counts its recomputed forward too (96 B s l h^2 (1 + s / 6h + V / 16 l h) per batch); DeepSeek-V3 states
 GPU-hours per trillion tokens, which needs no FLOP counting at all.
 """
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 
 from .hardware import FABRICS, GPUS, Cluster
-from .layout import DATA_PARALLEL, Estimate, Job, Layout, estimate
+from .layout import CHECKPOINTING, DATA_PARALLEL, Estimate, InvalidLayout, Job, Layout, estimate
 from .spec import REFERENCES, ModelSpec
 
 
@@ -30,6 +35,18 @@ class PublishedRun:
     data_parallel: tuple = DATA_PARALLEL
     fused_attention: bool = True
     sequence_parallel: bool = True
+    open: tuple = ("micro_batch",)  # the layout's knobs the publication does not state
+
+    def estimate(self) -> Estimate:
+        """The published layout, its open knobs filled in as the search would fill them."""
+        choices = {"micro_batch": (1, 2, 4), "virtual_stages": (2, 4), "checkpointing": CHECKPOINTING}
+        results = []
+        for values in itertools.product(*(choices[knob] for knob in self.open)):
+            try:
+                results.append(estimate(self.job(), replace(self.layout, **dict(zip(self.open, values)))))
+            except InvalidLayout:
+                continue
+        return max(results, key=lambda r: (r.fits, r.tokens_per_s))
 
     def job(self) -> Job:
         return Job(REFERENCES[self.model], Cluster(GPUS[self.gpu], FABRICS[self.fabric]), self.gpus, self.seq_len,
@@ -37,7 +54,7 @@ class PublishedRun:
                    sequence_parallel=self.sequence_parallel)
 
     def predicted(self, result: Estimate | None = None) -> float:
-        result = result or estimate(self.job(), self.layout)
+        result = result or self.estimate()
         per_gpu_tokens = result.tokens_per_s / self.gpus
         if self.unit.startswith("GPU-hours"):
             return 1e12 / per_gpu_tokens / 3600
@@ -52,18 +69,22 @@ def published_flops_per_token(model: str, spec: ModelSpec, seq_len: int) -> floa
 
 
 LLAMA_BATCH = 2048 * 8192  # 16M tokens
+# Llama 3 interleaves its pipeline without saying how deep; at 8K it states no activation checkpointing
+LLAMA_OPEN = ("micro_batch", "virtual_stages")
 RUNS = (
     PublishedRun("Llama 3 405B, 8K GPUs", "llama3-405b", "h100", "roce400", 8192, 8192, LLAMA_BATCH,
-                 Layout("zero1", tp=8, pp=16, schedule="interleaved", virtual_stages=2), 430, "TFLOP/s per GPU",
-                 "Dubey et al. 2024, table 4"),
+                 Layout("zero1", tp=8, pp=16, schedule="interleaved"), 430, "TFLOP/s per GPU",
+                 "Dubey et al. 2024, table 4", open=LLAMA_OPEN),
     PublishedRun("Llama 3 405B, 16K GPUs", "llama3-405b", "h100", "roce400", 16384, 8192, LLAMA_BATCH,
-                 Layout("zero1", tp=8, pp=16, schedule="interleaved", virtual_stages=2), 400, "TFLOP/s per GPU",
-                 "Dubey et al. 2024, table 4"),
+                 Layout("zero1", tp=8, pp=16, schedule="interleaved"), 400, "TFLOP/s per GPU",
+                 "Dubey et al. 2024, table 4", open=LLAMA_OPEN),
     PublishedRun("Llama 3 405B, 16K GPUs, 128K context", "llama3-405b", "h100", "roce400", 16384, 131072,
-                 LLAMA_BATCH, Layout("zero1", tp=8, pp=16, cp=16, schedule="interleaved", virtual_stages=2,
-                                     checkpointing="selective"), 380, "TFLOP/s per GPU", "Dubey et al. 2024, table 4"),
+                 LLAMA_BATCH, Layout("zero1", tp=8, pp=16, cp=16, schedule="interleaved"), 380, "TFLOP/s per GPU",
+                 "Dubey et al. 2024, table 4", open=(*LLAMA_OPEN, "checkpointing")),
+    # DualPipe; it recomputes the norms and MLA's up-projections in the backward (selective checkpointing)
     PublishedRun("DeepSeek-V3, 2,048 H800", "deepseek-v3", "h800", "ib-ndr", 2048, 4096, 15360 * 4096,
-                 Layout("zero1", pp=16, ep=64), 180e3, "GPU-hours per 1T tokens", "DeepSeek-AI 2024, section 1"),
+                 Layout("zero1", pp=16, ep=64, schedule="dualpipe", checkpointing="selective"), 180e3,
+                 "GPU-hours per 1T tokens", "DeepSeek-AI 2024, sections 1 and 3.2"),
     PublishedRun("Megatron-LM 1T GPT, 3,072 A100", "megatron-1t", "a100", "ib-hdr", 3072, 2048, 3072 * 2048,
                  Layout("ddp", tp=8, pp=64, checkpointing="full"), 163, "TFLOP/s per GPU",
                  "Narayanan et al. 2021, table 1",

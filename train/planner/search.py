@@ -19,6 +19,7 @@ def candidates(job: Job, data_parallel: tuple = DATA_PARALLEL):
     for dp_kind, tp, pp, ep, cp, ac, micro in itertools.product(data_parallel, tps, pps, eps, cps, CHECKPOINTING,
                                                                  (1, 2, 4)):
         schedules = [("1f1b", 1)] + ([("interleaved", 2), ("interleaved", 4)] if pp > 1 else [])
+        schedules += [("dualpipe", 1)] if pp % 2 == 0 else []
         for schedule, virtual in schedules:
             yield Layout(dp_kind, tp=tp, pp=pp, ep=ep, cp=cp, micro_batch=micro, schedule=schedule,
                          virtual_stages=virtual, checkpointing=ac, shard_size=node)

@@ -32,6 +32,9 @@ class ModelSpec:
     norms_per_layer: int = 2  # pre-norm; Grok's sandwich norms: 4
     dense_layers: int = 0  # leading layers that stay dense in an MoE model (DeepSeek-V3: 3)
     routing_node_limit: int = 0  # DeepSeek-V3: a token's experts live on at most this many nodes (0: no limit)
+    # multi-token prediction (DeepSeek-V3: 1): each module a projection of [hidden; next token's embedding],
+    # one more MoE layer and the shared output head, beside the last layer
+    mtp_depth: int = 0
     # Multi-head latent attention (DeepSeek-V3); 0 means grouped-query attention with the fields above
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
@@ -86,6 +89,17 @@ class ModelSpec:
         routed = self.moe_layers * self.top_k * self.ffn_params(self.expert_ffn)
         return self.dense_params + routed + self.vocab * self.hidden
 
+    @property
+    def layer_params_active(self) -> float:
+        """What a token multiplies in one average layer (the embedding and output matrices aside)."""
+        return (self.params_active - self.vocab * self.hidden) / self.layers
+
+    @property
+    def mtp_params_active(self) -> float:
+        """What a token multiplies in the multi-token-prediction modules; their compute is work, outside the
+        model's FLOPs (the 37B active of DeepSeek-V3 leave them out)."""
+        return self.mtp_depth * (2 * self.hidden * self.hidden + self.layer_params_active + self.vocab * self.hidden)
+
     def attention_flops(self, seq_len: int, causal: bool) -> float:
         """Forward + backward FLOPs per token of the attention cores (QK^T and AV): 3 x 2 matmuls x 2 FLOPs per
         multiply-add over the context; a causal mask halves the context on average."""
@@ -115,11 +129,11 @@ REFERENCES = {
     "llama3-405b": ModelSpec("llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, head_dim=128,
                              vocab=128256, ffn=53248),
     # DeepSeek-V3 (DeepSeek-AI 2024): 61 layers, the first 3 dense; 256 routed experts top-8 + 1 shared;
-    # MLA attention; routing limited to 4 nodes a token. The multi-token-prediction module is left out.
+    # MLA attention; routing limited to 4 nodes a token; one multi-token-prediction module.
     "deepseek-v3": ModelSpec("deepseek-v3", layers=61, hidden=7168, heads=128, kv_heads=128, head_dim=128,
                              vocab=129280, ffn=18432, experts=256, top_k=8, expert_ffn=2048, shared_ffn=2048,
                              dense_layers=3, routing_node_limit=4, q_lora_rank=1536, kv_lora_rank=512,
-                             qk_rope_dim=64, v_head_dim=128),
+                             qk_rope_dim=64, v_head_dim=128, mtp_depth=1),
     # Megatron-LM's 1T GPT (Narayanan et al. 2021, table 1): GPT-3 style, 4h MLP, tied embedding
     "megatron-1t": ModelSpec("megatron-1t", layers=128, hidden=25600, heads=160, kv_heads=160, head_dim=160,
                              vocab=51200, ffn=4 * 25600, gated_ffn=False, tied_embeddings=True),
