@@ -13,8 +13,9 @@ from model import preset_config
 from train import plan
 from train.metrics import read_metrics
 from train.planner.hardware import FABRICS, GPUS, Cluster
-from train.planner.layout import (InvalidLayout, Job, Layout, estimate, forward_flops_per_token, pipeline_bubble,
-                                  sharded_traffic, slowest_stage, work_flops_per_token)
+from train.planner.job import InvalidLayout, Job, Layout
+from train.planner.layout import estimate, forward_flops_per_token, sharded_traffic, work_flops_per_token
+from train.planner.pipeline import bubble, slowest_stage
 from train.planner.published import RUNS
 from train.planner.search import search
 from train.planner.spec import REFERENCES, from_config, model_spec
@@ -118,15 +119,16 @@ def test_dualpipe_hides_the_all_to_all_behind_the_other_micro_batch_at_twice_the
     assert by_name["ep all-to-all"].exposed_s == 0.0  # ~1:1 with the compute, as DeepSeek reports, so hidden
     assert two.memory_gib["params"] == pytest.approx(2 * one_f_one_b.memory_gib["params"], rel=0.01)
     # its compute runs on the SMs the communication leaves (20 of 132), paced by its busiest pair of stages
-    paces = [slowest_stage(job.spec, layout, job.seq_len) for layout in (one_f_one_b.layout, dualpipe)]
+    paces = [slowest_stage(job.spec, 16, schedule, job.seq_len) for schedule in ("1f1b", "dualpipe")]
     assert two.compute_s == pytest.approx(one_f_one_b.compute_s / paces[0] * paces[1] / (1 - 20 / 132), rel=1e-6)
     # the bubble: (pp/2 - 1)(F&B + B - 3W) against 1F1B's (pp - 1)(F + B), in micro-batch times
-    forward = forward_flops_per_token(job.spec, job.seq_len) / work_flops_per_token(job.spec, job.seq_len, "selective")
-    weights = 2 * job.spec.params_active / work_flops_per_token(job.spec, job.seq_len, "selective")
-    bubble = pipeline_bubble(job.spec, dualpipe, job.seq_len, forward,
-                             work_flops_per_token(job.spec, job.seq_len, "selective"))
-    assert bubble == pytest.approx(7 * (1 + (1 - forward) - 3 * weights))
-    assert 0 < bubble < 0.5 * pipeline_bubble(job.spec, replace(dualpipe, schedule="1f1b"), job.seq_len, forward, 1.0)
+    work = work_flops_per_token(job.spec, job.seq_len, "selective")
+    forward = forward_flops_per_token(job.spec, job.seq_len) / work
+    weights = 2 * (job.spec.params_active + job.spec.mtp_params_active) / work
+    idle = bubble(16, "dualpipe", 1, forward, weights)
+    assert idle == pytest.approx(7 * (1 + (1 - forward) - 3 * weights))
+    assert bubble(16, "1f1b", 1, forward, weights) == 15 and 0 < idle < 0.5 * 15
+    assert two.bubble_s == pytest.approx(idle * two.compute_s / two.micro_batches)  # nothing exposed per micro-batch
     with pytest.raises(InvalidLayout, match="dualpipe"):  # 120 sequences per dp rank in micro-batches of 4: 30 < 2 x pp
         estimate(job, replace(dualpipe, micro_batch=4))
 
@@ -135,14 +137,14 @@ def test_a_pipeline_runs_at_the_pace_of_its_busiest_rank():
     # Megatron-LM's 1T GPT: 128 layers on 64 stages, two each; the last also holds the output matrix (a sixth
     # of a layer: 6 V h = 7.9 GFLOP a token against 47.5), so it sets the pace: 2.165 layers against 2.003
     megatron = REFERENCES["megatron-1t"]
-    assert slowest_stage(megatron, Layout(pp=64), 2048) == pytest.approx(2.165 / 2.0026, rel=0.002)
-    assert slowest_stage(megatron, Layout(pp=32), 2048) == pytest.approx(4.165 / (128.165 / 32), rel=0.002)
-    assert slowest_stage(megatron, Layout(pp=1), 2048) == 1.0
+    assert slowest_stage(megatron, 64, "1f1b", 2048) == pytest.approx(2.165 / 2.0026, rel=0.002)
+    assert slowest_stage(megatron, 32, "interleaved", 2048) == pytest.approx(4.165 / (128.165 / 32), rel=0.002)
+    assert slowest_stage(megatron, 1, "1f1b", 2048) == 1.0
     # DeepSeek-V3's last stage holds the output matrix and the multi-token-prediction module (~3.9 layers):
     # on 16 stages it is as busy as 4.9 layers against 4.06; DualPipe pairs it with the first stage
     deepseek = REFERENCES["deepseek-v3"]
-    assert slowest_stage(deepseek, Layout(pp=16), 4096) > 1.15
-    assert 1.0 < slowest_stage(deepseek, Layout(pp=16, schedule="dualpipe"), 4096) < 1.15
+    assert slowest_stage(deepseek, 16, "1f1b", 4096) > 1.15
+    assert 1.0 < slowest_stage(deepseek, 16, "dualpipe", 4096) < 1.15
 
 
 @pytest.mark.parametrize("run", [run for run in RUNS if run.model == "llama3-405b"], ids=lambda run: run.name)

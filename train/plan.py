@@ -20,7 +20,9 @@ from pathlib import Path
 
 from .cli import ArgumentParser, integer, positive_number, run_main
 from .planner.hardware import FABRICS, GPUS, Cluster
-from .planner.layout import CHECKPOINTING, DATA_PARALLEL, SCHEDULES, Estimate, InvalidLayout, Job, Layout, estimate
+from .planner.job import CHECKPOINTING, DATA_PARALLEL, InvalidLayout, Job, Layout
+from .planner.layout import Estimate, estimate
+from .planner.pipeline import SCHEDULES
 from .planner.published import RUNS
 from .planner.scaling import scaling
 from .planner.search import search

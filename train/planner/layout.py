@@ -25,56 +25,12 @@ import math
 from dataclasses import dataclass, field
 
 from . import collectives
-from .hardware import GIB, Cluster
+from .job import InvalidLayout, Job, Layout
+from .memory import expert_replicas, memory, stage_params
+from .pipeline import COMMUNICATION_SM_SHARE, bubble, slowest_stage
 from .spec import ModelSpec
 
-DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp")
-CHECKPOINTING = ("none", "selective", "full")
-SCHEDULES = ("1f1b", "interleaved", "dualpipe")
-DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's bucket_cap_mb
 ZERO3_REUSE_DISTANCE = 1e9  # DeepSpeed's stage3_max_reuse_distance, in parameters
-# DeepSeek-V3 gives 20 of the H800's 132 SMs to the all-to-all kernels that run beside the compute
-COMMUNICATION_SM_SHARE = 20 / 132
-
-
-@dataclass(frozen=True)
-class Layout:
-    data_parallel: str = "fsdp"
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    cp: int = 1
-    micro_batch: int = 1  # sequences per forward
-    schedule: str = "1f1b"
-    virtual_stages: int = 1  # interleaved: model chunks per pipeline rank
-    checkpointing: str = "none"
-    shard_size: int = 8  # hsdp: the GPUs a shard group spans (one node)
-
-    def describe(self) -> str:
-        parts = [self.data_parallel] + [f"{name}{getattr(self, name)}" for name in ("tp", "pp", "ep", "cp")
-                                        if getattr(self, name) > 1]
-        if self.pp > 1:
-            parts.append(self.schedule + (f"(v{self.virtual_stages})" if self.schedule == "interleaved" else ""))
-        if self.checkpointing != "none":
-            parts.append(f"ac-{self.checkpointing}")
-        return " ".join(parts) + f" mb{self.micro_batch}"
-
-
-@dataclass(frozen=True)
-class Job:
-    spec: ModelSpec
-    cluster: Cluster
-    gpus: int
-    seq_len: int
-    global_batch_tokens: int = 16 * 2**20  # Llama 3's
-    model_bytes: int = 2  # bf16 compute; 4 describes this project's fp32 CPU runs
-    # today's kernels; a published run of 2021 (Megatron-LM's 1T) had neither
-    fused_attention: bool = True  # flash attention: no T x T scores kept for the backward
-    sequence_parallel: bool = True  # the residual stream split over tp ranks between blocks
-
-
-class InvalidLayout(ValueError):
-    """This layout cannot run this job: the message says which number does not divide which."""
 
 
 @dataclass
@@ -160,90 +116,6 @@ def check(job: Job, layout: Layout) -> int:
     return dp
 
 
-def stage_params(s: ModelSpec, L: Layout) -> tuple[float, float]:
-    """(dense, routed-expert) parameters one GPU of the first stage holds before data-parallel sharding: its
-    layers' share split by tp (experts by ep instead), plus the embedding (and, without pp, the output).
-    DualPipe's GPUs each hold two stages, one of each direction: the first and the last."""
-    embedding = s.vocab * s.hidden * (2 if L.pp == 1 and not s.tied_embeddings else 1)
-    copies = 2 if L.schedule == "dualpipe" else 1
-    dense = (copies * math.ceil(s.layers / L.pp) * s.dense_params / s.layers + copies * embedding) / L.tp
-    experts = copies * math.ceil(s.moe_layers / L.pp) * s.expert_params / max(s.moe_layers, 1) / L.ep
-    return dense, experts
-
-
-def expert_replicas(L: Layout, dp: int) -> int:
-    """The ranks that hold the same experts. ep borrows dp x cp x tp ranks; without ep the experts are whole
-    on every tp rank (this trainer splits only attention and the dense FFN) and replicated over dp x cp."""
-    return dp * L.cp * L.tp // L.ep if L.ep > 1 else dp * L.cp
-
-
-def memory(job: Job, L: Layout, dp: int) -> dict:
-    """Bytes per GPU on the busiest (first) pipeline stage, in GiB."""
-    s = job.spec
-    stage_layers, moe_stage_layers = math.ceil(s.layers / L.pp), math.ceil(s.moe_layers / L.pp)
-    dense, experts = stage_params(s, L)
-    expert_data_parallel = expert_replicas(L, dp)
-    shard_dense, shard_experts = {"ddp": (1, 1), "hsdp": (L.shard_size, max(1, expert_data_parallel * L.shard_size // dp))}.get(
-        L.data_parallel, (dp * L.cp, expert_data_parallel))
-    held = dense / shard_dense + experts / shard_experts  # parameters whose optimizer state this GPU keeps
-    if L.data_parallel in ("ddp", "fsdp", "hsdp"):  # this trainer: fp32 parameters and gradients (autocast)
-        params = grads = 4 * held
-        optim = 8 * held
-    else:  # DeepSpeed ZeRO: model-dtype parameters and gradients, fp32 master + moments sharded
-        whole = dense + experts
-        stage = int(L.data_parallel[-1])
-        params = job.model_bytes * (held if stage == 3 else whole)
-        grads = job.model_bytes * (held if stage >= 2 else whole)
-        optim = 12 * held
-    copies = 2 if L.schedule == "dualpipe" else 1
-    layer = (dense / stage_layers + experts / max(moe_stage_layers, 1)) / copies
-    if L.data_parallel in ("fsdp", "hsdp", "zero3"):  # two gathered bf16 layers (one prefetched) + a full-size grad
-        buffers = 2 * job.model_bytes * layer + 4 * layer
-    else:
-        buffers = 2 * DDP_BUCKET_BYTES
-    return {"params": params / GIB, "grads": grads / GIB, "optimizer": optim / GIB,
-            "activations": activations(job, L) / GIB, "buffers": buffers / GIB}
-
-
-def activations(job: Job, L: Layout) -> float:
-    """Saved tensors, bf16, after Korthikanti et al. (2022): with fused attention no T x T scores, and with
-    sequence parallelism all of it split by tp but the routed experts (which see whole tokens). Per token and layer:
-    each norm's input (2h), the q/k/v projection's input, q, k and v, the attention output; the FFN's input
-    and, gated, its gate, up and product (2 bytes each per unit; ungated: up and activation) -- for the dense
-    or shared FFN and for each of the top_k routed experts. Selective checkpointing recomputes the attention
-    core with q, k, v and the FFN's product from what it keeps; full keeps only each layer's input (and
-    recomputes one layer at a time). 1F1B's first stage holds pp micro-batches of its layers in flight,
-    interleaved (1 + (pp-1) / (pp v)) times that, DualPipe pp + 1."""
-    s = job.spec
-    tokens = L.micro_batch * job.seq_len / L.cp
-    kv = 2 * (s.kv_lora_rank + s.qk_rope_dim) if s.kv_lora_rank else 2 * 2 * s.kv_heads * s.head_dim
-    q = 2 * s.heads * (s.head_dim + s.qk_rope_dim)
-    # the residual stream's tensors (norm inputs, the q/k/v and FFN inputs) are split by tp only under
-    # sequence parallelism; the heads' and the FFN units' always are
-    stream = (2 * s.norms_per_layer + 2 + 2) * s.hidden / (L.tp if job.sequence_parallel else 1)
-    attention = q + kv + 2 * s.hidden  # q, k, v and the attention output
-    if not job.fused_attention:  # the T x T scores: softmax output, dropout mask and output (5 bytes each)
-        attention += 5 * s.heads * job.seq_len / L.cp
-    tensors_per_unit = 3 if s.gated_ffn else 2
-    if L.checkpointing == "selective":
-        attention = 0.0
-        tensors_per_unit -= 1
-    split_units = s.shared_ffn if s.is_moe else s.ffn
-    routed_units = s.top_k * s.expert_ffn if s.is_moe else 0
-    per_layer = stream + (attention + 2 * tensors_per_unit * split_units) / L.tp + 2 * tensors_per_unit * routed_units
-    stage_layers = math.ceil(s.layers / L.pp)
-    in_flight = 1
-    if L.pp > 1:
-        in_flight = L.pp * (1 + (L.pp - 1) / (L.pp * L.virtual_stages) if L.schedule == "interleaved" else 1)
-        in_flight += 1 if L.schedule == "dualpipe" else 0
-    if L.checkpointing == "full":
-        kept = stage_layers * in_flight * tokens * 2 * s.hidden / L.tp + tokens * per_layer
-    else:
-        kept = stage_layers * in_flight * tokens * per_layer
-    logits = tokens * 10 * s.vocab / L.tp  # fp32 logits and their gradient, on the last stage
-    return kept + logits
-
-
 def work_flops_per_token(spec: ModelSpec, seq_len: int, checkpointing: str) -> float:
     """What the GPUs compute per token: 6N matmuls, the causal attention cores, what checkpointing redoes,
     and the multi-token-prediction modules (one more layer's attention each)."""
@@ -257,24 +129,6 @@ def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     part of the backward)."""
     attention = spec.attention_flops(seq_len, causal=True) * (1 + spec.mtp_depth / spec.layers)
     return 2 * (spec.params_active + spec.mtp_params_active) + attention / 3
-
-
-def slowest_stage(s: ModelSpec, L: Layout, seq_len: int) -> float:
-    """How much longer the busiest pipeline rank computes than the average: layers are whole, and the output
-    matrix (with any multi-token-prediction modules) sits on the last stage as a block of its own. Layers
-    are placed to minimise the busiest rank (Llama 3 takes one layer off its first and last stages);
-    DualPipe's ranks each hold a stage from each end."""
-    if L.pp == 1:
-        return 1.0
-    layer = 6 * s.layer_params_active + s.attention_flops(seq_len, causal=True) / s.layers
-    end = (6 * (s.vocab * s.hidden + s.mtp_params_active) + s.mtp_depth * (layer - 6 * s.layer_params_active)) / layer
-    ranks = L.pp // 2 if L.schedule == "dualpipe" else L.pp
-    # the busiest rank holds n whole layers, or the end block and n layers: the least n that places them all
-    loads = sorted({float(n) for n in range(1, s.layers + 1)} | {n + end for n in range(s.layers + 1)})
-    busiest = next(load for load in loads
-                   if (ranks - 1) * math.floor(load + 1e-9) + max(0, math.floor(load - end + 1e-9)) >= s.layers
-                   and load >= end)
-    return busiest / ((s.layers + end) / ranks)
 
 
 def tensor_parallel_collectives(s: ModelSpec, L: Layout, stage_layers: int, moe_stage_layers: int,
@@ -306,7 +160,7 @@ def estimate(job: Job, layout: Layout) -> Estimate:
     dualpipe = L.schedule == "dualpipe"
     if dualpipe and L.ep > 1:  # the all-to-all kernels run beside the compute, on SMs of their own
         t_compute /= 1 - COMMUNICATION_SM_SHARE
-    t_compute *= slowest_stage(s, L, job.seq_len)  # a pipeline runs at the pace of its busiest rank
+    t_compute *= slowest_stage(s, L.pp, L.schedule, job.seq_len)  # a pipeline runs at the pace of its busiest rank
     recomputes = L.checkpointing == "full"
     act = job.model_bytes  # activations travel in the compute dtype
     per_mb = []  # (name, link, seconds, bytes sent, exposed seconds) per micro-batch on one stage
@@ -352,29 +206,18 @@ def estimate(job: Job, layout: Layout) -> Estimate:
         per_mb.append(("pp send/recv", kind, seconds * count, sent * count, in_path))
 
     t_micro_batch = t_compute + sum(exposed for *_, exposed in per_mb)
-    bubble = pipeline_bubble(s, L, job.seq_len, forward_share, work)
+    weights_share = 2 * (s.params_active + s.mtp_params_active) / work  # the backward's weight gradients
+    idle = bubble(L.pp, L.schedule, L.virtual_stages, forward_share, weights_share)
     result.compute_s = m * t_compute
-    result.bubble_s = bubble * t_micro_batch
+    result.bubble_s = idle * t_micro_batch
     for name, kind, seconds, sent, exposed in per_mb:
-        result.traffic.append(Traffic(name, kind, sent * m, seconds * m, exposed * (m + bubble)))
+        result.traffic.append(Traffic(name, kind, sent * m, seconds * m, exposed * (m + idle)))
     if L.pp > 1 and L.schedule != "1f1b":  # its sends are exposed only in the fill and drain
         pipeline_sends = result.traffic[-1]  # appended last above
         pipeline_sends.exposed_s = pipeline_sends.seconds / m / L.virtual_stages * (L.pp - 1)
     result.traffic += data_parallel_traffic(job, L, dp, m, t_compute, forward_share, link)
-    result.step_s = (m + bubble) * t_micro_batch + sum(t.exposed_s for t in result.traffic if t.name.startswith("dp"))
+    result.step_s = (m + idle) * t_micro_batch + sum(t.exposed_s for t in result.traffic if t.name.startswith("dp"))
     return result
-
-
-def pipeline_bubble(s: ModelSpec, L: Layout, seq_len: int, forward_share: float, work: float) -> float:
-    """The bubble in micro-batch times. DualPipe's (pp/2 - 1)(F&B + B - 3W), with F&B a forward and a
-    backward run side by side (F + B when the compute, not the communication, sets their pace), B a full
-    backward and W its weight-gradient part (2 N per token)."""
-    if L.pp == 1:
-        return 0.0
-    if L.schedule == "dualpipe":
-        forward, backward, weights = forward_share, 1 - forward_share, 2 * s.params_active / work
-        return (L.pp / 2 - 1) * (forward + 2 * backward - 3 * weights)
-    return (L.pp - 1) / (L.virtual_stages if L.schedule == "interleaved" else 1)
 
 
 def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float, forward_share: float,

@@ -14,7 +14,9 @@ import itertools
 from dataclasses import dataclass, replace
 
 from .hardware import FABRICS, GPUS, Cluster
-from .layout import CHECKPOINTING, DATA_PARALLEL, Estimate, InvalidLayout, Job, Layout, estimate
+from .job import CHECKPOINTING, DATA_PARALLEL, InvalidLayout, Job, Layout
+from .layout import Estimate, estimate
+from .search import MICRO_BATCHES, VIRTUAL_STAGES
 from .spec import REFERENCES, ModelSpec
 
 
@@ -39,7 +41,7 @@ class PublishedRun:
 
     def estimate(self) -> Estimate:
         """The published layout, its open knobs filled in as the search would fill them."""
-        choices = {"micro_batch": (1, 2, 4), "virtual_stages": (2, 4), "checkpointing": CHECKPOINTING}
+        choices = {"micro_batch": MICRO_BATCHES, "virtual_stages": VIRTUAL_STAGES, "checkpointing": CHECKPOINTING}
         results = []
         for values in itertools.product(*(choices[knob] for knob in self.open)):
             try:

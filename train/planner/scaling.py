@@ -1,7 +1,8 @@
 """Where scaling stops paying: the best layout's throughput for one model at growing GPU counts."""
 
 from .hardware import FABRICS, GPUS, Cluster
-from .layout import Estimate, Job
+from .job import Job
+from .layout import Estimate
 from .search import search
 from .spec import model_spec
 

@@ -2,7 +2,12 @@
 
 import itertools
 
-from .layout import CHECKPOINTING, DATA_PARALLEL, Estimate, InvalidLayout, Job, Layout, estimate
+from .job import CHECKPOINTING, DATA_PARALLEL, InvalidLayout, Job, Layout
+from .layout import Estimate, estimate
+
+
+MICRO_BATCHES = (1, 2, 4)  # sequences per forward
+VIRTUAL_STAGES = (2, 4)  # an interleaved schedule's chunks per rank
 
 
 def powers_of_two(limit: int) -> list[int]:
@@ -17,8 +22,8 @@ def candidates(job: Job, data_parallel: tuple = DATA_PARALLEL):
     eps = powers_of_two(s.experts) if s.is_moe else [1]
     cps = [c for c in powers_of_two(32) if job.seq_len >= 16384 or c == 1]
     for dp_kind, tp, pp, ep, cp, ac, micro in itertools.product(data_parallel, tps, pps, eps, cps, CHECKPOINTING,
-                                                                 (1, 2, 4)):
-        schedules = [("1f1b", 1)] + ([("interleaved", 2), ("interleaved", 4)] if pp > 1 else [])
+                                                                 MICRO_BATCHES):
+        schedules = [("1f1b", 1)] + ([("interleaved", v) for v in VIRTUAL_STAGES] if pp > 1 else [])
         schedules += [("dualpipe", 1)] if pp % 2 == 0 else []
         for schedule, virtual in schedules:
             yield Layout(dp_kind, tp=tp, pp=pp, ep=ep, cp=cp, micro_batch=micro, schedule=schedule,

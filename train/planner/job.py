@@ -1,0 +1,49 @@
+"""What the planner plans: a job (a model on a cluster, its batch and sequence) and a layout for it."""
+
+from dataclasses import dataclass
+
+from .hardware import Cluster
+from .spec import ModelSpec
+
+DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp")
+CHECKPOINTING = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Layout:
+    data_parallel: str = "fsdp"
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    cp: int = 1
+    micro_batch: int = 1  # sequences per forward
+    schedule: str = "1f1b"
+    virtual_stages: int = 1  # interleaved: model chunks per pipeline rank
+    checkpointing: str = "none"
+    shard_size: int = 8  # hsdp: the GPUs a shard group spans (one node)
+
+    def describe(self) -> str:
+        parts = [self.data_parallel] + [f"{name}{getattr(self, name)}" for name in ("tp", "pp", "ep", "cp")
+                                        if getattr(self, name) > 1]
+        if self.pp > 1:
+            parts.append(self.schedule + (f"(v{self.virtual_stages})" if self.schedule == "interleaved" else ""))
+        if self.checkpointing != "none":
+            parts.append(f"ac-{self.checkpointing}")
+        return " ".join(parts) + f" mb{self.micro_batch}"
+
+
+@dataclass(frozen=True)
+class Job:
+    spec: ModelSpec
+    cluster: Cluster
+    gpus: int
+    seq_len: int
+    global_batch_tokens: int = 16 * 2**20  # Llama 3's
+    model_bytes: int = 2  # bf16 compute; 4 describes this project's fp32 CPU runs
+    # today's kernels; a published run of 2021 (Megatron-LM's 1T) had neither
+    fused_attention: bool = True  # flash attention: no T x T scores kept for the backward
+    sequence_parallel: bool = True  # the residual stream split over tp ranks between blocks
+
+
+class InvalidLayout(ValueError):
+    """This layout cannot run this job: the message says which number does not divide which."""
