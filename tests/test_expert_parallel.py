@@ -1,7 +1,6 @@
 """Expert parallelism with real processes (gloo): the all-to-all dispatch computes what one process computes,
 training follows the single-process run, and its checkpoints resume and export on other layouts."""
 
-import shutil
 
 import pytest
 import torch

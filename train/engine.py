@@ -10,7 +10,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 
 from .config import TrainConfig
 from .engine_api import DCP_ERRORS, Engine, StateLoadError, dcp_cause, first_line, optimizer_state_tensors
