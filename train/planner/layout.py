@@ -119,16 +119,15 @@ def check(job: Job, layout: Layout) -> int:
 def work_flops_per_token(spec: ModelSpec, seq_len: int, checkpointing: str) -> float:
     """What the GPUs compute per token: 6N matmuls, the causal attention cores, what checkpointing redoes,
     and the multi-token-prediction modules (one more layer's attention each)."""
-    attention = spec.attention_flops(seq_len, causal=True) * (1 + spec.mtp_depth / spec.layers)
+    attention = spec.trained_attention_flops(seq_len)
     recompute = {"none": 0.0, "selective": attention / 3, "full": 2 * spec.params_active + attention / 3}
-    return 6 * (spec.params_active + spec.mtp_params_active) + attention + recompute[checkpointing]
+    return 6 * spec.trained_params_active + attention + recompute[checkpointing]
 
 
 def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     """A forward's share of the work: a third of the matmuls and of the attention cores (a recompute is
     part of the backward)."""
-    attention = spec.attention_flops(seq_len, causal=True) * (1 + spec.mtp_depth / spec.layers)
-    return 2 * (spec.params_active + spec.mtp_params_active) + attention / 3
+    return 2 * spec.trained_params_active + spec.trained_attention_flops(seq_len) / 3
 
 
 def tensor_parallel_collectives(s: ModelSpec, L: Layout, stage_layers: int, moe_stage_layers: int,
@@ -193,10 +192,11 @@ def estimate(job: Job, layout: Layout) -> Estimate:
             remote_share = (nodes - 1) / nodes
         seconds, sent = collectives.all_to_all(local_tokens * destinations * s.hidden * act * remote_share, L.ep, bw, lat)
         count = (6 if recomputes else 4) * moe_stage_layers
-        shared = local_tokens * 6 * s.ffn_params(s.shared_ffn) / (gpu.peak_flops * gpu.matmul_efficiency) / 2
-        exposed = max(0.0, seconds - shared) * count
         if dualpipe:  # behind the compute of the micro-batch running beside it
             exposed = max(0.0, seconds * count - t_compute)
+        else:  # behind the shared experts' half of a pass
+            shared = local_tokens * 6 * s.ffn_params(s.shared_ffn) / (gpu.peak_flops * gpu.matmul_efficiency) / 2
+            exposed = max(0.0, seconds - shared) * count
         per_mb.append(("ep all-to-all", kind, seconds * count, sent * count, exposed))
     if L.pp > 1:
         kind, bw, lat = link(L.pp, L.tp * L.cp * dp)
@@ -206,7 +206,7 @@ def estimate(job: Job, layout: Layout) -> Estimate:
         per_mb.append(("pp send/recv", kind, seconds * count, sent * count, in_path))
 
     t_micro_batch = t_compute + sum(exposed for *_, exposed in per_mb)
-    weights_share = 2 * (s.params_active + s.mtp_params_active) / work  # the backward's weight gradients
+    weights_share = 2 * s.trained_params_active / work  # the backward's weight gradients
     idle = bubble(L.pp, L.schedule, L.virtual_stages, forward_share, weights_share)
     result.compute_s = m * t_compute
     result.bubble_s = idle * t_micro_batch

@@ -49,8 +49,9 @@ def slowest_stage(s: ModelSpec, pp: int, schedule: str, seq_len: int) -> float:
     DualPipe's ranks each hold a stage from each end, so it balances over pp / 2 pairs."""
     if pp == 1:
         return 1.0
-    layer = 6 * s.layer_params_active + s.attention_flops(seq_len, causal=True) / s.layers
-    end = (6 * (s.vocab * s.hidden + s.mtp_params_active) + s.mtp_depth * (layer - 6 * s.layer_params_active)) / layer
+    layer_attention = s.attention_flops(seq_len, causal=True) / s.layers
+    layer = 6 * s.layer_params_active + layer_attention
+    end = (6 * (s.vocab * s.hidden + s.mtp_params_active) + s.mtp_depth * layer_attention) / layer
     ranks = pp // stages_per_rank(schedule)
 
     def places_every_layer(load: float) -> bool:  # the rank with the end block, and the others

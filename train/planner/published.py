@@ -42,10 +42,10 @@ class PublishedRun:
     def estimate(self) -> Estimate:
         """The published layout, its open knobs filled in as the search would fill them."""
         choices = {"micro_batch": MICRO_BATCHES, "virtual_stages": VIRTUAL_STAGES, "checkpointing": CHECKPOINTING}
-        results = []
+        job, results = self.job(), []
         for values in itertools.product(*(choices[knob] for knob in self.open)):
             try:
-                results.append(estimate(self.job(), replace(self.layout, **dict(zip(self.open, values)))))
+                results.append(estimate(job, replace(self.layout, **dict(zip(self.open, values)))))
             except InvalidLayout:
                 continue
         return max(results, key=lambda r: (r.fits, r.tokens_per_s))

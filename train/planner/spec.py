@@ -100,6 +100,15 @@ class ModelSpec:
         model's FLOPs (the 37B active of DeepSeek-V3 leave them out)."""
         return self.mtp_depth * (2 * self.hidden * self.hidden + self.layer_params_active + self.vocab * self.hidden)
 
+    @property
+    def trained_params_active(self) -> float:
+        """What a token multiplies in training: the model and its multi-token-prediction modules."""
+        return self.params_active + self.mtp_params_active
+
+    def trained_attention_flops(self, seq_len: int) -> float:
+        """The causal attention cores of the model's layers and of each multi-token-prediction module's."""
+        return self.attention_flops(seq_len, causal=True) * (1 + self.mtp_depth / self.layers)
+
     def attention_flops(self, seq_len: int, causal: bool) -> float:
         """Forward + backward FLOPs per token of the attention cores (QK^T and AV): 3 x 2 matmuls x 2 FLOPs per
         multiply-add over the context; a causal mask halves the context on average."""
