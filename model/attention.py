@@ -36,13 +36,19 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps: float):
         rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, rstd, weight)
+        if torch.compiler.is_compiling():
+            # Out of place: torch 2.11's compiled autograd.Function silently gives zero gradients for an output
+            # written in place or aliased (a no-op .to); inductor fuses the two products anyway.
+            return x * rstd * weight
         return (x * rstd).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, rstd, weight = ctx.saved_tensors
         normed = x * rstd
-        grad_weight = (grad_y * normed).flatten(0, -2).sum(0)
+        # summed over the leading dims in place, not flattened: a sequence-split DTensor cannot flatten its
+        # split dim without a redistribution (torch 2.11 refuses it)
+        grad_weight = (grad_y * normed).sum(dim=tuple(range(grad_y.dim() - 1)))
         grad_normed = grad_y * weight
         dot = (grad_normed * normed).mean(-1, keepdim=True)
         return grad_normed.addcmul_(normed, dot, value=-1.0).mul_(rstd), grad_weight, None

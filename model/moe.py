@@ -41,6 +41,9 @@ class GatedGelu(torch.autograd.Function):
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
         g = gate.to(at_least_fp32(gate))
+        if torch.compiler.is_compiling():  # out of place, and no alias: see RMSNormFunction.forward
+            out = gelu_sigmoid(g) * g * up
+            return out if out.dtype == up.dtype else out.to(up.dtype)
         return gelu_sigmoid(g).mul_(g).mul_(up).to(up.dtype)
 
     @staticmethod

@@ -160,6 +160,26 @@ def test_gated_gelu_is_grok1s_tanh_gelu_in_float64():
     torch.testing.assert_close(gated_gelu(g32, u32).double(), plain.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_norm_and_gated_gelu_give_the_eager_gradients():
+    """Both autograd Functions, compiled: torch 2.11 silently gave zero gradients for a forward output written in
+    place or aliased (the dense model then stopped learning after its first step)."""
+    torch.manual_seed(0)
+    x, up = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(8, requires_grad=True)
+
+    def block(x, up, weight):
+        return gated_gelu(RMSNormFunction.apply(x, weight, 1e-5), up)
+
+    try:
+        grads = [torch.autograd.grad(fn(x, up, weight).square().sum(), (x, up, weight))
+                 for fn in (block, torch.compile(block, fullgraph=True))]
+    finally:
+        torch._dynamo.reset()
+    for eager, compiled in zip(*grads):
+        assert compiled.abs().sum() > 0
+        torch.testing.assert_close(compiled, eager)
+
+
 def test_compiled_rotary_equals_eager():
     """Compiled, rotary is written on the two halves instead of a roll: the same values."""
     torch.manual_seed(0)

@@ -118,7 +118,8 @@ def bench_model(args, overrides: list[str]) -> dict:
         "activation_checkpointing": config.parallel.activation_checkpointing,
         "micro_batch": batch, "seq_len": seq_len, "warmup_s": round(warmup_s, 1),
         "ms_per_step": round(seconds_per_step * 1e3, 1), "tokens_per_s": round(tokens_per_step / seconds_per_step),
-        "achieved_tflops": round(flops / seconds_per_step / 1e12, 4),
+        # four significant figures, not decimals: a slow first CPU step of a tiny model is well under 1e-4 TFLOP/s
+        "achieved_tflops": float(f"{flops / seconds_per_step / 1e12:.4g}"),
         "mfu": round(flops / seconds_per_step / peak, 4) if peak else None,
         "peak_mem_mib": round(peak_memory_mib(device)),
     }

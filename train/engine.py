@@ -17,7 +17,8 @@ from .engine_api import tensor_bytes
 from .optim import build_optimizer, set_lr
 from .parallel import Env, autocast, clip_grad_norm, forward_context, gradient_sync, parallelize
 from .parallel.expert import expert_gradient_scale, expert_parameters, scale_expert_gradients
-from .safe_dcp import DamagedFileError, SafeFileSystemReader, UnsafeFileError, read_metadata
+from . import safe_dcp
+from .safe_dcp import DamagedFileError, UnsafeFileError, read_metadata
 
 
 class TorchEngine:
@@ -87,7 +88,7 @@ class TorchEngine:
         check_model_shapes(folder, model_state)
         state = {"model": model_state, "optim": optim_state}
         try:
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)))
+            safe_dcp.load(state, folder)
         except DCP_ERRORS as error:
             cause = dcp_cause(error)
             if isinstance(cause, (UnsafeFileError, DamagedFileError)):

@@ -147,3 +147,12 @@ class SafeFileSystemReader(dcp.FileSystemReader):
 def read_metadata(folder) -> metadata.Metadata:
     """The checkpoint's metadata (what is saved, shapes, dtypes), read safely; no process group needed."""
     return SafeFileSystemReader(str(folder)).read_metadata()
+
+
+def load(state: dict, folder) -> None:
+    """dcp.load(state) from `folder`, never running pickled code. The metadata is read first, alone, so that a
+    refusal raises UnsafeFileError or DamagedFileError itself: inside dcp.load a reader's error is caught
+    (torch 2.13 wraps it in a CheckpointException after logging a traceback; torch 2.11 drops it and fails on
+    "metadata is None")."""
+    read_metadata(folder)
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)))

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 import transformers
 from safetensors import SafetensorError
 
@@ -20,7 +19,8 @@ from model import GrokConfig, GrokForCausalLM
 
 from .checkpoint import MARKER, MODEL_CONFIG, CheckpointError, read_meta, verify
 from .engine_api import DCP_ERRORS, StateLoadError, dcp_cause, first_line
-from .safe_dcp import DamagedFileError, SafeFileSystemReader, UnsafeFileError, read_metadata
+from . import safe_dcp
+from .safe_dcp import DamagedFileError, UnsafeFileError
 
 
 def weights_kind(path: Path, option: str = "model.init_from") -> str:
@@ -78,15 +78,13 @@ def load_model_weights(path: Path, option: str = "CHECKPOINT") -> tuple[GrokConf
             return config, consolidated_weights(path)
         except StateLoadError as error:
             raise CheckpointError(f"{option} {path}: {error}") from error
-    try:  # first, alone: dcp.load would catch a refusal here and log a traceback before falling back
-        read_metadata(path)
-    except (UnsafeFileError, DamagedFileError) as error:
-        raise CheckpointError(str(error)) from None
     with torch.device("meta"):
         skeleton = GrokForCausalLM(config).state_dict()
     state = {key: torch.empty(t.shape, dtype=torch.float32) for key, t in skeleton.items()}
     try:
-        dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(path)))
+        safe_dcp.load({"model": state}, path)
+    except (UnsafeFileError, DamagedFileError) as error:
+        raise CheckpointError(str(error)) from None
     except DCP_ERRORS as error:
         if isinstance(dcp_cause(error), (UnsafeFileError, DamagedFileError)):
             raise CheckpointError(str(dcp_cause(error))) from None
