@@ -200,10 +200,12 @@ def world_digests(world):
     return digests(world)
 
 
+@pytest.mark.compat
 def test_there_are_at_least_forty_cases():
     assert len(CASES) >= 40
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_and_changes_no_file(case, world, world_digests, capsys, monkeypatch):
     from conftest import REPO

@@ -54,6 +54,7 @@ def random_unicode(rng: random.Random, length: int) -> str:
     return "".join(out)
 
 
+@pytest.mark.compat
 def test_bpe_round_trips_arbitrary_unicode(corpus_file):
     wrapped = tok.wrap(tok.train_bpe([corpus_file.read_text()], 400))
     rng = random.Random(0)
@@ -144,6 +145,7 @@ def test_gzipped_text_and_folder_sources(tmp_path):
     assert sum(s["tokens"] for s in manifest["splits"].values()) == sum(len(d) + 1 for d in docs)
 
 
+@pytest.mark.compat
 def test_jsonl_gz_and_parquet_sources(tmp_path):
     rows = [{"body": text, "id": i} for i, text in enumerate(paragraphs(40))]
     with gzip.open(tmp_path / "docs.jsonl.gz", "wt") as f:
@@ -274,6 +276,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path):
     assert read_manifest(out) and not list(tmp_path.glob(".out.tmp-*"))
 
 
+@pytest.mark.compat
 def test_stdlib_prepare_end_to_end(tmp_path):
     assert prepare("--source", "stdlib", "--out", tmp_path / "s", "--tokenizer", "byte", "--num-proc", 2) == 0
     manifest = read_manifest(tmp_path / "s")

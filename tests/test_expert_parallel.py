@@ -64,6 +64,7 @@ def dispatch_worker(rank: int, store: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.compat
 def test_dispatch_over_two_ranks_equals_local_experts_even_for_a_rank_that_receives_nothing(tmp_path):
     mp.spawn(dispatch_worker, args=(str(tmp_path / "store"),), nprocs=2)
 
@@ -83,6 +84,7 @@ def expert_run(data_dir, tmp_path_factory):
     return train(data_dir, out, "--parallel.ep_size=2", "--checkpoint.every=6", "--checkpoint.keep=3", nproc=2), out
 
 
+@pytest.mark.compat
 def test_ep2_follows_the_single_process_run_with_clipping_on_every_step(reference, expert_run):
     single, _ = reference
     rows, _ = expert_run

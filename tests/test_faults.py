@@ -33,6 +33,7 @@ def test_crash_during_save_falls_back_to_the_previous_checkpoint(work):
     assert row["survived"] and row["steps_lost"] == 3 and row["losses_equal"] and row["weights_equal"], row
 
 
+@pytest.mark.compat
 def test_preemption_checkpoints_the_current_step_and_resumes_exactly(work):
     row = report.preemption(*work)
     assert row["survived"] and row["steps_lost"] == 0 and row["losses_equal"] and row["weights_equal"], row
@@ -144,6 +145,7 @@ def test_resuming_a_checkpoint_of_another_model_shape_names_the_parameters(work,
     assert "another shape" in error and "model.layers.0.ffn.moe.w_gate saved [8, 128, 96] vs model [8, 128, 64]" in error
 
 
+@pytest.mark.compat
 def test_resuming_a_corrupted_checkpoint_is_one_line(work, tmp_path):
     checkpoint = tmp_path / "checkpoints" / "step_00000012"
     shutil.copytree(work[2] / "checkpoints" / "step_00000012", checkpoint)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import REPO, STEPS, Payload, base_args, losses, reseal, train
@@ -152,6 +153,7 @@ def hostile_metadata(checkpoint: Path, marker: Path) -> None:
     reseal(checkpoint)
 
 
+@pytest.mark.compat
 def test_hostile_dcp_metadata_never_runs_on_any_path(data_dir, reference, tmp_path, capsys):
     checkpoint = copied_checkpoint(reference, tmp_path)
     marker = tmp_path / "code-ran"
@@ -226,6 +228,7 @@ def test_a_manifest_whose_vocabulary_is_below_its_token_ids_is_refused(data_dir,
 
 # --- async checkpoints --------------------------------------------------------------------------------
 
+@pytest.mark.compat
 def test_async_save_trains_the_same_run_and_completes_every_checkpoint(data_dir, reference, tmp_path):
     single, single_out = reference
     rows = train(data_dir, tmp_path / "async", "--checkpoint.async_save=true", "--checkpoint.every=3",

@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from conftest import in_process, small_model
 from model.__main__ import main as model_main
 
+pytestmark = pytest.mark.compat  # every test: transformers' generation, cache and pipeline APIs change between versions
+
 
 def _diverse_model():
     """Taught to count (next token = this token + 1) so greedy decoding does not settle on one token,

@@ -44,6 +44,7 @@ def run(command, timeout=300, **kwargs):
     return result
 
 
+@pytest.mark.compat
 def test_accelerate_launch(data_dir, reference, tmp_path):
     run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
          "--mixed_precision=no", "--dynamo_backend=no", "-m", "train", *base_args(data_dir, tmp_path),

@@ -67,6 +67,7 @@ def test_every_sample_once_per_epoch_and_epochs_differ(prepared):
     assert [other_seed.order[g] for g in range(n)] != epoch0
 
 
+@pytest.mark.compat
 def test_resume_continues_exactly(prepared):
     steps = 200  # > one epoch of ~93 batches
     straight = take(loader(prepared), steps)
@@ -161,6 +162,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.compat
 def test_two_real_processes_with_torchrun(prepared, tmp_path):
     script = tmp_path / "check.py"
     script.write_text(DISTRIBUTED_CHECK)

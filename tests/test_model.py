@@ -14,6 +14,8 @@ from model.moe import MoE, gated_gelu, geglu, grouped_geglu, load_balancing_loss
 
 from conftest import small_config, small_model
 
+pytestmark = pytest.mark.compat  # every test: torch ops, eager and compiled, change between versions
+
 
 def test_forward_shapes_and_losses():
     model = small_model()

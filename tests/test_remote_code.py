@@ -70,6 +70,7 @@ def _run_without_repo(code: str, *args: str, cwd: Path, timeout: int) -> subproc
     return result
 
 
+@pytest.mark.compat
 def test_export_loads_with_trust_remote_code_in_a_process_without_the_repo(tmp_path):
     export = tmp_path / "export"
     model = small_model()
@@ -105,6 +106,7 @@ def _bits_per_byte(model, tokenizer, docs) -> float:
     return -total_ll / sum(len(d.encode()) for d in docs) / math.log(2)
 
 
+@pytest.mark.compat
 def test_lm_eval_scores_an_export_on_a_local_perplexity_task(tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
     # the shared corpus where this checkout has it, else prose from the standard library (a clean CI clone)

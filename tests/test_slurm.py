@@ -108,6 +108,7 @@ def submit(env, root, out: Path, *train_args, sbatch_args=(), settings=None) -> 
     return result.stdout.strip().split(";")[0]
 
 
+@pytest.mark.compat
 def test_a_batch_job_trains_like_torchrun(slurm, data_dir, tmp_path):
     env, root = slurm
     args = base_args(data_dir, tmp_path / "slurm")[2:]  # without --config: the script takes the config first

@@ -35,6 +35,7 @@ def tp_run(data_dir, tmp_path_factory):
     return checkpointed_run(data_dir, tmp_path_factory, "tp2", "--parallel.tp_size=2", nproc=2)
 
 
+@pytest.mark.compat
 def test_tp2_follows_the_single_process_run(single_kv2, tp_run):
     assert_same_run(tp_run[0], single_kv2[0])
 
@@ -51,7 +52,7 @@ def test_tp2_splits_the_dense_and_shared_ffn(data_dir, tmp_path, ffn):
 
 
 @pytest.mark.parametrize("layout", [
-    ["--parallel.strategy=fsdp"],
+    pytest.param(["--parallel.strategy=fsdp"], marks=pytest.mark.compat),
     ["--parallel.strategy=hsdp", "--parallel.replicate_size=2", "--parallel.shard_size=1"],
 ], ids=["fsdp-2-x-tp-2", "hsdp-2x1-x-tp-2"])
 def test_tp2_with_two_data_parallel_ranks_on_four_processes(data_dir, single_kv2, tmp_path, layout):
@@ -68,6 +69,7 @@ def test_a_tp2_checkpoint_resumes_on_another_layout(data_dir, single_kv2, tp_run
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single_kv2[0][6:]))) < 1e-5
 
 
+@pytest.mark.compat
 def test_a_tp2_checkpoint_exports_the_weights_one_process_trained(single_kv2, tp_run, tmp_path):
     for name, run in (("tp", tp_run[1]), ("single", single_kv2[1])):
         assert export_main([str(run / "checkpoints" / "step_00000006"), str(tmp_path / name)]) == 0
@@ -84,6 +86,7 @@ def tp_ep_run(data_dir, tmp_path_factory):
                             nproc=2)
 
 
+@pytest.mark.compat
 def test_ep2_borrowing_the_tp2_ranks_follows_the_single_process_run(single_kv2, tp_ep_run):
     assert_same_run(tp_ep_run[0], single_kv2[0])
 
@@ -98,6 +101,7 @@ def test_ep4_across_tp2_and_two_data_parallel_ranks_on_four_processes(data_dir, 
     assert_same_run(rows, single_kv2[0])
 
 
+@pytest.mark.compat
 def test_each_rank_of_a_tp_group_sends_its_own_chunk_of_the_rows():
     from train.parallel.expert import chunk_counts, chunk_sizes
     counts = torch.tensor([3, 0, 4, 2])  # 9 rows sorted by expert: 000 2222 33

@@ -39,6 +39,7 @@ def trained(reference, tmp_path_factory):
     return rows, checkpoint, export
 
 
+@pytest.mark.compat
 def test_evaluate_reproduces_the_trainers_validation(trained, data_dir):
     rows, checkpoint, export = trained
     for model in (checkpoint, export):
@@ -63,6 +64,7 @@ def test_evaluate_a_text_file_with_the_models_tokenizer(trained, tmp_path):
         assert 0 < result["val_loss"] < 10
 
 
+@pytest.mark.compat
 def test_generate_greedy_from_checkpoint_and_export_matches_transformers(trained):
     _, checkpoint, export = trained
     args = ["--prompt", "The ", "--prompt", "def ", "--max-new-tokens", "24", "--greedy"]
@@ -119,6 +121,7 @@ def test_plot_writes_a_png_of_one_or_several_runs(reference, tmp_path):
     assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and "metrics.jsonl" in result.stderr
 
 
+@pytest.mark.compat
 def test_export_has_a_model_card_and_runs_in_a_text_generation_pipeline(trained):
     rows, _, export = trained
     card = (export / "README.md").read_text()
@@ -130,6 +133,7 @@ def test_export_has_a_model_card_and_runs_in_a_text_generation_pipeline(trained)
     assert text.startswith("The ") and len(text) > len("The ")
 
 
+@pytest.mark.compat
 def test_bench_model_runs_a_config_with_overrides():
     """The script the GPU figures come from: it takes a trainer config and the trainer's overrides."""
     result = tool("scripts/bench.py", "model", "--config", str(REPO / "configs" / "tiny.toml"), "--batch.micro_batch_size=2",

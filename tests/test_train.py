@@ -69,6 +69,7 @@ def test_muon_orthogonalises_each_matrix_and_its_adamw_is_torchs():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.compat
 def test_gradient_accumulation_is_the_same_step(data_dir, tmp_path):
     # The router aux losses depend on which tokens share a micro-batch; without them, accumulation is exact.
     no_aux = ["--model.overrides.router_aux_loss_coef=0", "--model.overrides.router_z_loss_coef=0"]
@@ -85,6 +86,7 @@ def test_activation_checkpointing_recomputes_the_same_step(data_dir, reference, 
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-6
 
 
+@pytest.mark.compat
 def test_compiled_training_follows_the_eager_run(data_dir, tmp_path, monkeypatch):
     # One process compiles the whole model as one graph (dense here: the MoE's routing is data-dependent).
     # Inductor reorders fp32 sums, so not bitwise; a wrong graph (a missed soft-cap, a stale rotary table)
@@ -216,6 +218,7 @@ def error_of(capsys, *args) -> str:
     return err[0]
 
 
+@pytest.mark.compat
 def test_config_errors_are_one_line_and_name_the_key(data_dir, tmp_path, capsys):
     args = base_args(data_dir, tmp_path / "out")
     assert "run.bogus" in error_of(capsys, *args, "--run.bogus=1")

@@ -1,7 +1,7 @@
 """Benchmarks that print numbers (never timed tests).
 
     python scripts/bench.py model [--config FILE] [--preset P] [--batch B] [--seq-len T] [--section.key=value ...]
-                                  [--steps 10] [--warmup 3] [--json]
+                                  [--steps 10] [--warmup 3] [--profile FILE] [--json]
     python scripts/bench.py data  [--source stdlib] [--vocab-size 2048] [--batch 32] [--seq-len 128] [--json]
     python scripts/bench.py strategies [--presets tiny small] [--strategies none-1thread ddp fsdp hsdp tp2 ep2 zero1 ...]
                                        [--nproc 2] [--steps 24] [--log-every 4] [--json]
@@ -107,6 +107,9 @@ def bench_model(args, overrides: list[str]) -> dict:
         torch.cuda.synchronize()
     seconds_per_step = (time.perf_counter() - start) / args.steps
 
+    if args.profile:
+        write_profile(step, device, Path(args.profile))
+
     tokens_per_step = batch * seq_len
     flops = flops_per_token(model_config, count_parameters(model).active, seq_len) * tokens_per_step
     peak = peak_flops(device)
@@ -123,6 +126,21 @@ def bench_model(args, overrides: list[str]) -> dict:
         "mfu": round(flops / seconds_per_step / peak, 4) if peak else None,
         "peak_mem_mib": round(peak_memory_mib(device)),
     }
+
+
+def write_profile(step, device: torch.device, path: Path, steps: int = 3) -> None:
+    """torch.profiler over a few more steps: the kernels (or CPU ops) that took the most time, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{steps} steps, sorted by {sort_by}\n" + profiler.key_averages().table(sort_by=sort_by,
+                                                                                             row_limit=30))
 
 
 def bench_data(args) -> dict:
@@ -301,6 +319,7 @@ def main(argv=None) -> int:
     m.add_argument("--steps", type=integer(1), default=10)
     m.add_argument("--warmup", type=integer(0), default=3)
     m.add_argument("--json", action="store_true")
+    m.add_argument("--profile", metavar="FILE", help="also write torch.profiler's top kernels of 3 more steps here")
     d = sub.add_parser("data", help="tokeniser throughput and loader cost against a tiny training step")
     d.add_argument("--source", default="stdlib")
     d.add_argument("--vocab-size", type=integer(BYTE_VOCAB_SIZE), default=2048,
