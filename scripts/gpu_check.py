@@ -15,14 +15,16 @@ DIR receives gpu_check.json (rewritten after every part, so a run cut short keep
 tests.log, bench.log and the profiler tables. Exit code 0 when every part passed.
 
 --cpu rehearses the same parts on a CPU (the tier with MINICOLOSSUS_GPU_TIER=cpu, benchmarks shrunk to a
-layer of width 64), so that everything but the GPU itself is tried before a GPU is lent. Standard library only:
+layer of width 96), so that everything but the GPU itself is tried before a GPU is lent. Standard library only:
 it runs before the wheels are installed.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,8 +42,8 @@ BUDGETS = {"install": (60, 120), "environment": (40, 60), "tests": (270, 900),
            "bench eager": (30, 60), "bench compiled": (60, 150)}
 TEST_LINE = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
 # The CPU rehearsal's benchmark: each config's code path at a size two cores run in seconds (flex has no
-# backward on a CPU, so eager attention there).
-CPU_BENCH_SHRINK = ["--model.overrides.hidden_size=64", "--model.overrides.num_hidden_layers=1",
+# backward on a CPU, so eager attention there). 96 wide: an even head size for 12 and 16 heads.
+CPU_BENCH_SHRINK = ["--model.overrides.hidden_size=96", "--model.overrides.num_hidden_layers=1",
                     "--model.overrides.intermediate_size=64", "--model.overrides.vocab_size=256",
                     "--model.overrides.attn_backend=eager", "--batch", "1", "--seq-len", "32"]
 ENVIRONMENT = """
@@ -85,14 +87,19 @@ class Check:
         budget, start = self.budget(part), time.monotonic()
         if budget < 5:
             return {"ok": False, "error": "skipped: the overall deadline has passed", "seconds": 0, "stdout": ""}
+        child = subprocess.Popen(command, cwd=REPO, env={**self.env, **env}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
         try:
-            done = subprocess.run(command, cwd=REPO, env={**self.env, **env}, capture_output=True, text=True,
-                                  timeout=budget)
-            code, stdout, stderr = done.returncode, done.stdout, done.stderr
-        except subprocess.TimeoutExpired as expired:
+            stdout, stderr = child.communicate(timeout=budget)
+            code = child.returncode
+        except subprocess.TimeoutExpired:
+            # everything it started goes too (torchrun's ranks run in sessions of their own, compile workers):
+            # left running, they would hold the GPU through the parts after it
+            for pid in [*descendants(child.pid), child.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stdout, stderr = child.communicate()
             code = None
-            stdout, stderr = (text.decode(errors="replace") if isinstance(text, bytes) else text or ""
-                              for text in (expired.stdout, expired.stderr))
         result = {"ok": code == 0, "exit_code": code, "seconds": round(time.monotonic() - start, 1),
                   "budget_s": round(budget)}
         if code is None:
@@ -105,12 +112,14 @@ class Check:
         result["stdout"] = stdout
         return result
 
-    def save(self, part: str, result: dict) -> None:
+    def save(self, part: str, result: dict, done: dict | None = None) -> None:
+        """Record the part's result, rewrite the report, and say how `done` (the part, or its latest run) went."""
         result.pop("stdout", None)
         self.report["parts"][part] = result
         (self.out / "gpu_check.json").write_text(json.dumps(self.report, indent=2) + "\n")
-        status = "ok" if result.get("ok") else "FAILED"
-        print(f"{part}: {status} ({result.get('seconds', 0)} s)", flush=True)
+        done = done or result
+        status = "ok" if "error" not in done and done.get("ok", True) else f"FAILED: {done.get('error', '')}"
+        print(f"{done.get('name', part)}: {status} ({done.get('seconds', 0)} s)", flush=True)
 
     def install(self) -> None:
         wheels = sorted(Path(self.args.wheels).glob("*.whl")) if self.args.wheels else []
@@ -161,7 +170,7 @@ class Check:
         self.save("tests", result)
 
     def bench(self) -> None:
-        rows, ok = [], True
+        rows, ok, start = [], True, time.monotonic()
         for config, compiled in BENCHES:
             command = [sys.executable, "scripts/bench.py", "model", "--config", f"configs/{config}.toml",
                        f"--parallel.compile={'true' if compiled else 'false'}", "--json"]
@@ -170,14 +179,29 @@ class Check:
             if compiled and config in PROFILED:
                 command += ["--profile", str(self.out / f"profile-{config}.txt")]
             result = self.run("bench compiled" if compiled else "bench eager", command, log=self.out / "bench.log")
-            row = {"config": config, "compile": compiled, "seconds": result.get("seconds")}
+            row = {"name": f"bench {config} compile={compiled}", "seconds": result.get("seconds")}
             if result["ok"]:
                 row.update(json.loads(result["stdout"].strip().splitlines()[-1]))
             else:
                 row["error"] = result.get("error") or f"exit code {result['exit_code']} (see bench.log)"
             ok = ok and result["ok"]
             rows.append(row)
-            self.save("bench", {"ok": ok, "rows": rows})
+            self.save("bench", {"ok": ok, "seconds": round(time.monotonic() - start, 1), "rows": rows}, done=row)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`, children first, read from /proc (Linux) while they are alive."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command)", which may hold spaces
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for parent in frontier for child in parents.get(parent, [])]
+        found += children
+        frontier = children
+    return found
 
 
 def main(argv=None) -> int:
