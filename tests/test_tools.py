@@ -142,6 +142,15 @@ def test_bench_model_runs_a_config_with_overrides():
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert (row["preset"], row["micro_batch"], row["seq_len"], row["compile"]) == ("tiny", 2, 16, False)
     assert row["tokens_per_s"] > 0 and row["achieved_tflops"] > 0 and row["dtype"] == "fp32"
+    # the FLOP rate is the model's FLOPs a token times its tokens/s, to four figures even when it is tiny (a
+    # slow CPU step of this model is ~0.005 TFLOP/s: rounded to four decimals, it read 0.0 on a loaded machine)
+    from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
+    config = preset_config("tiny", num_hidden_layers=1)
+    with torch.device("meta"):
+        active = count_parameters(GrokForCausalLM(config)).active
+    expected = flops_per_token(config, active, 16) * row["tokens_per_s"] / 1e12
+    rounding = 0.5 / row["tokens_per_s"] + 5e-4  # tokens/s is a whole number, the FLOP rate four figures
+    assert row["achieved_tflops"] == pytest.approx(expected, rel=rounding)
     for override, named in (("--optim.lr=-1", "optim.lr"), ("--model.overrides.attn_backend=flex", "flex")):
         bad = tool("scripts/bench.py", "model", override, ok=False)  # the trainer's checks, in one line
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and named in bad.stderr
