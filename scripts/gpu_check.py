@@ -72,7 +72,8 @@ class Check:
         self.args, self.out = args, Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + args.deadline_s
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # offline: a GPU machine may have no network, and a library that tries the hub would wait for its timeouts
+        self.env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
         if args.cpu:
             self.env["MINICOLOSSUS_GPU_TIER"] = "cpu"

@@ -183,8 +183,9 @@ def test_grouped_matmul_in_bf16_matches_the_per_expert_loop():
 
 
 def test_the_1b_moe_trains_a_few_steps():
-    """The 1b MoE (flex soft-capped attention, compiled, bf16) at its own width: finite, learning, and the
-    memory it took. The rehearsal shrinks it and uses eager attention (flex has no CPU backward)."""
+    """The 1b MoE (flex soft-capped attention, grouped expert matmuls, bf16) at its own width: finite, learning,
+    and the memory it took. Eager here, to keep the tier short: the check's benchmark runs it compiled. The
+    rehearsal shrinks it and uses eager attention (flex has no CPU backward)."""
     from train.config import OptimSection
     from train.optim import build_optimizer
     from train.parallel import autocast
@@ -194,8 +195,6 @@ def test_the_1b_moe_trains_a_few_steps():
     batch, seq = (4, 1024) if ON_GPU else (2, 32)
     torch.manual_seed(0)
     model = GrokForCausalLM(config).to(DEVICE).train()
-    if ON_GPU:
-        model.compile()
     optimizer = build_optimizer(model, OptimSection(lr=1e-3, weight_decay=0.0), torch.device(DEVICE))
     tokens = torch.randint(0, config.vocab_size, (batch, seq + 1), device=DEVICE)
     step_losses = []
@@ -206,7 +205,6 @@ def test_the_1b_moe_trains_a_few_steps():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_losses.append(loss.item())
-    torch._dynamo.reset()
     peak = torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else None
     record("1b MoE, 4 steps on one batch", losses=step_losses, peak_gib=peak)
     assert all(torch.isfinite(torch.tensor(step_losses)))
