@@ -6,9 +6,9 @@
 #   bash scripts/gpu_wheels.sh [DEST] [PYTHON_VERSION]      default: .gpu-wheels (git-ignored) and 3.12
 #
 # Versions are the ones CI tests on torch 2.11 + transformers 5.17. DeepSpeed is published as a source
-# distribution only: its wheel is built here, with every op off (DS_BUILD_OPS=0; ops JIT-compile on first use,
-# as they do everywhere in this project), by the Python that runs this script (PYTHON, default .venv/bin/python
-# or python3), which needs torch to build it.
+# distribution only: its wheel is built here in pip's isolated build environment, with every op off
+# (DS_BUILD_OPS=0; ops JIT-compile on first use, as they do everywhere in this project), as `pip install
+# deepspeed` builds it. PYTHON (default .venv/bin/python, else python3) is the Python whose pip runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +30,7 @@ done
 mkdir -p "$dest"
 "$python" -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
     --python-version "$python_version" "${platforms[@]}" -d "$dest" "${binary[@]}"
-DS_BUILD_OPS=0 "$python" -m pip wheel --quiet --no-deps --no-build-isolation -w "$dest" deepspeed==0.19.8
+DS_BUILD_OPS=0 "$python" -m pip wheel --quiet --no-deps -w "$dest" deepspeed==0.19.8
 
 ls -1 "$dest"
 du -sh "$dest"
