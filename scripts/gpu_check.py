@@ -148,6 +148,8 @@ class Check:
             result["nvidia_smi"] = smi.stdout.splitlines()
         except (OSError, subprocess.TimeoutExpired) as error:
             result["nvidia_smi"] = f"not run: {error}"
+        print("\n".join(result["nvidia_smi"]) if isinstance(result["nvidia_smi"], list) else result["nvidia_smi"])
+        print(json.dumps({key: result.get(key) for key in ("versions", "device")}))
         has_cuda = result.get("device", {}).get("cuda_available", False)
         if not self.args.cpu and not has_cuda:
             result.update(ok=False, error="no CUDA device is visible: run on a GPU machine, or with --cpu")
