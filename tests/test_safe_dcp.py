@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from train import safe_dcp
-from train.safe_dcp import DamagedFileError, SafeFileSystemReader, UnsafeFileError, read_metadata
+from train.safe_dcp import DamagedFileError, UnsafeFileError, read_metadata
 
 pytestmark = pytest.mark.compat  # every test: DCP's reader and planner change between versions
 
