@@ -43,9 +43,20 @@ class SampleOrder:
 class TrainLoader:
     """Yields this rank's share of each global batch: (inputs, targets), each [B / R, seq_len] int64."""
 
-    def __init__(self, folder, seq_len: int, global_batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, device="cpu", prefetch: int = 2, vocab_size: int | None = None,
-                 tokenizer_sha256: str | None = None, verify_checksums: bool = True):
+    def __init__(
+        self,
+        folder,
+        seq_len: int,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device="cpu",
+        prefetch: int = 2,
+        vocab_size: int | None = None,
+        tokenizer_sha256: str | None = None,
+        verify_checksums: bool = True,
+    ):
         if global_batch_size % world_size != 0:
             raise DataError(f"global batch of {global_batch_size} sequences does not split over {world_size} ranks")
         self.stream = TokenStream(folder, "train", verify_checksums)
@@ -55,8 +66,10 @@ class TrainLoader:
         self.local_batch_size = global_batch_size // world_size
         num_samples = (len(self.stream) - 1) // seq_len
         if num_samples < 1:
-            raise DataError(f"{folder}: the train split has {len(self.stream)} tokens, fewer than seq_len + 1 = "
-                            f"{seq_len + 1}; use a shorter seq_len or more data")
+            raise DataError(
+                f"{folder}: the train split has {len(self.stream)} tokens, fewer than seq_len + 1 = "
+                f"{seq_len + 1}; use a shorter seq_len or more data"
+            )
         self.order = SampleOrder(num_samples, seed)
         self.device = torch.device(device)
         self.samples_consumed = 0
@@ -100,13 +113,19 @@ class TrainLoader:
         return batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"samples_consumed": self.samples_consumed, "epoch": self.epoch, "seed": self.seed,
-                "seq_len": self.seq_len}
+        return {
+            "samples_consumed": self.samples_consumed,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["seq_len"] != self.seq_len or state["seed"] != self.seed:
-            raise DataError(f"loader state is for seq_len {state['seq_len']} / seed {state['seed']}, this run uses "
-                            f"seq_len {self.seq_len} / seed {self.seed}; keep them fixed when resuming")
+            raise DataError(
+                f"loader state is for seq_len {state['seq_len']} / seed {state['seed']}, this run uses "
+                f"seq_len {self.seq_len} / seed {self.seed}; keep them fixed when resuming"
+            )
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
@@ -127,21 +146,39 @@ class ArrayStream:
         return len(self.tokens)
 
     def read(self, start: int, length: int) -> np.ndarray:
-        return self.tokens[start:start + length]
+        return self.tokens[start : start + length]
 
 
-def val_batches(folder, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1, device="cpu",
-                max_windows: int | None = None, verify_checksums: bool = True, split: str = "val"):
+def val_batches(
+    folder,
+    seq_len: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device="cpu",
+    max_windows: int | None = None,
+    verify_checksums: bool = True,
+    split: str = "val",
+):
     """The val split (or another) of a prepared folder as window_batches."""
     stream = TokenStream(folder, split, verify_checksums)
     if len(stream) < seq_len + 1:
-        raise DataError(f"{folder}: the {split} split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                        f"use a shorter seq_len or prepare with a larger --val-fraction")
+        raise DataError(
+            f"{folder}: the {split} split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+            f"use a shorter seq_len or prepare with a larger --val-fraction"
+        )
     return window_batches(stream, seq_len, batch_size, rank, world_size, device, max_windows)
 
 
-def window_batches(stream, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1, device="cpu",
-                   max_windows: int | None = None):
+def window_batches(
+    stream,
+    seq_len: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device="cpu",
+    max_windows: int | None = None,
+):
     """A token stream in order (or its first max_windows windows, the same at any world size), as
     non-overlapping seq_len windows, each window on exactly one rank.
 
@@ -156,7 +193,7 @@ def window_batches(stream, seq_len: int, batch_size: int, rank: int = 0, world_s
     num_batches = -(-per_rank // batch_size)
     device = torch.device(device)
     for b in range(num_batches):
-        chunk = windows[b * batch_size:(b + 1) * batch_size]
+        chunk = windows[b * batch_size : (b + 1) * batch_size]
         inputs = np.zeros((batch_size, seq_len), dtype=np.int64)
         targets = np.full((batch_size, seq_len), -100, dtype=np.int64)
         for row, w in enumerate(chunk):

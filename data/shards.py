@@ -6,19 +6,20 @@ describing all of it with per-shard checksums. `TokenStream` presents one split'
 token sequence through numpy memmaps, so opening never reads the corpus into memory.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from .folders import write_durably
+from groundwork.errors import UserError
+from groundwork.folders import write_durably
+from groundwork.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: max_token_id recorded, folder marker
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data input; the message is one line naming the file and the fix."""
 
 
@@ -26,18 +27,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     if vocab_size <= 0 or vocab_size > 2**32:
         raise DataError(f"vocab size {vocab_size} does not fit a uint32 token shard; use at most {2**32}")
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def hash_file(path: Path, digest, chunk_bytes: int = 1 << 24) -> str:
-    """`digest` (a hashlib or xxhash object) of a file's bytes, read in chunks."""
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    return hash_file(path, hashlib.sha256())
 
 
 class ShardWriter:
@@ -57,7 +46,7 @@ class ShardWriter:
         while len(tokens):
             if self._room == 0:
                 self._open_next()
-            part, tokens = tokens[:self._room], tokens[self._room:]
+            part, tokens = tokens[: self._room], tokens[self._room :]
             part.tofile(self._file)
             self._room -= len(part)
             self.shards[-1]["tokens"] += len(part)
@@ -92,20 +81,26 @@ def read_manifest(folder: Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({error}); re-run data.prepare with --overwrite") from error
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise DataError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}; "
-                        f"re-run data.prepare with --overwrite (or into a new --out)")
+        raise DataError(
+            f"{path}: format_version {version!r}, expected {FORMAT_VERSION}; "
+            f"re-run data.prepare with --overwrite (or into a new --out)"
+        )
     _check_fields(manifest, path)
     return manifest
 
 
 def _check_fields(manifest: dict, path: Path) -> None:
     """The keys readers rely on, with their types: a hand-edited manifest fails here, in one line."""
+
     def need(node, key, kind, where):
         value = node.get(key) if isinstance(node, dict) else None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise DataError(f"{path}: {where}{key} is missing or not a {getattr(kind, '__name__', 'value')}; "
-                            f"re-run data.prepare with --overwrite")
+            raise DataError(
+                f"{path}: {where}{key} is missing or not a {getattr(kind, '__name__', 'value')}; "
+                f"re-run data.prepare with --overwrite"
+            )
         return value
+
     tokenizer = need(manifest, "tokenizer", dict, "")
     vocab_size = need(tokenizer, "vocab_size", int, "tokenizer.")
     need(tokenizer, "sha256", str, "tokenizer.")
@@ -114,29 +109,38 @@ def _check_fields(manifest: dict, path: Path) -> None:
         raise DataError(f"{path}: dtype {manifest['dtype']!r} is not uint16 or uint32; re-run data.prepare")
     max_id = need(manifest, "max_token_id", int, "")
     if not 0 < vocab_size <= 2**32 or max_id >= vocab_size:
-        raise DataError(f"{path}: tokens go up to id {max_id} but tokenizer.vocab_size is {vocab_size}; the "
-                        f"manifest was edited or is damaged: re-run data.prepare with --overwrite")
+        raise DataError(
+            f"{path}: tokens go up to id {max_id} but tokenizer.vocab_size is {vocab_size}; the "
+            f"manifest was edited or is damaged: re-run data.prepare with --overwrite"
+        )
     for name, split in need(manifest, "splits", dict, "").items():
         need(split, "tokens", int, f"splits.{name}.")
         for i, shard in enumerate(need(split, "shards", list, f"splits.{name}.")):
             for key, kind in (("file", str), ("tokens", int), ("sha256", str)):
                 need(shard, key, kind, f"splits.{name}.shards[{i}].")
             if "/" in shard["file"] or shard["file"].startswith("."):
-                raise DataError(f"{path}: splits.{name}.shards[{i}].file {shard['file']!r} points outside the "
-                                f"folder; re-run data.prepare")
+                raise DataError(
+                    f"{path}: splits.{name}.shards[{i}].file {shard['file']!r} points outside the "
+                    f"folder; re-run data.prepare"
+                )
 
 
-def check_tokenizer(manifest: dict, folder: Path, vocab_size: int | None = None,
-                    tokenizer_sha256: str | None = None) -> None:
+def check_tokenizer(
+    manifest: dict, folder: Path, vocab_size: int | None = None, tokenizer_sha256: str | None = None
+) -> None:
     """The model must use the tokenizer the shards were made with: same vocab size and same hash."""
     tok = manifest["tokenizer"]
     if vocab_size is not None and vocab_size != tok["vocab_size"]:
-        raise DataError(f"{folder}: shards use a {tok['vocab_size']}-token vocabulary but the model has vocab_size "
-                        f"{vocab_size}; set the model's vocab_size to {tok['vocab_size']} or prepare with "
-                        f"--vocab-size {vocab_size}")
+        raise DataError(
+            f"{folder}: shards use a {tok['vocab_size']}-token vocabulary but the model has vocab_size "
+            f"{vocab_size}; set the model's vocab_size to {tok['vocab_size']} or prepare with "
+            f"--vocab-size {vocab_size}"
+        )
     if tokenizer_sha256 is not None and tokenizer_sha256 != tok["sha256"]:
-        raise DataError(f"{folder}: shards were made with tokenizer {tok['sha256'][:12]}, not the expected "
-                        f"{tokenizer_sha256[:12]}; train on data prepared with the model's tokenizer")
+        raise DataError(
+            f"{folder}: shards were made with tokenizer {tok['sha256'][:12]}, not the expected "
+            f"{tokenizer_sha256[:12]}; train on data prepared with the model's tokenizer"
+        )
 
 
 class TokenStream:
@@ -154,11 +158,14 @@ class TokenStream:
             expected_bytes = shard["tokens"] * self.dtype.itemsize
             actual_bytes = path.stat().st_size if path.is_file() else -1
             if actual_bytes != expected_bytes:
-                state = "is missing" if actual_bytes < 0 else f"has {actual_bytes} bytes, manifest says {expected_bytes}"
+                state = (
+                    "is missing" if actual_bytes < 0 else f"has {actual_bytes} bytes, manifest says {expected_bytes}"
+                )
                 raise DataError(f"{path}: shard {state}; re-run data.prepare with --overwrite")
             if verify_checksums and sha256_file(path) != shard["sha256"]:
-                raise DataError(f"{path}: checksum differs from {MANIFEST} (corrupted shard); "
-                                f"re-run data.prepare with --overwrite")
+                raise DataError(
+                    f"{path}: checksum differs from {MANIFEST} (corrupted shard); re-run data.prepare with --overwrite"
+                )
             self.arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
 
@@ -172,8 +179,8 @@ class TokenStream:
         shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
         while filled < length:
             local = start + filled - self.offsets[shard]
-            piece = self.arrays[shard][local:local + length - filled]
-            out[filled:filled + len(piece)] = piece
+            piece = self.arrays[shard][local : local + length - filled]
+            out[filled : filled + len(piece)] = piece
             filled += len(piece)
             shard += 1
         return out

@@ -31,16 +31,18 @@ class Corpus:
 def stdlib_files() -> list[Path]:
     """The running interpreter's standard library .py files, sorted by path relative to its root."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py")
-             if not STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
+    files = [p for p in root.rglob("*.py") if not STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
 def load_stdlib() -> Corpus:
     texts = [path.read_bytes().decode("utf-8", errors="replace") for path in stdlib_files()]
     version = ".".join(map(str, sys.version_info[:3]))
-    return Corpus(datasets.Dataset.from_dict({"text": texts}), f"stdlib: Python {version} standard library "
-                  f"({len(texts)} .py files)", sum(t.count(REPLACEMENT) for t in texts))
+    return Corpus(
+        datasets.Dataset.from_dict({"text": texts}),
+        f"stdlib: Python {version} standard library ({len(texts)} .py files)",
+        sum(t.count(REPLACEMENT) for t in texts),
+    )
 
 
 def _looks_like_a_file(source: str) -> bool:
@@ -76,8 +78,9 @@ def load_local(path: Path, text_field: str, sample_by: str) -> Corpus:
     return Corpus(ds, f"local: {path.resolve().name} ({len(files)} file(s), {builder}, by {sample_by})", replaced)
 
 
-def load_hub(name: str, config: str | None, split: str, text_field: str, streaming: bool,
-             max_documents: int | None) -> Corpus:
+def load_hub(
+    name: str, config: str | None, split: str, text_field: str, streaming: bool, max_documents: int | None
+) -> Corpus:
     """A hub dataset (needs network). Streaming reads only the first max_documents documents."""
     ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
     if streaming:
@@ -87,8 +90,11 @@ def load_hub(name: str, config: str | None, split: str, text_field: str, streami
         ds = _text_column(ds, text_field, name)
         if max_documents:
             ds = ds.select(range(min(max_documents, len(ds))))
-    return Corpus(ds, f"hub: {name}" + (f"/{config}" if config else "") + f" split {split}",
-                  sum(batch.count(REPLACEMENT) for batch in _texts(ds)))
+    return Corpus(
+        ds,
+        f"hub: {name}" + (f"/{config}" if config else "") + f" split {split}",
+        sum(batch.count(REPLACEMENT) for batch in _texts(ds)),
+    )
 
 
 def _text_column(ds: datasets.Dataset, text_field: str, where) -> datasets.Dataset:
@@ -100,11 +106,18 @@ def _text_column(ds: datasets.Dataset, text_field: str, where) -> datasets.Datas
 
 def _texts(ds: datasets.Dataset, batch_size: int = 10_000):
     for start in range(0, len(ds), batch_size):
-        yield "".join(ds[start:start + batch_size]["text"])
+        yield "".join(ds[start : start + batch_size]["text"])
 
 
-def load_corpus(source: str, text_field: str = "text", sample_by: str = "paragraph", hub_config=None,
-                hub_split: str = "train", streaming: bool = False, max_documents: int | None = None) -> Corpus:
+def load_corpus(
+    source: str,
+    text_field: str = "text",
+    sample_by: str = "paragraph",
+    hub_config=None,
+    hub_split: str = "train",
+    streaming: bool = False,
+    max_documents: int | None = None,
+) -> Corpus:
     """`stdlib`, an existing local path, or else a hub dataset name. Empty documents are dropped."""
     if source == "stdlib":
         corpus = load_stdlib()
@@ -116,12 +129,15 @@ def load_corpus(source: str, text_field: str = "text", sample_by: str = "paragra
         except DataError:
             raise
         except Exception as error:  # offline, unknown name, gated...: one line, not a trace
-            raise DataError(f"--source {source}: not a local path, and loading it from the Hugging Face hub "
-                            f"failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+            raise DataError(
+                f"--source {source}: not a local path, and loading it from the Hugging Face hub "
+                f"failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            ) from error
     else:
         raise DataError(f"--source {source}: no such file or folder (and not a hub dataset name)")
-    corpus.documents = corpus.documents.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]],
-                                               batched=True)
+    corpus.documents = corpus.documents.filter(
+        lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True
+    )
     if len(corpus.documents) == 0:
         raise DataError(f"--source {source}: the corpus has no non-empty documents")
     return corpus

@@ -27,11 +27,17 @@ def _byte_level(model) -> Tokenizer:
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     if vocab_size < BYTE_VOCAB_SIZE:
-        raise ValueError(f"--vocab-size {vocab_size} is below the {BYTE_VOCAB_SIZE} byte-level base vocabulary; "
-                         f"use at least {BYTE_VOCAB_SIZE} (or --tokenizer byte)")
+        raise ValueError(
+            f"--vocab-size {vocab_size} is below the {BYTE_VOCAB_SIZE} byte-level base vocabulary; "
+            f"use at least {BYTE_VOCAB_SIZE} (or --tokenizer byte)"
+        )
     tokenizer = _byte_level(models.BPE(unk_token=None))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
 
@@ -62,8 +68,14 @@ def byte_tokenizer() -> Tokenizer:
 
 
 def wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>", clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def save(tokenizer: Tokenizer, folder: Path) -> str:
@@ -79,12 +91,15 @@ def tokenizer_sha256(folder: Path) -> str:
 def load(folder: Path) -> PreTrainedTokenizerFast:
     """The fast tokenizer class itself: AutoTokenizer would follow tokenizer_config.json to any class it names."""
     from .shards import DataError
+
     try:
         return PreTrainedTokenizerFast.from_pretrained(folder)
     except Exception as error:  # the tokenizers library raises its own exception types for a damaged file
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise DataError(f"{Path(folder) / 'tokenizer.json'}: unreadable tokenizer ({first[:200]}); re-create it "
-                        f"(data.prepare --overwrite, or export again)") from error
+        raise DataError(
+            f"{Path(folder) / 'tokenizer.json'}: unreadable tokenizer ({first[:200]}); re-create it "
+            f"(data.prepare --overwrite, or export again)"
+        ) from error
 
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:

@@ -11,5 +11,14 @@ from .presets import PRESETS, preset_config
 AutoConfig.register(GrokConfig.model_type, GrokConfig, exist_ok=True)
 AutoModelForCausalLM.register(GrokConfig, GrokForCausalLM, exist_ok=True)
 
-__all__ = ["GrokConfig", "GrokForCausalLM", "GrokModel", "GrokCausalLMOutput", "PRESETS", "preset_config",
-           "ParamCounts", "count_parameters", "flops_per_token"]
+__all__ = [
+    "GrokConfig",
+    "GrokForCausalLM",
+    "GrokModel",
+    "GrokCausalLMOutput",
+    "PRESETS",
+    "preset_config",
+    "ParamCounts",
+    "count_parameters",
+    "flops_per_token",
+]

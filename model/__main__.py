@@ -27,7 +27,9 @@ def describe(name: str) -> dict:
         "params_active": counts.active,
         "flops_per_token": flops_per_token(config, counts.active),
         "flops_seq_len": config.max_position_embeddings,
-        "config": {k: v for k, v in config.to_diff_dict().items() if not k.startswith("_") and k != "transformers_version"},
+        "config": {
+            k: v for k, v in config.to_diff_dict().items() if not k.startswith("_") and k != "transformers_version"
+        },
     }
 
 
@@ -50,8 +52,10 @@ def main(argv=None) -> int:
         parser.error(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
     info = describe(args.preset)
     if args.save and info["params_total"] > MAX_SAVE_PARAMS:
-        parser.error(f"--save: preset {args.preset!r} has {human(info['params_total'])} parameters; saving "
-                     f"random weights is for presets up to {human(MAX_SAVE_PARAMS)} (e.g. tiny, small)")
+        parser.error(
+            f"--save: preset {args.preset!r} has {human(info['params_total'])} parameters; saving "
+            f"random weights is for presets up to {human(MAX_SAVE_PARAMS)} (e.g. tiny, small)"
+        )
     if args.save and Path(args.save).exists() and (not Path(args.save).is_dir() or any(Path(args.save).iterdir())):
         parser.error(f"--save {args.save}: exists and is not empty; choose a new folder (nothing is overwritten)")
 
@@ -61,8 +65,10 @@ def main(argv=None) -> int:
         print(f"preset {args.preset}")
         for key, value in info["config"].items():
             print(f"  {key:26s} {value}")
-        print(f"parameters   {human(info['params_total'])} total, {human(info['params_active'])} active per token "
-              f"(tied embedding counted once)")
+        print(
+            f"parameters   {human(info['params_total'])} total, {human(info['params_active'])} active per token "
+            f"(tied embedding counted once)"
+        )
         print(f"train FLOPs  {human(info['flops_per_token'])} per token at seq_len {info['flops_seq_len']}")
 
     if args.save:

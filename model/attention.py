@@ -73,7 +73,7 @@ def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tu
     The sine's first half is negated here, once per forward, so that every layer's rotation is a roll:
     rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin, exactly (only signs move)."""
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     phase = position_ids.float()[:, None, :, None] * inv_freq  # [B, 1, T, head_dim/2]
     cos, sin = phase.cos(), phase.sin()
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # grok-1 tiles: halves share frequencies
@@ -84,8 +84,8 @@ def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tu
 # backward (about 5% of a compiled step at nanoGPT's shape on a CPU). The copy of this file in an export, loaded
 # with trust_remote_code into a process that has already imported it, finds the operator registered.
 if not hasattr(torch.ops.minicolossus, "rotary_tables"):
-    @torch.library.register_fake(torch.library.custom_op("minicolossus::rotary_tables", rotary_tables,
-                                                         mutates_args=()))
+
+    @torch.library.register_fake(torch.library.custom_op("minicolossus::rotary_tables", rotary_tables, mutates_args=()))
     def _rotary_tables_shapes(position_ids, head_dim, theta):
         shape = (position_ids.shape[0], 1, position_ids.shape[1], head_dim)
         return position_ids.new_empty(shape, dtype=torch.float32), position_ids.new_empty(shape, dtype=torch.float32)
@@ -133,12 +133,23 @@ class AttentionInputs:
             return self
         allowed = None if self.allowed is None else self.allowed.to(device, non_blocking=non_blocking)
         # flex's mask reads `allowed` through a closure: rebuild it around the moved tensor
-        block_mask = None if self.block_mask is None else flex_block_mask(allowed, self.query_len, self.key_len,
-                                                                         cos.device)
-        bias, temperature = (None if t is None else t.to(device, non_blocking=non_blocking)
-                             for t in (self.logit_bias, self.logit_temperature))
-        return AttentionInputs(cos, self.sin.to(device, non_blocking=non_blocking), self.query_len, self.key_len,
-                               allowed, block_mask, bias, temperature)
+        block_mask = (
+            None if self.block_mask is None else flex_block_mask(allowed, self.query_len, self.key_len, cos.device)
+        )
+        bias, temperature = (
+            None if t is None else t.to(device, non_blocking=non_blocking)
+            for t in (self.logit_bias, self.logit_temperature)
+        )
+        return AttentionInputs(
+            cos,
+            self.sin.to(device, non_blocking=non_blocking),
+            self.query_len,
+            self.key_len,
+            allowed,
+            block_mask,
+            bias,
+            temperature,
+        )
 
 
 def causal_allowed(query_len: int, key_len: int, key_keep: torch.Tensor | None, device) -> torch.Tensor:
@@ -161,14 +172,17 @@ def flex_block_mask(allowed: torch.Tensor | None, query_len: int, key_len: int, 
 
         def mask_mod(b, h, q, kv):
             return kv <= q + offset
+
         return create_block_mask(mask_mod, None, None, query_len, key_len, device=device)
 
     per_sequence = allowed.shape[0] > 1  # padding differs by sequence; else one mask for the batch
 
     def mask_mod(b, h, q, kv):
         return allowed[b if per_sequence else 0, 0, q, kv]
-    return create_block_mask(mask_mod, allowed.shape[0] if per_sequence else None, None, query_len, key_len,
-                             device=device)
+
+    return create_block_mask(
+        mask_mod, allowed.shape[0] if per_sequence else None, None, query_len, key_len, device=device
+    )
 
 
 def eager_logit_bias(allowed: torch.Tensor | None, query_len: int, key_len: int, device) -> torch.Tensor:
@@ -276,13 +290,13 @@ class Attention(nn.Module):
             bias = inputs.logit_bias
             if bias is None:  # inputs made for another backend
                 bias = eager_logit_bias(inputs.allowed, inputs.query_len, inputs.key_len, q.device)
-            return SoftcappedAttention.apply(q.float(), k.float(), v, bias, float(self.config.attn_logit_softcap),
-                                             inputs.logit_temperature)
+            return SoftcappedAttention.apply(
+                q.float(), k.float(), v, bias, float(self.config.attn_logit_softcap), inputs.logit_temperature
+            )
 
     def _sdpa(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
         is_causal = inputs.allowed is None and inputs.query_len > 1
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.allowed, is_causal=is_causal,
-                                              enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.allowed, is_causal=is_causal, enable_gqa=True)
 
     def _flex(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
         cap = self.config.attn_logit_softcap
@@ -294,5 +308,12 @@ class Attention(nn.Module):
                 score = score * temperature[b if temperature.shape[0] > 1 else 0, 0, q_idx, 0]
             return score
 
-        return flex_attention(q, k, v, score_mod=score_mod, block_mask=inputs.block_mask,
-                              scale=1.0 / math.sqrt(self.head_dim), enable_gqa=True)
+        return flex_attention(
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            block_mask=inputs.block_mask,
+            scale=1.0 / math.sqrt(self.head_dim),
+            enable_gqa=True,
+        )

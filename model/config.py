@@ -65,25 +65,35 @@ class GrokConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Called by transformers' strict validation; every message names the field to fix."""
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings", "intermediate_size",
-                    "num_local_experts", "num_experts_per_tok")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "intermediate_size",
+            "num_local_experts",
+            "num_experts_per_tok",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"GrokConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"GrokConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
+            )
         if self.head_dim % 2 != 0:
             raise ValueError(f"GrokConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(
                 f"GrokConfig.num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed "
-                f"num_local_experts ({self.num_local_experts})")
+                f"num_local_experts ({self.num_local_experts})"
+            )
         if self.attn_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"GrokConfig.attn_backend must be one of {ATTENTION_BACKENDS}, "
-                             f"got {self.attn_backend!r}")
+            raise ValueError(f"GrokConfig.attn_backend must be one of {ATTENTION_BACKENDS}, got {self.attn_backend!r}")
         if self.attn_temperature_len == 1:
             raise ValueError("GrokConfig.attn_temperature_len must be 0 (off) or >= 2 (log2(1) = 0 divides)")
         if self.attn_backend == "sdpa" and self.attn_temperature_len > 0:
@@ -91,9 +101,17 @@ class GrokConfig(PreTrainedConfig):
         if self.attn_backend == "sdpa" and self.attn_logit_softcap > 0:
             raise ValueError(
                 "GrokConfig.attn_backend='sdpa' cannot apply attn_logit_softcap: set attn_logit_softcap=0 "
-                "or use attn_backend='flex' (GPU) / 'eager'")
-        for name in ("attn_logit_softcap", "router_logit_softcap", "final_logit_softcap",
-                     "shared_intermediate_size", "router_aux_loss_coef", "router_z_loss_coef", "attn_temperature_len"):
+                "or use attn_backend='flex' (GPU) / 'eager'"
+            )
+        for name in (
+            "attn_logit_softcap",
+            "router_logit_softcap",
+            "final_logit_softcap",
+            "shared_intermediate_size",
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "attn_temperature_len",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"GrokConfig.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
 

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .attention import Attention, RMSNorm, make_attention_inputs, softcap
 from .config import GrokConfig
-from .moe import MoE, FeedForward, RouterStats
+from .moe import FeedForward, MoE, RouterStats
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache` (argument and output field);
 # both are accepted, and outputs use the name of the installed version.
@@ -126,8 +126,16 @@ class GrokModel(GrokPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, cache=None, **kwargs) -> GrokModelOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        cache=None,
+        **kwargs,
+    ) -> GrokModelOutput:
         batch, query_len = input_ids.shape
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
@@ -161,8 +169,9 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
     def __init__(self, config: GrokConfig):
         super().__init__(config)
         self.model = GrokModel(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                         bias=False)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         # (logits, targets) -> mean loss; a trainer whose logits are split over ranks replaces it.
         self.next_token_loss = next_token_loss
         self.post_init()
@@ -176,13 +185,28 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head  # None when tied: the logits use the input embedding matrix directly
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, labels=None, targets=None, logits_to_keep: int = 0, cache=None,
-                **kwargs) -> GrokCausalLMOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        labels=None,
+        targets=None,
+        logits_to_keep: int = 0,
+        cache=None,
+        **kwargs,
+    ) -> GrokCausalLMOutput:
         """`labels` follow transformers (same positions as input_ids, shifted here); `targets` are
         already aligned with the logits (nanoGPT style, what the trainer passes). -100 is ignored."""
-        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache if cache is not None else past_key_values, use_cache=use_cache)
+        out = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            use_cache=use_cache,
+        )
         h = out.last_hidden_state
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
@@ -198,8 +222,11 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         if targets is not None:
             result.lm_loss = self.next_token_loss(logits, targets)
-            result.loss = (result.lm_loss + self.config.router_aux_loss_coef * result.aux_loss
-                           + self.config.router_z_loss_coef * result.z_loss)
+            result.loss = (
+                result.lm_loss
+                + self.config.router_aux_loss_coef * result.aux_loss
+                + self.config.router_z_loss_coef * result.z_loss
+            )
         return result
 
     def _attach_router_losses(self, result: GrokCausalLMOutput, router_stats: list[RouterStats], h):
@@ -207,6 +234,7 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
             # Each layer's stats live where its block ran: one device, except under a multi-GPU device_map.
             def gather(values):
                 return torch.stack([v.to(h.device) for v in values])
+
             result.aux_loss = gather(s.aux_loss for s in router_stats).mean()
             result.z_loss = gather(s.z_loss for s in router_stats).mean()
             result.expert_token_counts = gather(s.expert_token_counts for s in router_stats)

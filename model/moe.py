@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from .attention import full_precision, softcap
 from .config import GrokConfig
 
-
 # gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2 / pi) (g + a g^3))) = g * sigmoid(GELU_TANH_SCALE (g + GELU_A g^3))
 GELU_TANH_SCALE = 2.0 * math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
@@ -74,8 +73,10 @@ def geglu(x, w_gate, w_up, w_down):
 def _grouped_mm_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """grouped_mm needs every row stride to be a multiple of 16 bytes (so hidden and expert sizes that are
     multiples of 4 in fp32, of 8 in bf16); other shapes take the per-expert loop, which computes the same."""
-    return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0
-               for w in weights) and x.shape[-1] * x.element_size() % 16 == 0
+    return (
+        all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0 for w in weights)
+        and x.shape[-1] * x.element_size() % 16 == 0
+    )
 
 
 def grouped_geglu(x: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
@@ -85,8 +86,9 @@ def grouped_geglu(x: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
     if not _grouped_mm_fits(x, w_gate, w_up, w_down):
-        return torch.cat([geglu(chunk, w_gate[e], w_up[e], w_down[e])
-                          for e, chunk in enumerate(x.split(counts.tolist()))])
+        return torch.cat(
+            [geglu(chunk, w_gate[e], w_up[e], w_down[e]) for e, chunk in enumerate(x.split(counts.tolist()))]
+        )
     ends = counts.cumsum(0).to(torch.int32)  # grouped_mm's offsets: where each expert's rows end
     if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
         return _grouped_geglu_uncompiled(x, ends, w_gate, w_up, w_down)
@@ -192,8 +194,9 @@ class MoE(nn.Module):
         order = expert_index.flatten().argsort(stable=True)
         token_of_slot = order // self.top_k
         # Experts without tokens still get a (zero) gradient for all of w_*: DDP needs every parameter used.
-        expert_out = self.dispatch(tokens[token_of_slot], stats.expert_token_counts, self.w_gate, self.w_up,
-                                   self.w_down)
+        expert_out = self.dispatch(
+            tokens[token_of_slot], stats.expert_token_counts, self.w_gate, self.w_up, self.w_down
+        )
         weighted = expert_out * gates.flatten()[order, None].to(expert_out.dtype)
         # Summed in the residual stream's dtype: under autocast the experts compute in bf16, the stream is fp32.
         out = torch.zeros_like(tokens).index_add_(0, token_of_slot, weighted.to(tokens.dtype))

@@ -1,11 +1,11 @@
 """Benchmarks that print numbers, never timed tests: model, data, strategies (train/bench.py).
 
-    python scripts/bench.py model|data|strategies [--json] ...   (--help for each)
+python scripts/bench.py model|data|strategies [--json] ...   (--help for each)
 """
 
 import sys
 
-from train.bench import main
+from toolbox.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,11 +1,11 @@
 """Fault-tolerance report: break real training runs on purpose and check what survives (train/fault_report.py).
 
-    python scripts/faults.py [--work DIR] [--json]
+python scripts/faults.py [--work DIR] [--json]
 """
 
 import sys
 
-from train.fault_report import main
+from toolbox.fault_report import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,11 +1,11 @@
 """Sample text from a checkpoint or an exported model, streaming tokens to the terminal (see --help).
 
-    python scripts/generate.py MODEL [--prompt TEXT ...] [--prompt-file FILE] [--max-new-tokens 200] ...
+python scripts/generate.py MODEL [--prompt TEXT ...] [--prompt-file FILE] [--max-new-tokens 200] ...
 """
 
 import sys
 
-from train.generation import main
+from toolbox.generation import main
 
 if __name__ == "__main__":
     sys.exit(main())

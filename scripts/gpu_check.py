@@ -34,18 +34,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MUST_IMPORT = ("datasets", "pydantic")  # DeepSpeed is optional: its test skips when its wheel did not travel
 # (config, compiled), most wanted first: the two models the MFU targets are about, compiled, then the rest
-BENCHES = (("gpu-350m", True), ("gpu-1b", True), ("gpu-350m", False), ("gpu-1b", False), ("gpu-125m", True),
-           ("gpu-125m", False))
+BENCHES = (
+    ("gpu-350m", True),
+    ("gpu-1b", True),
+    ("gpu-350m", False),
+    ("gpu-1b", False),
+    ("gpu-125m", True),
+    ("gpu-125m", False),
+)
 PROFILED = ("gpu-350m", "gpu-1b")  # their compiled runs also write the profiler's tables
 # seconds: (on a GPU, on the CPU rehearsal)
-BUDGETS = {"install": (60, 120), "environment": (40, 60), "tests": (270, 900),
-           "bench eager": (30, 60), "bench compiled": (60, 150)}
+BUDGETS = {
+    "install": (60, 120),
+    "environment": (40, 60),
+    "tests": (270, 900),
+    "bench eager": (30, 60),
+    "bench compiled": (60, 150),
+}
 TEST_LINE = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
 # The CPU rehearsal's benchmark: each config's code path at a size two cores run in seconds (flex has no
 # backward on a CPU, so eager attention there). 96 wide: an even head size for 12 and 16 heads.
-CPU_BENCH_SHRINK = ["--model.overrides.hidden_size=96", "--model.overrides.num_hidden_layers=1",
-                    "--model.overrides.intermediate_size=64", "--model.overrides.vocab_size=256",
-                    "--model.overrides.attn_backend=eager", "--batch", "1", "--seq-len", "32"]
+CPU_BENCH_SHRINK = [
+    "--model.overrides.hidden_size=96",
+    "--model.overrides.num_hidden_layers=1",
+    "--model.overrides.intermediate_size=64",
+    "--model.overrides.vocab_size=256",
+    "--model.overrides.attn_backend=eager",
+    "--batch",
+    "1",
+    "--seq-len",
+    "32",
+]
 ENVIRONMENT = """
 import importlib, json, platform, torch
 versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
@@ -77,8 +96,11 @@ class Check:
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
         if args.cpu:
             self.env["MINICOLOSSUS_GPU_TIER"] = "cpu"
-        self.report = {"mode": "cpu rehearsal" if args.cpu else "gpu", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "parts": {}}
+        self.report = {
+            "mode": "cpu rehearsal" if args.cpu else "gpu",
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "parts": {},
+        }
 
     def budget(self, part: str) -> float:
         return min(BUDGETS[part][self.args.cpu], max(0.0, self.deadline - time.monotonic()))
@@ -88,8 +110,9 @@ class Check:
         budget, start = self.budget(part), time.monotonic()
         if budget < 5:
             return {"ok": False, "error": "skipped: the overall deadline has passed", "seconds": 0, "stdout": ""}
-        child = subprocess.Popen(command, cwd=REPO, env={**self.env, **env}, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            command, cwd=REPO, env={**self.env, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         try:
             stdout, stderr = child.communicate(timeout=budget)
             code = child.returncode
@@ -101,8 +124,12 @@ class Check:
                     os.kill(pid, signal.SIGKILL)
             stdout, stderr = child.communicate()
             code = None
-        result = {"ok": code == 0, "exit_code": code, "seconds": round(time.monotonic() - start, 1),
-                  "budget_s": round(budget)}
+        result = {
+            "ok": code == 0,
+            "exit_code": code,
+            "seconds": round(time.monotonic() - start, 1),
+            "budget_s": round(budget),
+        }
         if code is None:
             result["error"] = f"over its budget of {budget:.0f} s"
         if log is not None:
@@ -127,16 +154,37 @@ class Check:
         result = {"ok": True, "wheels": [wheel.name for wheel in wheels]}
         if wheels:
             site = Path(self.args.site)
-            result = {**self.run("install", [sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
-                                             "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade", "--target",
-                                             str(site), *map(str, wheels)]), "wheels": result["wheels"]}
+            result = {
+                **self.run(
+                    "install",
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--no-index",
+                        "--no-deps",
+                        "--no-compile",
+                        "--no-cache-dir",
+                        "--upgrade",
+                        "--target",
+                        str(site),
+                        *map(str, wheels),
+                    ],
+                ),
+                "wheels": result["wheels"],
+            }
             self.env["PYTHONPATH"] = os.pathsep.join([str(site), self.env["PYTHONPATH"]])
         if result["ok"]:
             imported = self.run("install", [sys.executable, "-c", f"import {', '.join(MUST_IMPORT)}"])
             if not imported["ok"]:
-                result.update(ok=False, output_tail=imported.get("output_tail", ""),
-                              error=f"{', '.join(MUST_IMPORT)} do not all import: make the wheels with "
-                                    f"scripts/gpu_wheels.sh and pass their folder as --wheels")
+                result.update(
+                    ok=False,
+                    output_tail=imported.get("output_tail", ""),
+                    error=f"{', '.join(MUST_IMPORT)} do not all import: make the wheels with "
+                    f"scripts/gpu_wheels.sh and pass their folder as --wheels",
+                )
         self.save("install", result)
 
     def environment(self) -> bool:
@@ -160,13 +208,32 @@ class Check:
         with tempfile.TemporaryDirectory() as scratch:
             figures = Path(scratch) / "figures.jsonl"
             # -v: a line per test as it ends, so a tier cut short by its budget still says how far it got
-            result = self.run("tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider",
-                                        "--durations=0", "--durations-min=1", "tests"],
-                              log=self.out / "tests.log", MINICOLOSSUS_GPU_REPORT=str(figures))
-            result["tests"] = [{"test": match[1], "outcome": match[2].lower()}
-                               for match in map(TEST_LINE.match, result["stdout"].splitlines()) if match]
-            result["figures"] = [json.loads(line) for line in figures.read_text().splitlines()] \
-                if figures.exists() else []
+            result = self.run(
+                "tests",
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-m",
+                    "gpu",
+                    "-v",
+                    "-p",
+                    "no:cacheprovider",
+                    "--durations=0",
+                    "--durations-min=1",
+                    "tests",
+                ],
+                log=self.out / "tests.log",
+                MINICOLOSSUS_GPU_REPORT=str(figures),
+            )
+            result["tests"] = [
+                {"test": match[1], "outcome": match[2].lower()}
+                for match in map(TEST_LINE.match, result["stdout"].splitlines())
+                if match
+            ]
+            result["figures"] = (
+                [json.loads(line) for line in figures.read_text().splitlines()] if figures.exists() else []
+            )
         outcomes = [test["outcome"] for test in result["tests"]]
         result["summary"] = {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))}
         result["ok"] = result["ok"] and bool(outcomes)  # pytest's exit 5 (nothing collected) is a failure too
@@ -175,10 +242,20 @@ class Check:
     def bench(self) -> None:
         rows, ok, start = [], True, time.monotonic()
         for config, compiled in BENCHES:
-            command = [sys.executable, "scripts/bench.py", "model", "--config", f"configs/{config}.toml",
-                       f"--parallel.compile={'true' if compiled else 'false'}", "--json"]
-            command += [*CPU_BENCH_SHRINK, "--steps", "1", "--warmup", "1"] if self.args.cpu else [
-                "--steps", "10", "--warmup", "3"]
+            command = [
+                sys.executable,
+                "scripts/bench.py",
+                "model",
+                "--config",
+                f"configs/{config}.toml",
+                f"--parallel.compile={'true' if compiled else 'false'}",
+                "--json",
+            ]
+            command += (
+                [*CPU_BENCH_SHRINK, "--steps", "1", "--warmup", "1"]
+                if self.args.cpu
+                else ["--steps", "10", "--warmup", "3"]
+            )
             if compiled and config in PROFILED:
                 command += ["--profile", str(self.out / f"profile-{config}.txt")]
             result = self.run("bench compiled" if compiled else "bench eager", command, log=self.out / "bench.log")
@@ -208,12 +285,16 @@ def descendants(pid: int) -> list[int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scripts/gpu_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="folder for gpu_check.json, the logs and profiles")
     parser.add_argument("--wheels", default=".gpu-wheels", help="folder of wheels from scripts/gpu_wheels.sh")
-    parser.add_argument("--site", default=str(Path(tempfile.gettempdir()) / "minicolossus-site"),
-                        help="private folder the wheels are installed into")
+    parser.add_argument(
+        "--site",
+        default=str(Path(tempfile.gettempdir()) / "minicolossus-site"),
+        help="private folder the wheels are installed into",
+    )
     parser.add_argument("--cpu", action="store_true", help="rehearse every part on a CPU, at tiny sizes")
     parser.add_argument("--deadline-s", type=float, default=530, help="overall time limit (default 530)")
     args = parser.parse_args(argv)

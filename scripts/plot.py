@@ -1,11 +1,11 @@
 """Plot training runs from their metrics.jsonl: one PNG, several runs overlaid (train/plot.py).
 
-    python scripts/plot.py RUN_DIR [RUN_DIR ...] [--out FILE.png]
+python scripts/plot.py RUN_DIR [RUN_DIR ...] [--out FILE.png]
 """
 
 import sys
 
-from train.plot import main
+from toolbox.plot import main
 
 if __name__ == "__main__":
     sys.exit(main())

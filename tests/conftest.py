@@ -16,9 +16,17 @@ from train.metrics import read_metrics
 
 def small_config(**overrides) -> GrokConfig:
     """A model small enough that every test runs in well under a second on one core."""
-    fields = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
-                  max_position_embeddings=64)
+    fields = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
     return GrokConfig(**{**fields, **overrides})
 
 
@@ -64,6 +72,7 @@ STEPS = 12
 
 def paragraphs(n: int) -> list[str]:
     from test_data import paragraphs as make  # the data tests' synthetic corpus
+
     return make(n)
 
 
@@ -71,28 +80,61 @@ def paragraphs(n: int) -> list[str]:
 def data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("train-data")
     (folder / "corpus.txt").write_text("\n\n".join(paragraphs(150)))
-    assert prepare_main(["--source", str(folder / "corpus.txt"), "--out", str(folder / "p"), "--tokenizer", "byte",
-                         "--val-fraction", "0.05"]) == 0
+    assert (
+        prepare_main(
+            [
+                "--source",
+                str(folder / "corpus.txt"),
+                "--out",
+                str(folder / "p"),
+                "--tokenizer",
+                "byte",
+                "--val-fraction",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     return folder / "p"
 
 
 def base_args(data_dir: Path, out: Path, steps: int = STEPS) -> list[str]:
     # grad_clip 0.5 is below the norms of these steps, so every step clips: a wrong (per-shard) norm
     # would change the updates and the losses would diverge from the single process.
-    return ["--config", str(REPO / "configs" / "tiny.toml"), f"--data.path={data_dir}", "--data.seq_len=64",
-            "--batch.global_batch_size=8", "--batch.micro_batch_size=4", "--optim.warmup_steps=2",
-            "--optim.grad_clip=0.5", f"--run.max_steps={steps}", "--log.every=1", "--log.progress=false",
-            "--eval.every=0", "--eval.max_sequences=16", "--checkpoint.every=0", f"--run.out_dir={out}"]
+    return [
+        "--config",
+        str(REPO / "configs" / "tiny.toml"),
+        f"--data.path={data_dir}",
+        "--data.seq_len=64",
+        "--batch.global_batch_size=8",
+        "--batch.micro_batch_size=4",
+        "--optim.warmup_steps=2",
+        "--optim.grad_clip=0.5",
+        f"--run.max_steps={steps}",
+        "--log.every=1",
+        "--log.progress=false",
+        "--eval.every=0",
+        "--eval.max_sequences=16",
+        "--checkpoint.every=0",
+        f"--run.out_dir={out}",
+    ]
 
 
 def train(data_dir, out, *overrides, nproc: int = 1, steps: int = STEPS) -> list[dict]:
-    launcher = [sys.executable, "-m", "train"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
-    strategy = [] if any(o.startswith("--parallel.strategy") for o in overrides) else [
-        "--parallel.strategy=none" if nproc == 1 else "--parallel.strategy=fsdp"]
+    launcher = (
+        [sys.executable, "-m", "train"]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
+    )
+    strategy = (
+        []
+        if any(o.startswith("--parallel.strategy") for o in overrides)
+        else ["--parallel.strategy=none" if nproc == 1 else "--parallel.strategy=fsdp"]
+    )
     args = base_args(data_dir, out, steps) + strategy + list(overrides)
     if nproc == 1:  # no process group: the trainer runs here, without ~5 s of imports in a fresh interpreter
         from train.__main__ import main as train_main
+
         result = in_process(train_main, *args)
     else:
         result = subprocess.run(launcher + args, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -115,8 +157,12 @@ def reseal(checkpoint: Path) -> None:
     """Record the current digests of a checkpoint's files in its COMPLETE marker, as an attacker (or a careless
     edit tool) could: what is then tested is the loader itself, not the digest check in front of it."""
     from train.checkpoint import HASH, MARKER, file_digest
-    files = {str(p.relative_to(checkpoint)): file_digest(p) for p in sorted(checkpoint.rglob("*"))
-             if p.is_file() and p.name != MARKER}
+
+    files = {
+        str(p.relative_to(checkpoint)): file_digest(p)
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
     (checkpoint / MARKER).write_text(json.dumps({"step": 0, "hash": HASH, "files": files}))
 
 

@@ -7,16 +7,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import base_args, reseal
+
 from data.prepare import main as prepare_main
+from toolbox.bench import main as bench_main
+from toolbox.evaluation import main as evaluate_main
+from toolbox.export import main as export_main
+from toolbox.generation import main as generate_main
+from toolbox.plan import main as plan_main
 from train.__main__ import main as train_main
-from train.bench import main as bench_main
 from train.checkpoint import file_digest
-from train.evaluation import main as evaluate_main
-from train.export import main as export_main
-from train.generation import main as generate_main
-from train.plan import main as plan_main
 
 
 def edit_json(path: Path, change) -> None:
@@ -43,12 +43,18 @@ def world(data_dir, reference, tmp_path_factory) -> Path:
     def data_copy(name, damage):
         shutil.copytree(data_dir, root / name)
         damage(root / name)
+
     data_copy("manifest-missing-key", lambda d: edit_json(d / "manifest.json", lambda m: m["tokenizer"].pop("sha256")))
     data_copy("manifest-not-json", lambda d: (d / "manifest.json").write_text("{ not json"))
-    data_copy("manifest-escaping-shard", lambda d: edit_json(
-        d / "manifest.json", lambda m: m["splits"]["train"]["shards"][0].update(file="../../etc/passwd")))
-    data_copy("manifest-small-vocab", lambda d: edit_json(d / "manifest.json",
-                                                          lambda m: m["tokenizer"].update(vocab_size=50)))
+    data_copy(
+        "manifest-escaping-shard",
+        lambda d: edit_json(
+            d / "manifest.json", lambda m: m["splits"]["train"]["shards"][0].update(file="../../etc/passwd")
+        ),
+    )
+    data_copy(
+        "manifest-small-vocab", lambda d: edit_json(d / "manifest.json", lambda m: m["tokenizer"].update(vocab_size=50))
+    )
     data_copy("manifest-old-version", lambda d: edit_json(d / "manifest.json", lambda m: m.update(format_version=1)))
     data_copy("shard-truncated", lambda d: (d / "train_000.bin").write_bytes((d / "train_000.bin").read_bytes()[:-9]))
     data_copy("shard-flipped", lambda d: flip(d / "train_000.bin"))
@@ -61,6 +67,7 @@ def world(data_dir, reference, tmp_path_factory) -> Path:
         if seal:
             reseal(copy)
         return copy
+
     checkpoint_copy("trainer-missing-key", lambda c: edit_json(c / "trainer.json", lambda m: m.pop("loader")))
     checkpoint_copy("trainer-not-json", lambda c: (c / "trainer.json").write_text("[1, 2"))
     checkpoint_copy("rng-garbage", lambda c: (c / "rng_rank0.safetensors").write_bytes(b"garbage!" * 4))
@@ -68,12 +75,14 @@ def world(data_dir, reference, tmp_path_factory) -> Path:
     checkpoint_copy("config-other-model", lambda c: edit_json(c / "config.json", lambda m: m.update(model_type="gpt2")))
     checkpoint_copy("complete-old-format", lambda c: (c / "COMPLETE").write_text("12"), seal=False)
     checkpoint_copy("distcp-flipped", lambda c: flip(next(c.glob("*.distcp")), 5000), seal=False)
-    checkpoint_copy("loader-wrong-seq-len", lambda c: edit_json(c / "trainer.json",
-                                                                lambda m: m["loader"].update(seq_len=32)))
+    checkpoint_copy(
+        "loader-wrong-seq-len", lambda c: edit_json(c / "trainer.json", lambda m: m["loader"].update(seq_len=32))
+    )
 
     def export_copy(name, damage):
         shutil.copytree(root / "hf", root / name)
         damage(root / name)
+
     export_copy("hf-config-garbage", lambda e: (e / "config.json").write_text("nope"))
     export_copy("hf-weights-garbage", lambda e: (e / "model.safetensors").write_bytes(b"\xff" * 64))
     export_copy("hf-tokenizer-garbage", lambda e: (e / "tokenizer.json").write_text("{]"))
@@ -99,8 +108,11 @@ CASES = {
     "train: zero micro batch": (train_main, lambda w: T(w, "--batch.micro_batch_size=0"), "batch.micro_batch_size"),
     "train: unknown key": (train_main, lambda w: T(w, "--run.bogus=1"), "run.bogus"),
     "train: number as a flag": (train_main, lambda w: T(w, "--parallel.compile=1"), "parallel.compile"),
-    "train: async save with deepspeed": (train_main, lambda w: T(w, "--checkpoint.async_save=true",
-                                                               "--parallel.strategy=deepspeed"), "async_save"),
+    "train: async save with deepspeed": (
+        train_main,
+        lambda w: T(w, "--checkpoint.async_save=true", "--parallel.strategy=deepspeed"),
+        "async_save",
+    ),
     "train: missing config file": (train_main, lambda w: ["--config", str(w / "nope.toml")], "nope.toml"),
     "train: invalid TOML": (train_main, lambda w: ["--config", str(w / "bad.toml")], "bad.toml"),
     "train: --config without a file": (train_main, lambda w: ["--config"], "--config"),
@@ -108,85 +120,195 @@ CASES = {
     "train: resume from nothing": (train_main, lambda w: T(w, f"--run.resume={w / 'nothing'}"), "nothing"),
     "train: init_from nothing": (train_main, lambda w: T(w, f"--model.init_from={w / 'user'}"), "model.init_from"),
     "train: run folder of the user": (train_main, lambda w: base_args(w / "data", w / "user"), "run.out_dir"),
-    "train: manifest missing a key": (train_main, lambda w: T(w, f"--data.path={w / 'manifest-missing-key'}"),
-                                      "tokenizer.sha256"),
-    "train: manifest not JSON": (train_main, lambda w: T(w, f"--data.path={w / 'manifest-not-json'}"), "not valid JSON"),
-    "train: shard outside the folder": (train_main, lambda w: T(w, f"--data.path={w / 'manifest-escaping-shard'}"),
-                                        "points outside"),
-    "train: vocabulary below the ids": (train_main, lambda w: T(w, f"--data.path={w / 'manifest-small-vocab'}"),
-                                        "vocab_size"),
-    "train: old data format": (train_main, lambda w: T(w, f"--data.path={w / 'manifest-old-version'}"),
-                               "format_version"),
+    "train: manifest missing a key": (
+        train_main,
+        lambda w: T(w, f"--data.path={w / 'manifest-missing-key'}"),
+        "tokenizer.sha256",
+    ),
+    "train: manifest not JSON": (
+        train_main,
+        lambda w: T(w, f"--data.path={w / 'manifest-not-json'}"),
+        "not valid JSON",
+    ),
+    "train: shard outside the folder": (
+        train_main,
+        lambda w: T(w, f"--data.path={w / 'manifest-escaping-shard'}"),
+        "points outside",
+    ),
+    "train: vocabulary below the ids": (
+        train_main,
+        lambda w: T(w, f"--data.path={w / 'manifest-small-vocab'}"),
+        "vocab_size",
+    ),
+    "train: old data format": (
+        train_main,
+        lambda w: T(w, f"--data.path={w / 'manifest-old-version'}"),
+        "format_version",
+    ),
     "train: truncated shard": (train_main, lambda w: T(w, f"--data.path={w / 'shard-truncated'}"), "train_000.bin"),
     "train: flipped shard": (train_main, lambda w: T(w, f"--data.path={w / 'shard-flipped'}"), "train_000.bin"),
-    "train: trainer.json missing a key": (train_main, lambda w: base_args(w / "data", w / "trainer-missing-key"),
-                                          "'loader'"),
-    "train: trainer.json not JSON": (train_main, lambda w: base_args(w / "data", w / "trainer-not-json"), "trainer.json"),
+    "train: trainer.json missing a key": (
+        train_main,
+        lambda w: base_args(w / "data", w / "trainer-missing-key"),
+        "'loader'",
+    ),
+    "train: trainer.json not JSON": (
+        train_main,
+        lambda w: base_args(w / "data", w / "trainer-not-json"),
+        "trainer.json",
+    ),
     "train: garbage rng state": (train_main, lambda w: base_args(w / "data", w / "rng-garbage"), "rng_rank0"),
-    "train: checkpoint without digests": (train_main, lambda w: base_args(w / "data", w / "complete-old-format"),
-                                          "COMPLETE"),
+    "train: checkpoint without digests": (
+        train_main,
+        lambda w: base_args(w / "data", w / "complete-old-format"),
+        "COMPLETE",
+    ),
     "train: flipped checkpoint shard": (train_main, lambda w: base_args(w / "data", w / "distcp-flipped"), ".distcp"),
-    "train: loader state of another seq_len": (train_main, lambda w: base_args(w / "data", w / "loader-wrong-seq-len"),
-                                               "seq_len"),
-    "train: resume=never over checkpoints": (train_main, lambda w: base_args(w / "data", w / "good") +
-                                             ["--run.resume=never"], "run.resume"),
-    "prepare: missing source": (prepare_main, lambda w: ["--source", str(w / "none.txt"), "--out", str(w / "p")],
-                                "none.txt"),
-    "prepare: val fraction above 1": (prepare_main, lambda w: ["--source", str(w / "corpus.txt"), "--out",
-                                                               str(w / "p"), "--val-fraction", "2"], "--val-fraction"),
-    "prepare: tiny vocabulary": (prepare_main, lambda w: ["--source", str(w / "corpus.txt"), "--out", str(w / "p"),
-                                                          "--vocab-size", "10"], "--vocab-size"),
-    "prepare: unknown flag": (prepare_main, lambda w: ["--source", "stdlib", "--out", str(w / "p"), "--bogus"], "--bogus"),
-    "prepare: user folder as out": (prepare_main, lambda w: ["--source", str(w / "corpus.txt"), "--out",
-                                                             str(w / "user"), "--overwrite"], "did not make"),
-    "prepare: data folder with other settings": (prepare_main, lambda w: ["--source", str(w / "corpus.txt"), "--out",
-                                                                          str(w / "data")], "other settings"),
+    "train: loader state of another seq_len": (
+        train_main,
+        lambda w: base_args(w / "data", w / "loader-wrong-seq-len"),
+        "seq_len",
+    ),
+    "train: resume=never over checkpoints": (
+        train_main,
+        lambda w: base_args(w / "data", w / "good") + ["--run.resume=never"],
+        "run.resume",
+    ),
+    "prepare: missing source": (
+        prepare_main,
+        lambda w: ["--source", str(w / "none.txt"), "--out", str(w / "p")],
+        "none.txt",
+    ),
+    "prepare: val fraction above 1": (
+        prepare_main,
+        lambda w: ["--source", str(w / "corpus.txt"), "--out", str(w / "p"), "--val-fraction", "2"],
+        "--val-fraction",
+    ),
+    "prepare: tiny vocabulary": (
+        prepare_main,
+        lambda w: ["--source", str(w / "corpus.txt"), "--out", str(w / "p"), "--vocab-size", "10"],
+        "--vocab-size",
+    ),
+    "prepare: unknown flag": (
+        prepare_main,
+        lambda w: ["--source", "stdlib", "--out", str(w / "p"), "--bogus"],
+        "--bogus",
+    ),
+    "prepare: user folder as out": (
+        prepare_main,
+        lambda w: ["--source", str(w / "corpus.txt"), "--out", str(w / "user"), "--overwrite"],
+        "did not make",
+    ),
+    "prepare: data folder with other settings": (
+        prepare_main,
+        lambda w: ["--source", str(w / "corpus.txt"), "--out", str(w / "data")],
+        "other settings",
+    ),
     "export: not a checkpoint": (export_main, lambda w: [str(w / "user"), str(w / "out")], "COMPLETE"),
-    "export: bad shard size": (export_main, lambda w: [str(w / "good/checkpoints/step_00000012"), str(w / "out"),
-                                                       "--max-shard-size", "lots"], "--max-shard-size"),
-    "export: unknown dtype": (export_main, lambda w: [str(w / "good/checkpoints/step_00000012"), str(w / "out"),
-                                                      "--dtype", "fp16"], "--dtype"),
-    "export: over a user folder": (export_main, lambda w: [str(w / "good/checkpoints/step_00000012"), str(w / "user")],
-                                   "did not make"),
-    "export: over its own export without --overwrite": (export_main, lambda w: [
-        str(w / "good/checkpoints/step_00000012"), str(w / "hf")], "--overwrite"),
-    "export: config.json not JSON": (export_main, lambda w: [str(w / "config-not-json/checkpoints/step_00000012"),
-                                                             str(w / "out")], "config.json"),
-    "export: config of another model": (export_main, lambda w: [
-        str(w / "config-other-model/checkpoints/step_00000012"), str(w / "out")], "model_type"),
-    "export: flipped checkpoint shard": (export_main, lambda w: [str(w / "distcp-flipped/checkpoints/step_00000012"),
-                                                                 str(w / "out")], "damaged"),
-    "export: tokenizer folder without one": (export_main, lambda w: [str(w / "good/checkpoints/step_00000012"),
-                                                                     str(w / "out"), "--tokenizer", str(w / "user")],
-                                             "tokenizer.json"),
-    "evaluate: zero seq len": (evaluate_main, lambda w: [str(w / "hf"), "--data", str(w / "data"), "--seq-len", "0"],
-                               "--seq-len"),
+    "export: bad shard size": (
+        export_main,
+        lambda w: [str(w / "good/checkpoints/step_00000012"), str(w / "out"), "--max-shard-size", "lots"],
+        "--max-shard-size",
+    ),
+    "export: unknown dtype": (
+        export_main,
+        lambda w: [str(w / "good/checkpoints/step_00000012"), str(w / "out"), "--dtype", "fp16"],
+        "--dtype",
+    ),
+    "export: over a user folder": (
+        export_main,
+        lambda w: [str(w / "good/checkpoints/step_00000012"), str(w / "user")],
+        "did not make",
+    ),
+    "export: over its own export without --overwrite": (
+        export_main,
+        lambda w: [str(w / "good/checkpoints/step_00000012"), str(w / "hf")],
+        "--overwrite",
+    ),
+    "export: config.json not JSON": (
+        export_main,
+        lambda w: [str(w / "config-not-json/checkpoints/step_00000012"), str(w / "out")],
+        "config.json",
+    ),
+    "export: config of another model": (
+        export_main,
+        lambda w: [str(w / "config-other-model/checkpoints/step_00000012"), str(w / "out")],
+        "model_type",
+    ),
+    "export: flipped checkpoint shard": (
+        export_main,
+        lambda w: [str(w / "distcp-flipped/checkpoints/step_00000012"), str(w / "out")],
+        "damaged",
+    ),
+    "export: tokenizer folder without one": (
+        export_main,
+        lambda w: [str(w / "good/checkpoints/step_00000012"), str(w / "out"), "--tokenizer", str(w / "user")],
+        "tokenizer.json",
+    ),
+    "evaluate: zero seq len": (
+        evaluate_main,
+        lambda w: [str(w / "hf"), "--data", str(w / "data"), "--seq-len", "0"],
+        "--seq-len",
+    ),
     "evaluate: missing text": (evaluate_main, lambda w: [str(w / "hf"), "--text", str(w / "none.txt")], "none.txt"),
-    "evaluate: seq len beyond the context": (evaluate_main, lambda w: [str(w / "hf"), "--data", str(w / "data"),
-                                                                       "--seq-len", "100000"], "context"),
-    "evaluate: export config garbage": (evaluate_main, lambda w: [str(w / "hf-config-garbage"), "--data",
-                                                                  str(w / "data")], "config.json"),
-    "evaluate: export weights garbage": (evaluate_main, lambda w: [str(w / "hf-weights-garbage"), "--data",
-                                                                   str(w / "data")], "cannot be loaded"),
-    "evaluate: damaged data": (evaluate_main, lambda w: [str(w / "hf"), "--data", str(w / "shard-flipped"),
-                                                         "--split", "train"], "train_000.bin"),
+    "evaluate: seq len beyond the context": (
+        evaluate_main,
+        lambda w: [str(w / "hf"), "--data", str(w / "data"), "--seq-len", "100000"],
+        "context",
+    ),
+    "evaluate: export config garbage": (
+        evaluate_main,
+        lambda w: [str(w / "hf-config-garbage"), "--data", str(w / "data")],
+        "config.json",
+    ),
+    "evaluate: export weights garbage": (
+        evaluate_main,
+        lambda w: [str(w / "hf-weights-garbage"), "--data", str(w / "data")],
+        "cannot be loaded",
+    ),
+    "evaluate: damaged data": (
+        evaluate_main,
+        lambda w: [str(w / "hf"), "--data", str(w / "shard-flipped"), "--split", "train"],
+        "train_000.bin",
+    ),
     "generate: zero temperature": (generate_main, lambda w: [str(w / "hf"), "--temperature", "0"], "--temperature"),
     "generate: bad memory budget": (generate_main, lambda w: [str(w / "hf"), "--max-memory", "lots"], "--max-memory"),
-    "generate: missing prompt file": (generate_main, lambda w: [str(w / "hf"), "--prompt-file", str(w / "none.txt")],
-                                      "none.txt"),
-    "generate: binary prompt file": (generate_main, lambda w: [str(w / "hf"), "--prompt-file",
-                                                               str(w / "not-text.bin")], "not-text.bin"),
+    "generate: missing prompt file": (
+        generate_main,
+        lambda w: [str(w / "hf"), "--prompt-file", str(w / "none.txt")],
+        "none.txt",
+    ),
+    "generate: binary prompt file": (
+        generate_main,
+        lambda w: [str(w / "hf"), "--prompt-file", str(w / "not-text.bin")],
+        "not-text.bin",
+    ),
     "generate: nothing at MODEL": (generate_main, lambda w: [str(w / "user")], "neither a complete checkpoint"),
-    "generate: garbage tokenizer": (generate_main, lambda w: [str(w / "hf-tokenizer-garbage"), "--max-new-tokens", "2"],
-                                    "tokenizer.json"),
-    "plan: unknown GPU": (plan_main, lambda w: ["--model", "grok-1", "--gpus", "8", "--gpu", "tpu", "--strategy",
-                                                "fsdp"], "--gpu"),
-    "plan: negative GPU count": (plan_main, lambda w: ["--model", "grok-1", "--gpus", "-8", "--strategy", "fsdp"],
-                                 "--gpus"),
-    "plan: tp as a word": (plan_main, lambda w: ["--model", "grok-1", "--gpus", "8", "--strategy", "fsdp", "--tp",
-                                                 "eight"], "--tp"),
-    "bench: bad trainer override": (bench_main, lambda w: ["model", "--config", "configs/tiny.toml",
-                                                           "--run.max_steps=many"], "run.max_steps"),
+    "generate: garbage tokenizer": (
+        generate_main,
+        lambda w: [str(w / "hf-tokenizer-garbage"), "--max-new-tokens", "2"],
+        "tokenizer.json",
+    ),
+    "plan: unknown GPU": (
+        plan_main,
+        lambda w: ["--model", "grok-1", "--gpus", "8", "--gpu", "tpu", "--strategy", "fsdp"],
+        "--gpu",
+    ),
+    "plan: negative GPU count": (
+        plan_main,
+        lambda w: ["--model", "grok-1", "--gpus", "-8", "--strategy", "fsdp"],
+        "--gpus",
+    ),
+    "plan: tp as a word": (
+        plan_main,
+        lambda w: ["--model", "grok-1", "--gpus", "8", "--strategy", "fsdp", "--tp", "eight"],
+        "--tp",
+    ),
+    "bench: bad trainer override": (
+        bench_main,
+        lambda w: ["model", "--config", "configs/tiny.toml", "--run.max_steps=many"],
+        "run.max_steps",
+    ),
     "bench: unknown section": (bench_main, lambda w: ["nonsense"], "nonsense"),
 }
 
@@ -209,6 +331,7 @@ def test_there_are_at_least_forty_cases():
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_and_changes_no_file(case, world, world_digests, capsys, monkeypatch):
     from conftest import REPO
+
     monkeypatch.chdir(REPO)  # bench's configs/ paths
     main, args, fragment = CASES[case]
     capsys.readouterr()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import in_process
 from transformers import AutoTokenizer
 
 from data import tokenizer as tok
@@ -19,8 +20,6 @@ from data.prepare import main as prepare_main
 from data.prepare import split_documents
 from data.shards import DataError, TokenStream, check_tokenizer, read_manifest
 from data.sources import stdlib_files
-
-from conftest import in_process
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare.txt"
@@ -45,8 +44,17 @@ def corpus_file(tmp_path) -> Path:
 
 
 def random_unicode(rng: random.Random, length: int) -> str:
-    ranges = [(0x20, 0x7E), (0x00, 0x1F), (0xA0, 0x24F), (0x370, 0x3FF), (0x400, 0x4FF), (0x4E00, 0x4FFF),
-              (0x1F300, 0x1F6FF), (0x300, 0x36F), (0x10000, 0x1007F)]
+    ranges = [
+        (0x20, 0x7E),
+        (0x00, 0x1F),
+        (0xA0, 0x24F),
+        (0x370, 0x3FF),
+        (0x400, 0x4FF),
+        (0x4E00, 0x4FFF),
+        (0x1F300, 0x1F6FF),
+        (0x300, 0x36F),
+        (0x10000, 0x1007F),
+    ]
     out = []
     for _ in range(length):
         lo, hi = rng.choice(ranges)
@@ -111,8 +119,7 @@ def test_split_is_by_whole_documents_and_seeded(tmp_path, corpus_file):
     assert np.array_equal(val, split_documents(200, 0.1, seed=0)[1])
     assert not np.array_equal(val, split_documents(200, 0.1, seed=1)[1])
 
-    assert prepare("--source", corpus_file, "--out", tmp_path / "p", "--tokenizer", "byte",
-                   "--val-fraction", 0.1) == 0
+    assert prepare("--source", corpus_file, "--out", tmp_path / "p", "--tokenizer", "byte", "--val-fraction", 0.1) == 0
     docs = paragraphs(200)
 
     for split, indices in (("train", train), ("val", val)):
@@ -126,8 +133,21 @@ def test_split_is_by_whole_documents_and_seeded(tmp_path, corpus_file):
 def test_val_from_end_holds_out_the_last_documents_and_is_recorded(tmp_path, corpus_file):
     train, val = split_documents(200, 0.1, seed=0, val_from="end")
     assert np.array_equal(train, np.arange(180)) and np.array_equal(val, np.arange(180, 200))
-    assert prepare("--source", corpus_file, "--out", tmp_path / "p", "--tokenizer", "byte", "--val-fraction", 0.1,
-                   "--val-from", "end") == 0
+    assert (
+        prepare(
+            "--source",
+            corpus_file,
+            "--out",
+            tmp_path / "p",
+            "--tokenizer",
+            "byte",
+            "--val-fraction",
+            0.1,
+            "--val-from",
+            "end",
+        )
+        == 0
+    )
     assert read_manifest(tmp_path / "p")["settings"]["val_from"] == "end"
     ids = TokenStream(tmp_path / "p", "val").read(0, 40)
     assert bytes((ids[:20] - 4).astype(np.uint8)) == paragraphs(200)[180].encode()[:20]
@@ -150,15 +170,40 @@ def test_jsonl_gz_and_parquet_sources(tmp_path):
     rows = [{"body": text, "id": i} for i, text in enumerate(paragraphs(40))]
     with gzip.open(tmp_path / "docs.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    assert prepare("--source", tmp_path / "docs.jsonl.gz", "--out", tmp_path / "j", "--tokenizer", "byte",
-                   "--text-field", "body") == 0
+    assert (
+        prepare(
+            "--source",
+            tmp_path / "docs.jsonl.gz",
+            "--out",
+            tmp_path / "j",
+            "--tokenizer",
+            "byte",
+            "--text-field",
+            "body",
+        )
+        == 0
+    )
     assert read_manifest(tmp_path / "j")["splits"]["train"]["documents"] == 40 - 1  # 1% rounds up to 1 val doc
     import datasets
+
     datasets.Dataset.from_list(rows).to_parquet(tmp_path / "docs.parquet")
-    assert prepare("--source", tmp_path / "docs.parquet", "--out", tmp_path / "q", "--tokenizer", "byte",
-                   "--text-field", "body") == 0
-    assert (read_manifest(tmp_path / "q")["splits"]["train"]["tokens"]
-            == read_manifest(tmp_path / "j")["splits"]["train"]["tokens"])
+    assert (
+        prepare(
+            "--source",
+            tmp_path / "docs.parquet",
+            "--out",
+            tmp_path / "q",
+            "--tokenizer",
+            "byte",
+            "--text-field",
+            "body",
+        )
+        == 0
+    )
+    assert (
+        read_manifest(tmp_path / "q")["splits"]["train"]["tokens"]
+        == read_manifest(tmp_path / "j")["splits"]["train"]["tokens"]
+    )
 
 
 def test_stdlib_corpus_is_the_interpreters_own_source():
@@ -182,17 +227,22 @@ def assert_one_line_error(result, *fragments):
 
 def test_bad_sources_give_one_line_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n   \n")
-    assert_one_line_error(run_prepare_cli("--source", tmp_path / "empty.txt", "--out", tmp_path / "o"),
-                          "no non-empty documents")
+    assert_one_line_error(
+        run_prepare_cli("--source", tmp_path / "empty.txt", "--out", tmp_path / "o"), "no non-empty documents"
+    )
     (tmp_path / "one.txt").write_text("a single paragraph\n")
-    assert_one_line_error(run_prepare_cli("--source", tmp_path / "one.txt", "--out", tmp_path / "o"),
-                          "empty train split")
-    assert_one_line_error(run_prepare_cli("--source", tmp_path / "nope.txt", "--out", tmp_path / "o"),
-                          "nope.txt", "no such file")
-    assert_one_line_error(run_prepare_cli("--source", "x", "--out", tmp_path / "o", "--vocab-size", 2**33),
-                          "--vocab-size", "uint32")
-    assert_one_line_error(run_prepare_cli("--source", "x", "--out", tmp_path / "o", "--vocab-size", 100),
-                          "--vocab-size 100")
+    assert_one_line_error(
+        run_prepare_cli("--source", tmp_path / "one.txt", "--out", tmp_path / "o"), "empty train split"
+    )
+    assert_one_line_error(
+        run_prepare_cli("--source", tmp_path / "nope.txt", "--out", tmp_path / "o"), "nope.txt", "no such file"
+    )
+    assert_one_line_error(
+        run_prepare_cli("--source", "x", "--out", tmp_path / "o", "--vocab-size", 2**33), "--vocab-size", "uint32"
+    )
+    assert_one_line_error(
+        run_prepare_cli("--source", "x", "--out", tmp_path / "o", "--vocab-size", 100), "--vocab-size 100"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -204,6 +254,7 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
 
 def test_token_dtype_follows_vocab_size():
     from data.shards import token_dtype
+
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     with pytest.raises(DataError, match="does not fit"):
         token_dtype(2**32 + 1)
@@ -241,8 +292,9 @@ def test_tokenizer_mismatch_and_missing_folder_are_rejected(prepared, tmp_path):
 
 
 def test_seq_len_longer_than_val_split_is_rejected(tmp_path, corpus_file):
-    result = run_prepare_cli("--source", corpus_file, "--out", tmp_path / "o", "--tokenizer", "byte",
-                             "--seq-len", 5000)  # the val split has ~3k tokens, train ~27k
+    result = run_prepare_cli(
+        "--source", corpus_file, "--out", tmp_path / "o", "--tokenizer", "byte", "--seq-len", 5000
+    )  # the val split has ~3k tokens, train ~27k
     assert_one_line_error(result, "val split has", "seq_len + 1 = 5001")
     assert not (tmp_path / "o").exists()
 
@@ -252,16 +304,20 @@ def test_existing_output_is_reused_or_refused(prepared, corpus_file):
     assert prepare("--source", corpus_file, "--out", prepared, "--tokenizer", "byte") == 0
     assert (prepared / "manifest.json").stat().st_mtime_ns == before  # reused, not rebuilt
     assert prepare("--source", corpus_file, "--out", prepared, "--tokenizer", "bpe", "--vocab-size", 300) == 2
-    assert prepare("--source", corpus_file, "--out", prepared, "--tokenizer", "bpe", "--vocab-size", 300,
-                   "--overwrite") == 0
+    assert (
+        prepare("--source", corpus_file, "--out", prepared, "--tokenizer", "bpe", "--vocab-size", 300, "--overwrite")
+        == 0
+    )
     assert read_manifest(prepared)["tokenizer"]["kind"] == "bpe"
 
 
 @needs_shared
 def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path):
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "data.prepare", "--source", str(SHAKESPEARE), "--out",
-                                str(out), "--vocab-size", "4096"], stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "data.prepare", "--source", str(SHAKESPEARE), "--out", str(out), "--vocab-size", "4096"],
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while not list(tmp_path.glob(".out.tmp-*")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, STEPS, Payload, base_args, losses, reseal, train
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, STEPS, Payload, base_args, losses, reseal, train
 from train.weights import load_model_weights
 
 try:
@@ -20,12 +20,21 @@ except ImportError:
 ZERO = ["--parallel.strategy=deepspeed"]
 
 
-@pytest.mark.parametrize("stage, offload", [(1, False), pytest.param(2, False, marks=pytest.mark.compat), (3, False),
-                                            (3, True)], ids=["zero1", "zero2", "zero3", "zero3-offload"])
+@pytest.mark.parametrize(
+    "stage, offload",
+    [(1, False), pytest.param(2, False, marks=pytest.mark.compat), (3, False), (3, True)],
+    ids=["zero1", "zero2", "zero3", "zero3-offload"],
+)
 def test_zero_on_two_processes_follows_the_single_process_loss_curve(data_dir, reference, tmp_path, stage, offload):
     single, _ = reference
-    rows = train(data_dir, tmp_path, *ZERO, f"--parallel.zero_stage={stage}",
-                 f"--parallel.offload_optimizer={str(offload).lower()}", nproc=2)
+    rows = train(
+        data_dir,
+        tmp_path,
+        *ZERO,
+        f"--parallel.zero_stage={stage}",
+        f"--parallel.offload_optimizer={str(offload).lower()}",
+        nproc=2,
+    )
     assert len(rows) == STEPS
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-5
     assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(rows, single)) < 1e-4
@@ -38,8 +47,9 @@ def test_zero_on_two_processes_follows_the_single_process_loss_curve(data_dir, r
 @pytest.fixture(scope="module")
 def zero3_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    return train(data_dir, out, *ZERO, "--parallel.zero_stage=3", "--checkpoint.every=6", "--checkpoint.keep=2",
-                 nproc=2), out
+    return train(
+        data_dir, out, *ZERO, "--parallel.zero_stage=3", "--checkpoint.every=6", "--checkpoint.keep=2", nproc=2
+    ), out
 
 
 def test_zero3_resume_is_bitwise_exact(data_dir, zero3_run, tmp_path):
@@ -56,9 +66,21 @@ def test_zero3_resume_is_bitwise_exact(data_dir, zero3_run, tmp_path):
 def test_zero_checkpoint_on_another_world_size_says_how_to_continue(data_dir, reference, zero3_run, tmp_path):
     single, _ = reference
     checkpoint = zero3_run[1] / "checkpoints" / "step_00000012"
-    result = subprocess.run([sys.executable, "-m", "train", *base_args(data_dir, tmp_path), *ZERO,
-                             "--parallel.zero_stage=3", f"--run.resume={checkpoint}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            *base_args(data_dir, tmp_path),
+            *ZERO,
+            "--parallel.zero_stage=3",
+            f"--run.resume={checkpoint}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and "loads only on 2 ranks" in error and "--model.init_from=" in error
@@ -84,8 +106,17 @@ def test_deepspeed_state_is_read_without_running_pickled_code(data_dir, hostile_
     checkpoint, marker = hostile_zero3
     if path == "resume":
         shutil.copytree(checkpoint.parent, tmp_path / "checkpoints")
-        command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
-                   *base_args(data_dir, tmp_path), *ZERO, "--parallel.zero_stage=3"]
+        command = [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "train",
+            *base_args(data_dir, tmp_path),
+            *ZERO,
+            "--parallel.zero_stage=3",
+        ]
     elif path == "export":
         command = ["scripts/export_hf.py", str(checkpoint), str(tmp_path / "hf")]
     else:
@@ -100,21 +131,39 @@ def test_deepspeed_state_is_read_without_running_pickled_code(data_dir, hostile_
 
 def test_a_dcp_checkpoint_cannot_be_resumed_by_deepspeed_and_says_so(data_dir, reference, tmp_path):
     checkpoint = reference[1] / "checkpoints" / "step_00000006"
-    result = subprocess.run([sys.executable, "-m", "train", *base_args(data_dir, tmp_path), *ZERO,
-                             f"--run.resume={checkpoint}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "train", *base_args(data_dir, tmp_path), *ZERO, f"--run.resume={checkpoint}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
-    assert error == (f"error: {checkpoint}: saved by parallel.strategy 'none' (dcp format), which this run's strategy "
-                     f"cannot read; resume with a strategy of the same engine (none, ddp, fsdp or hsdp), or start from "
-                     f"its weights: --model.init_from={checkpoint} --run.resume=never")
+    assert error == (
+        f"error: {checkpoint}: saved by parallel.strategy 'none' (dcp format), which this run's strategy "
+        f"cannot read; resume with a strategy of the same engine (none, ddp, fsdp or hsdp), or start from "
+        f"its weights: --model.init_from={checkpoint} --run.resume=never"
+    )
 
 
 def test_zero3_checkpoint_exports_to_hugging_face(reference, zero3_run, tmp_path):
     _, single_out = reference
-    export = subprocess.run([sys.executable, "scripts/export_hf.py", str(zero3_run[1] / "checkpoints" / "step_00000012"),
-                             str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    export = subprocess.run(
+        [
+            sys.executable,
+            "scripts/export_hf.py",
+            str(zero3_run[1] / "checkpoints" / "step_00000012"),
+            str(tmp_path / "hf"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert export.returncode == 0, export.stderr[-3000:]
     import model  # noqa: F401  (registers the Auto classes)
+
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     _, single_weights = load_model_weights(single_out / "checkpoints" / "step_00000012")
     for name, tensor in exported.state_dict().items():  # ZeRO-3 on 2 ranks trained the same weights
@@ -127,11 +176,18 @@ def test_zero3_checkpoint_exports_to_hugging_face(reference, zero3_run, tmp_path
 
 def test_without_deepspeed_installed_the_error_names_the_install_command(data_dir, tmp_path):
     hide = "import sys; sys.modules['deepspeed'] = None; from train.__main__ import main; sys.exit(main(sys.argv[1:]))"
-    result = subprocess.run([sys.executable, "-c", hide, *base_args(data_dir, tmp_path), *ZERO], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", hide, *base_args(data_dir, tmp_path), *ZERO],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: parallel.strategy 'deepspeed' needs DeepSpeed: pip install -e "
-                                     "'.[deepspeed]' (or choose none, ddp, fsdp or hsdp)")
+    assert result.stderr.strip() == (
+        "error: parallel.strategy 'deepspeed' needs DeepSpeed: pip install -e "
+        "'.[deepspeed]' (or choose none, ddp, fsdp or hsdp)"
+    )
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -140,13 +196,26 @@ def test_generated_deepspeed_config_is_consistent_with_ours():
     from train.config import load_config
     from train.deepspeed_engine import deepspeed_config
     from train.parallel import Env, Layout
-    config = load_config(REPO / "configs" / "tiny.toml", ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3",
-                                                          "--parallel.offload_optimizer=true"])
-    env = Env(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"),
-              dtype=torch.float32, layout=Layout(dp_shard=2))
+
+    config = load_config(
+        REPO / "configs" / "tiny.toml",
+        ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3", "--parallel.offload_optimizer=true"],
+    )
+    env = Env(
+        rank=0,
+        world_size=2,
+        local_rank=0,
+        local_world_size=2,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        layout=Layout(dp_shard=2),
+    )
     generated = deepspeed_config(config, env, config.grad_accumulation(2))
-    assert generated["train_batch_size"] == 32 == (generated["train_micro_batch_size_per_gpu"]
-                                                   * generated["gradient_accumulation_steps"] * 2)
+    assert (
+        generated["train_batch_size"]
+        == 32
+        == (generated["train_micro_batch_size_per_gpu"] * generated["gradient_accumulation_steps"] * 2)
+    )
     assert generated["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     assert generated["gradient_clipping"] == 1.0 and generated["bf16"] == {"enabled": False}
     json.dumps(generated)  # DeepSpeed takes it as JSON

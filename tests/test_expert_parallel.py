@@ -1,17 +1,16 @@
 """Expert parallelism with real processes (gloo): the all-to-all dispatch computes what one process computes,
 training follows the single-process run, and its checkpoints resume and export on other layouts."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import REPO, STEPS, losses, small_config, train
 from safetensors.torch import load_file
 
-from conftest import REPO, STEPS, losses, small_config, train
 from model.moe import MoE
+from toolbox.export import main as export_main
 from train.__main__ import main as train_main
-from train.export import main as export_main
 from train.parallel import Layout, build_world_mesh
 from train.parallel.expert import apply_expert_parallel, expert_major_order
 
@@ -60,7 +59,7 @@ def dispatch_worker(rank: int, store: str) -> None:
     torch.testing.assert_close(x.grad, x_grad, rtol=1e-5, atol=1e-6)
     for weight, expected in zip((parallel.w_gate, parallel.w_up, parallel.w_down), summed):
         assert tuple(weight.shape) == tuple(expected.shape)  # global shape, as in checkpoints
-        torch.testing.assert_close(weight.grad.to_local(), expected[2 * rank:2 * rank + 2], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weight.grad.to_local(), expected[2 * rank : 2 * rank + 2], rtol=1e-5, atol=1e-6)
     dist.destroy_process_group()
 
 
@@ -99,8 +98,9 @@ def test_ep2_follows_the_single_process_run_with_clipping_on_every_step(referenc
 def test_an_ep2_checkpoint_resumes_on_another_layout(data_dir, reference, expert_run, tmp_path, layout):
     single, _ = reference
     _, out = expert_run
-    rows = train(data_dir, tmp_path, f"--run.resume={out / 'checkpoints' / 'step_00000006'}", *layout,
-                 nproc=2 if layout else 1)
+    rows = train(
+        data_dir, tmp_path, f"--run.resume={out / 'checkpoints' / 'step_00000006'}", *layout, nproc=2 if layout else 1
+    )
     assert [row["step"] for row in rows] == list(range(7, STEPS + 1))
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single[6:]))) < 1e-5
 
@@ -125,26 +125,52 @@ def test_ep2_with_two_data_parallel_shards_on_four_processes(data_dir, tmp_path)
     assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(rows, single)) < 1e-4
 
 
-@pytest.mark.parametrize("world, flags, fragment", [
-    (2, ["--parallel.strategy=ddp", "--parallel.ep_size=2"], "parallel.ep_size > 1 needs parallel.strategy fsdp"),
-    (2, ["--parallel.strategy=deepspeed", "--parallel.tp_size=2"], "parallel.tp_size > 1 needs parallel.strategy"),
-    (6, ["--parallel.ep_size=3"], "parallel.ep_size 3 must divide the model's 8 experts"),
-    (2, ["--parallel.ep_size=4"], "parallel.ep_size 4 must divide the 2 data-parallel-shard x tensor ranks"),
-    (2, ["--parallel.ep_size=2", "--model.overrides.num_local_experts=1", "--model.overrides.num_experts_per_tok=1"],
-     "needs a mixture-of-experts model"),
-    (3, ["--parallel.tp_size=2"], "parallel.tp_size 2 does not divide the world size 3"),
-    (2, ["--parallel.tp_size=2"], "model num_key_value_heads (1)"),
-    (2, ["--parallel.tp_size=2", "--model.overrides.num_key_value_heads=2", "--data.seq_len=63"], "data.seq_len (63)"),
-    (4, ["--parallel.ep_size=8", "--parallel.tp_size=2", "--model.overrides.num_key_value_heads=2"],
-     "parallel.ep_size 8 must divide the 4 data-parallel-shard x tensor ranks"),
-    (4, ["--parallel.strategy=hsdp", "--parallel.replicate_size=3", "--parallel.tp_size=2"], "!= world size 4"),
-])
-def test_layout_errors_are_one_line_before_any_process_group(data_dir, tmp_path, monkeypatch, capsys, world, flags,
-                                                            fragment):
+@pytest.mark.parametrize(
+    "world, flags, fragment",
+    [
+        (2, ["--parallel.strategy=ddp", "--parallel.ep_size=2"], "parallel.ep_size > 1 needs parallel.strategy fsdp"),
+        (2, ["--parallel.strategy=deepspeed", "--parallel.tp_size=2"], "parallel.tp_size > 1 needs parallel.strategy"),
+        (6, ["--parallel.ep_size=3"], "parallel.ep_size 3 must divide the model's 8 experts"),
+        (2, ["--parallel.ep_size=4"], "parallel.ep_size 4 must divide the 2 data-parallel-shard x tensor ranks"),
+        (
+            2,
+            [
+                "--parallel.ep_size=2",
+                "--model.overrides.num_local_experts=1",
+                "--model.overrides.num_experts_per_tok=1",
+            ],
+            "needs a mixture-of-experts model",
+        ),
+        (3, ["--parallel.tp_size=2"], "parallel.tp_size 2 does not divide the world size 3"),
+        (2, ["--parallel.tp_size=2"], "model num_key_value_heads (1)"),
+        (
+            2,
+            ["--parallel.tp_size=2", "--model.overrides.num_key_value_heads=2", "--data.seq_len=63"],
+            "data.seq_len (63)",
+        ),
+        (
+            4,
+            ["--parallel.ep_size=8", "--parallel.tp_size=2", "--model.overrides.num_key_value_heads=2"],
+            "parallel.ep_size 8 must divide the 4 data-parallel-shard x tensor ranks",
+        ),
+        (4, ["--parallel.strategy=hsdp", "--parallel.replicate_size=3", "--parallel.tp_size=2"], "!= world size 4"),
+    ],
+)
+def test_layout_errors_are_one_line_before_any_process_group(
+    data_dir, tmp_path, monkeypatch, capsys, world, flags, fragment
+):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world))
-    args = ["--config", str(REPO / "configs" / "tiny.toml"), f"--data.path={data_dir}", f"--run.out_dir={tmp_path / 'run'}",
-            "--parallel.strategy=fsdp", "--batch.global_batch_size=24", "--batch.micro_batch_size=1", *flags]
+    args = [
+        "--config",
+        str(REPO / "configs" / "tiny.toml"),
+        f"--data.path={data_dir}",
+        f"--run.out_dir={tmp_path / 'run'}",
+        "--parallel.strategy=fsdp",
+        "--batch.global_batch_size=24",
+        "--batch.micro_batch_size=1",
+        *flags,
+    ]
     assert train_main(args) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and fragment in error, error

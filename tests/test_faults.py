@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
-from train import fault_report as report
+
+from toolbox import fault_report as report
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +73,23 @@ def test_too_many_skipped_updates_stop_and_keep_the_last_good_checkpoint(work, t
 
 def test_loss_spike_guard_skips_updates(work, tmp_path):
     # a factor below 1 makes every loss after the first a "spike": steps 2-4 are skipped, then it stops
-    error = one_line_error(train_one_process(work, tmp_path, "--run.loss_spike_factor=0.5",
-                                             "--run.max_skipped_steps=3"))
+    error = one_line_error(
+        train_one_process(work, tmp_path, "--run.loss_spike_factor=0.5", "--run.max_skipped_steps=3")
+    )
     assert "3 updates in a row skipped" in error and "up to step 4" in error
     assert [r["skipped_steps"] for r in report.rows(tmp_path)] == [0, 1, 2, 3]
 
 
 def test_sigterm_to_a_single_process_exits_with_the_preemption_code(work, tmp_path):
     data = work[0]
-    argv = [sys.executable, "-m", "train", *report.train_args(data, tmp_path), "--parallel.strategy=none",
-            "--run.max_steps=200"]
+    argv = [
+        sys.executable,
+        "-m",
+        "train",
+        *report.train_args(data, tmp_path),
+        "--parallel.strategy=none",
+        "--run.max_steps=200",
+    ]
     job = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while job.poll() is None and not report.rows(tmp_path):
         time.sleep(0.05)
@@ -109,8 +116,14 @@ def test_a_signal_during_start_up_is_acted_on_after_the_first_step(work, tmp_pat
     # action would kill the rank (exit 138, no checkpoint, no requeue); it must checkpoint step 1 and exit 75.
     if not sys.platform.startswith("linux"):
         pytest.skip("reads the signal mask from /proc")
-    argv = [sys.executable, "-m", "train", *report.train_args(work[0], tmp_path), "--parallel.strategy=none",
-            "--run.max_steps=200"]
+    argv = [
+        sys.executable,
+        "-m",
+        "train",
+        *report.train_args(work[0], tmp_path),
+        "--parallel.strategy=none",
+        "--run.max_steps=200",
+    ]
     job = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while job.poll() is None and not catches(job.pid, signal.SIGUSR1):
         time.sleep(0.005)
@@ -128,8 +141,9 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(work, tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
     try:  # one checkpoint of this run takes ~17 MB: the step-3 one fits, the step-6 one does not
-        error = one_line_error(train_one_process(work, tmp_path / "run", f"--checkpoint.dir={small}",
-                                                 "--run.max_steps=6"))
+        error = one_line_error(
+            train_one_process(work, tmp_path / "run", f"--checkpoint.dir={small}", "--run.max_steps=6")
+        )
         assert "writing the step-6 checkpoint failed" in error and "MiB left" in error
         assert "step_00000003) is intact" in error
         assert [p.name for p in small.glob("step_*")] == ["step_00000003"]  # (and the folder's marker)
@@ -140,9 +154,12 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(work, tmp_path):
 
 def test_resuming_a_checkpoint_of_another_model_shape_names_the_parameters(work, tmp_path):
     checkpoint = work[2] / "checkpoints" / "step_00000012"
-    error = one_line_error(train_one_process(work, tmp_path, f"--run.resume={checkpoint}",
-                                             "--model.overrides.intermediate_size=64"))
-    assert "another shape" in error and "model.layers.0.ffn.moe.w_gate saved [8, 128, 96] vs model [8, 128, 64]" in error
+    error = one_line_error(
+        train_one_process(work, tmp_path, f"--run.resume={checkpoint}", "--model.overrides.intermediate_size=64")
+    )
+    assert (
+        "another shape" in error and "model.layers.0.ffn.moe.w_gate saved [8, 128, 96] vs model [8, 128, 64]" in error
+    )
 
 
 @pytest.mark.compat
@@ -166,8 +183,11 @@ def test_a_damaged_shard_is_named_before_training(work, tmp_path, damage):
     else:
         content[1000] ^= 0xFF
     shard.write_bytes(bytes(content))
-    error = one_line_error(report.launch([sys.executable, "-m", "train", *report.train_args(data, tmp_path / "run"),
-                                          "--parallel.strategy=none"]))
+    error = one_line_error(
+        report.launch(
+            [sys.executable, "-m", "train", *report.train_args(data, tmp_path / "run"), "--parallel.strategy=none"]
+        )
+    )
     assert str(shard) in error and ("bytes, manifest says" if damage == "truncated" else "checksum") in error
     assert "re-run data.prepare" in error and not (tmp_path / "run" / "metrics.jsonl").exists()
 

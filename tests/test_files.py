@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, STEPS, Payload, base_args, losses, reseal, train
-from data import folders
+
 from data.prepare import main as prepare_main
+from groundwork import folders
+from toolbox.evaluation import main as evaluate_main
+from toolbox.export import main as export_main
+from toolbox.generation import main as generate_main
 from train.__main__ import main as train_main
-from train.evaluation import main as evaluate_main
-from train.export import main as export_main
-from train.generation import main as generate_main
 from train.weights import load_model_weights
 
 
@@ -56,6 +56,7 @@ def user_folder(path: Path) -> Path:
 
 
 # --- never delete what the project did not make -------------------------------------------------------
+
 
 def test_export_refuses_folders_it_did_not_make_and_replaces_its_own_only_when_asked(reference, tmp_path, capsys):
     _, out = reference
@@ -109,6 +110,7 @@ def test_resume_never_in_a_folder_with_checkpoints_refuses(data_dir, reference, 
 
 # --- one run per folder -------------------------------------------------------------------------------
 
+
 def test_a_second_run_in_a_folder_stops_and_a_dead_runs_lock_is_taken_over(data_dir, tmp_path, capsys):
     out = folders.claim(tmp_path / "run", "run", "run.out_dir")
     lock = folders.RunLock(out, "run.out_dir")
@@ -127,6 +129,7 @@ def test_a_second_run_in_a_folder_stops_and_a_dead_runs_lock_is_taken_over(data_
 
 # --- integrity ----------------------------------------------------------------------------------------
 
+
 def copied_checkpoint(reference, tmp_path, step=6) -> Path:
     checkpoint = tmp_path / "run" / "checkpoints" / f"step_{step:08d}"
     shutil.copytree(reference[1] / "checkpoints" / checkpoint.name, checkpoint)
@@ -140,8 +143,10 @@ def test_a_flipped_byte_in_a_checkpoint_is_named_on_resume_and_export(data_dir, 
     content[len(content) // 2] ^= 0x01
     content[len(content) // 2 + 7] ^= 0x10
     shard.write_bytes(bytes(content))
-    for error in (one_line(capsys, train_main, *base_args(data_dir, tmp_path / "run")),
-                  one_line(capsys, export_main, checkpoint, tmp_path / "hf")):
+    for error in (
+        one_line(capsys, train_main, *base_args(data_dir, tmp_path / "run")),
+        one_line(capsys, export_main, checkpoint, tmp_path / "hf"),
+    ):
         assert str(shard) in error and "damaged or edited" in error
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "hf").exists()
 
@@ -149,6 +154,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_named_on_resume_and_export(data_dir, 
 def hostile_metadata(checkpoint: Path, marker: Path) -> None:
     """DCP's .metadata is a pickle: replace it with one that would run code, digests recorded anew."""
     import pickle
+
     (checkpoint / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     reseal(checkpoint)
 
@@ -158,11 +164,13 @@ def test_hostile_dcp_metadata_never_runs_on_any_path(data_dir, reference, tmp_pa
     checkpoint = copied_checkpoint(reference, tmp_path)
     marker = tmp_path / "code-ran"
     hostile_metadata(checkpoint, marker)
-    errors = [one_line(capsys, train_main, *base_args(data_dir, tmp_path / "run")),  # resume
-              one_line(capsys, train_main, *base_args(data_dir, tmp_path / "new"), f"--model.init_from={checkpoint}"),
-              one_line(capsys, export_main, checkpoint, tmp_path / "hf"),
-              one_line(capsys, evaluate_main, checkpoint, "--data", data_dir, "--seq-len", 64),
-              one_line(capsys, generate_main, checkpoint, "--max-new-tokens", 4)]
+    errors = [
+        one_line(capsys, train_main, *base_args(data_dir, tmp_path / "run")),  # resume
+        one_line(capsys, train_main, *base_args(data_dir, tmp_path / "new"), f"--model.init_from={checkpoint}"),
+        one_line(capsys, export_main, checkpoint, tmp_path / "hf"),
+        one_line(capsys, evaluate_main, checkpoint, "--data", data_dir, "--seq-len", 64),
+        one_line(capsys, generate_main, checkpoint, "--max-new-tokens", 4),
+    ]
     assert not marker.exists()
     assert all("weights-only" in e and ".metadata" in e for e in errors), errors
 
@@ -188,19 +196,22 @@ def edited_tokenizer_data(data_dir: Path, tmp_path: Path) -> Path:
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (data / "tokenizer.json").write_text(json.dumps(spec))
     from data.tokenizer import tokenizer_sha256
+
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["tokenizer"]["sha256"] = tokenizer_sha256(data)
     (data / "manifest.json").write_text(json.dumps(manifest))
     return data
 
 
-def test_another_tokenizer_of_the_same_size_is_refused_on_resume_init_from_and_evaluate(data_dir, reference, tmp_path,
-                                                                                      capsys):
+def test_another_tokenizer_of_the_same_size_is_refused_on_resume_init_from_and_evaluate(
+    data_dir, reference, tmp_path, capsys
+):
     other = edited_tokenizer_data(data_dir, tmp_path)
     checkpoint = copied_checkpoint(reference, tmp_path)
     assert "tokenizer" in one_line(capsys, train_main, *base_args(other, tmp_path / "run"))
-    assert "another tokenizer" in one_line(capsys, train_main, *base_args(other, tmp_path / "new"),
-                                           f"--model.init_from={checkpoint}")
+    assert "another tokenizer" in one_line(
+        capsys, train_main, *base_args(other, tmp_path / "new"), f"--model.init_from={checkpoint}"
+    )
     assert "another tokenizer" in one_line(capsys, evaluate_main, checkpoint, "--data", other, "--seq-len", 64)
 
 
@@ -228,11 +239,13 @@ def test_a_manifest_whose_vocabulary_is_below_its_token_ids_is_refused(data_dir,
 
 # --- async checkpoints --------------------------------------------------------------------------------
 
+
 @pytest.mark.compat
 def test_async_save_trains_the_same_run_and_completes_every_checkpoint(data_dir, reference, tmp_path):
     single, single_out = reference
-    rows = train(data_dir, tmp_path / "async", "--checkpoint.async_save=true", "--checkpoint.every=3",
-                 "--checkpoint.keep=5")
+    rows = train(
+        data_dir, tmp_path / "async", "--checkpoint.async_save=true", "--checkpoint.every=3", "--checkpoint.keep=5"
+    )
     assert losses(rows) == losses(single)  # bitwise: the background writes change nothing
     names = sorted(p.name for p in (tmp_path / "async" / "checkpoints").iterdir() if not p.name.startswith("."))
     assert names == ["step_00000003", "step_00000006", "step_00000009", "step_00000012"]
@@ -245,8 +258,12 @@ def test_async_save_on_two_processes_matches_one(data_dir, reference, tmp_path):
     single, _ = reference
     rows = train(data_dir, tmp_path / "fsdp", "--checkpoint.async_save=true", "--checkpoint.every=4", nproc=2)
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-5
-    resumed = train(data_dir, tmp_path / "resumed", "--checkpoint.async_save=true",
-                    f"--run.resume={tmp_path / 'fsdp' / 'checkpoints' / 'step_00000008'}")
+    resumed = train(
+        data_dir,
+        tmp_path / "resumed",
+        "--checkpoint.async_save=true",
+        f"--run.resume={tmp_path / 'fsdp' / 'checkpoints' / 'step_00000008'}",
+    )
     assert [r["step"] for r in resumed] == list(range(9, STEPS + 1))
     assert max(abs(a - b) for a, b in zip(losses(resumed), losses(single)[8:])) < 1e-5
 
@@ -254,10 +271,23 @@ def test_async_save_on_two_processes_matches_one(data_dir, reference, tmp_path):
 def test_a_kill_during_an_async_save_keeps_the_previous_checkpoint_and_resumes_exactly(data_dir, reference, tmp_path):
     single, _ = reference
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "train", *base_args(data_dir, out), "--parallel.strategy=none",
-            "--checkpoint.async_save=true", "--checkpoint.every=3"]
-    killed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "MINICOLOSSUS_FAULT": "killsave:rank=0:step=6"})
+    argv = [
+        sys.executable,
+        "-m",
+        "train",
+        *base_args(data_dir, out),
+        "--parallel.strategy=none",
+        "--checkpoint.async_save=true",
+        "--checkpoint.every=3",
+    ]
+    killed = subprocess.run(
+        argv,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MINICOLOSSUS_FAULT": "killsave:rank=0:step=6"},
+    )
     assert killed.returncode == -9
     checkpoints = out / "checkpoints"
     assert (checkpoints / "step_00000003" / "COMPLETE").is_file() and not (checkpoints / "step_00000006").exists()

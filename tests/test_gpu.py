@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, base_args, losses, train
+
 from model import GrokForCausalLM, preset_config
 from model.attention import Attention, make_attention_inputs
 from model.moe import geglu, grouped_geglu
 
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("MINICOLOSSUS_GPU_TIER") == "cpu" else None)
 ON_GPU = DEVICE == "cuda"
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs CUDA (MINICOLOSSUS_GPU_TIER=cpu "
-                                                                         "rehearses the tier on a CPU)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE is None, reason="needs CUDA (MINICOLOSSUS_GPU_TIER=cpu rehearses the tier on a CPU)"),
+]
 
 # bf16 against fp32 over 12 training steps of the dense tiny model (losses 6 -> 2): bf16 keeps 8 bits of
 # mantissa, and the two runs' losses stay within this (0.005 measured on a CPU). The comparisons train the
@@ -67,11 +69,21 @@ def device_bf16(data_dir, tmp_path_factory):
 
 def one_process_group(data_dir, out: Path, *overrides, steps: int = STEPS) -> list[dict]:
     """The trainer under torchrun with one rank: NCCL on a GPU (gloo on the CPU rehearsal)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "train",
-               *base_args(data_dir, out, steps), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "train",
+        *base_args(data_dir, out, steps),
+        *overrides,
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     from train.metrics import read_metrics
+
     return read_metrics(out)
 
 
@@ -123,8 +135,9 @@ def test_flex_attention_with_the_softcap_compiled_matches_eager():
     positions = torch.arange(seq, device=DEVICE)[None].expand(batch, -1)
     outputs, grads = [], []
     for backend in ("eager", "flex"):
-        config = preset_config("tiny", attn_logit_softcap=30.0, num_attention_heads=4, num_key_value_heads=2,
-                               attn_backend=backend)
+        config = preset_config(
+            "tiny", attn_logit_softcap=30.0, num_attention_heads=4, num_key_value_heads=2, attn_backend=backend
+        )
         x = torch.randn(batch, seq, config.hidden_size, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
         torch.manual_seed(1)
         attention = Attention(config, 0).to(DEVICE)
@@ -149,12 +162,15 @@ def test_flex_attention_with_the_softcap_compiled_matches_eager():
 def test_fused_adamw_on_the_device_matches_the_cpu():
     from train.config import OptimSection
     from train.optim import build_optimizer
+
     torch.manual_seed(0)
     models = [GrokForCausalLM(preset_config("tiny")) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     models[1].to(DEVICE)
-    optimizers = [build_optimizer(model, OptimSection(lr=1e-2), torch.device(device))
-                  for model, device in zip(models, ("cpu", DEVICE))]
+    optimizers = [
+        build_optimizer(model, OptimSection(lr=1e-2), torch.device(device))
+        for model, device in zip(models, ("cpu", DEVICE))
+    ]
     for step in range(3):
         torch.manual_seed(step)
         grads = [torch.randn_like(p) for p in models[0].parameters()]
@@ -173,8 +189,10 @@ def test_grouped_matmul_in_bf16_matches_the_per_expert_loop():
     experts, hidden, width = 8, 256, 512
     counts = torch.tensor([64, 0, 17, 128, 3, 64, 200, 32])
     x = torch.randn(int(counts.sum()), hidden, device=DEVICE, dtype=torch.bfloat16)
-    weights = [torch.randn(experts, *shape, device=DEVICE, dtype=torch.bfloat16) / shape[0] ** 0.5
-               for shape in ((hidden, width), (hidden, width), (width, hidden))]
+    weights = [
+        torch.randn(experts, *shape, device=DEVICE, dtype=torch.bfloat16) / shape[0] ** 0.5
+        for shape in ((hidden, width), (hidden, width), (width, hidden))
+    ]
     grouped = grouped_geglu(x, counts.to(DEVICE), *weights).float()
     loop = torch.cat([geglu(chunk, *(w[e] for w in weights)) for e, chunk in enumerate(x.split(counts.tolist()))])
     error = (grouped - loop.float()).abs().max().item()
@@ -189,8 +207,19 @@ def test_the_1b_moe_trains_a_few_steps():
     from train.config import OptimSection
     from train.optim import build_optimizer
     from train.parallel import autocast
-    overrides = {} if ON_GPU else dict(hidden_size=64, num_hidden_layers=2, intermediate_size=64,
-                                        num_attention_heads=4, num_key_value_heads=2, attn_backend="eager")
+
+    overrides = (
+        {}
+        if ON_GPU
+        else dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attn_backend="eager",
+        )
+    )
     config = preset_config("1b", **overrides)
     batch, seq = (4, 1024) if ON_GPU else (2, 32)
     torch.manual_seed(0)
@@ -215,18 +244,21 @@ def test_the_1b_moe_trains_a_few_steps():
 def test_deepspeed_zero2_on_one_rank_follows_fp32(data_dir, cpu_fp32, tmp_path):
     pytest.importorskip("deepspeed", reason="the DeepSpeed wheel did not travel")
     rows = cpu_fp32
-    zero2 = one_process_group(data_dir, tmp_path, *ON_DEVICE, "--parallel.strategy=deepspeed",
-                              "--parallel.zero_stage=2")
+    zero2 = one_process_group(
+        data_dir, tmp_path, *ON_DEVICE, "--parallel.strategy=deepspeed", "--parallel.zero_stage=2"
+    )
     difference = gap(zero2, rows)
     record("DeepSpeed ZeRO-2 bf16 (1 rank) vs CPU fp32", max_loss_gap=difference)
     assert difference < 2 * BF16_LOSS_TOLERANCE  # DeepSpeed holds the weights themselves in bf16
 
 
 def test_a_device_checkpoint_resumes_on_the_cpu_and_exports(data_dir, tmp_path):
-    from train.export import main as export_main
+    from toolbox.export import main as export_main
+
     device_run = tmp_path / "device"
-    first = one_process_group(data_dir, device_run, *ON_DEVICE, "--parallel.strategy=fsdp", "--checkpoint.every=6",
-                              "--checkpoint.keep=3")
+    first = one_process_group(
+        data_dir, device_run, *ON_DEVICE, "--parallel.strategy=fsdp", "--checkpoint.every=6", "--checkpoint.keep=3"
+    )
     checkpoint = device_run / "checkpoints" / "step_00000006"
     resumed = train(data_dir, tmp_path / "cpu", *ON_CPU_FP32, f"--run.resume={checkpoint}", steps=STEPS)
     assert [row["step"] for row in resumed] == list(range(7, STEPS + 1))
@@ -235,8 +267,10 @@ def test_a_device_checkpoint_resumes_on_the_cpu_and_exports(data_dir, tmp_path):
     assert difference < BF16_LOSS_TOLERANCE
     export = tmp_path / "hf"
     assert export_main([str(device_run / "checkpoints" / f"step_{STEPS:08d}"), str(export)]) == 0
-    import model  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM
+
+    import model  # noqa: F401  (registers the Auto classes)
+
     exported = AutoModelForCausalLM.from_pretrained(export)
     generated = exported.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 7)
@@ -245,10 +279,19 @@ def test_a_device_checkpoint_resumes_on_the_cpu_and_exports(data_dir, tmp_path):
 def test_first_20_losses_of_tiny_in_bf16_on_the_device_against_fp32_on_the_cpu(data_dir, tmp_path):
     """`tiny` as the main job trains it, experts and all: the curves may part for a step where routing flips
     (see DENSE), and must meet again."""
-    runs = [train(data_dir, tmp_path / name, *flags, steps=20) for name, flags in (
-        ("cpu", ["--run.device=cpu", "--precision.dtype=fp32"]), ("device", [f"--run.device={DEVICE}",
-                                                                             "--precision.dtype=bf16"]))]
+    runs = [
+        train(data_dir, tmp_path / name, *flags, steps=20)
+        for name, flags in (
+            ("cpu", ["--run.device=cpu", "--precision.dtype=fp32"]),
+            ("device", [f"--run.device={DEVICE}", "--precision.dtype=bf16"]),
+        )
+    ]
     gaps = [abs(a - b) for a, b in zip(losses(runs[0]), losses(runs[1]))]
-    record("tiny (MoE), first 20 losses: bf16 on the device vs fp32 on the CPU", max_loss_gap=max(gaps),
-           last_5_mean_gap=sum(gaps[-5:]) / 5, cpu_fp32=losses(runs[0]), device_bf16=losses(runs[1]))
+    record(
+        "tiny (MoE), first 20 losses: bf16 on the device vs fp32 on the CPU",
+        max_loss_gap=max(gaps),
+        last_5_mean_gap=sum(gaps[-5:]) / 5,
+        cpu_fp32=losses(runs[0]),
+        device_bf16=losses(runs[1]),
+    )
     assert sum(gaps[-5:]) / 5 < 0.1 and runs[1][-1]["loss"] < runs[1][0]["loss"] - 2

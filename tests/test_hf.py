@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from conftest import in_process, small_model
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, pipeline
 
-from conftest import in_process, small_model
 from model.__main__ import main as model_main
 
 pytestmark = pytest.mark.compat  # every test: transformers' generation, cache and pipeline APIs change between versions
@@ -42,8 +42,16 @@ def test_cached_greedy_generation_equals_recomputation(backend):
     model = _diverse_model()
     model.config.attn_backend = backend
     prompt = torch.randint(3, 97, (2, 5))
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
-                         eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=24,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     generated = out.sequences
     assert torch.equal(generated, _greedy_without_cache(model, prompt, 24))
     assert len(set(generated[0, 5:].tolist())) > 4  # the comparison is not between two constant runs
@@ -60,7 +68,7 @@ def test_cache_grows_and_matches_full_forward():
     with torch.no_grad():
         step_logits = [model(ids[:, :8], past_key_values=cache, use_cache=True).logits[:, -1]]
         for t in range(8, 12):
-            step_logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+            step_logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
         full = model(ids).logits
     assert cache.get_seq_length() == 12
     torch.testing.assert_close(torch.stack(step_logits, 1), full[:, 7:], rtol=1e-5, atol=1e-5)
@@ -111,12 +119,14 @@ def _byte_bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     text = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer"] * 20
     tokenizer.train_from_iterator(text, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 
 def test_text_generation_pipeline_on_a_saved_model(tmp_path):
@@ -124,8 +134,9 @@ def test_text_generation_pipeline_on_a_saved_model(tmp_path):
     model = small_model(vocab_size=len(tokenizer))
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    generator = pipeline("text-generation", model=str(tmp_path), tokenizer=AutoTokenizer.from_pretrained(tmp_path),
-                         device="cpu")
+    generator = pipeline(
+        "text-generation", model=str(tmp_path), tokenizer=AutoTokenizer.from_pretrained(tmp_path), device="cpu"
+    )
     result = generator("To be, or not", max_new_tokens=8, do_sample=False)
     text = result[0]["generated_text"]
     assert text.startswith("To be, or not") and len(text) > len("To be, or not")
@@ -136,8 +147,9 @@ def _run_cli(*args):
 
 
 def test_cli_json_reports_counts_and_flops():
-    result = subprocess.run([sys.executable, "-m", "model", "grok-1", "--json"], capture_output=True, text=True,
-                            timeout=120)  # once as the command a user types
+    result = subprocess.run(
+        [sys.executable, "-m", "model", "grok-1", "--json"], capture_output=True, text=True, timeout=120
+    )  # once as the command a user types
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert abs(info["params_total"] - 314e9) / 314e9 < 0.02
@@ -165,8 +177,8 @@ def test_attention_inputs_follow_the_blocks_across_devices(backend):
     """Under a multi-device device_map Accelerate moves each block's arguments with send_to_device: the
     rotary tables and masks built once per forward must go along ("meta" stands in for a second GPU)."""
     from accelerate.utils import send_to_device
-
     from conftest import small_config
+
     from model.attention import make_attention_inputs
 
     config = small_config(attn_backend=backend)

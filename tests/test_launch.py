@@ -4,8 +4,8 @@ never comes produces an error within the timeout, not a hang."""
 
 import json
 import os
-import socket
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, STEPS, base_args, losses, train
 from torch.distributed.run import get_args_parser
 
-from conftest import REPO, STEPS, base_args, losses, train
 from train.config import load_config
 from train.metrics import read_metrics
 
@@ -46,28 +46,70 @@ def run(command, timeout=300, **kwargs):
 
 @pytest.mark.compat
 def test_accelerate_launch(data_dir, reference, tmp_path):
-    run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-         "--mixed_precision=no", "--dynamo_backend=no", "-m", "train", *base_args(data_dir, tmp_path),
-         "--parallel.strategy=fsdp"])
+    run(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes=2",
+            "--num_machines=1",
+            "--mixed_precision=no",
+            "--dynamo_backend=no",
+            "-m",
+            "train",
+            *base_args(data_dir, tmp_path),
+            "--parallel.strategy=fsdp",
+        ]
+    )
     assert_same_curve(metrics(tmp_path), reference[0])
 
 
 def test_deepspeed_launcher(data_dir, reference, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install -e '.[deepspeed]'")
     # the launcher appends --local_rank=N to the trainer's arguments
-    run([str(BIN / "deepspeed"), "--num_gpus=2", f"--master_port={free_port()}", "--module", "train",
-         *base_args(data_dir, tmp_path), "--parallel.strategy=deepspeed", "--parallel.zero_stage=2"])
+    run(
+        [
+            str(BIN / "deepspeed"),
+            "--num_gpus=2",
+            f"--master_port={free_port()}",
+            "--module",
+            "train",
+            *base_args(data_dir, tmp_path),
+            "--parallel.strategy=deepspeed",
+            "--parallel.zero_stage=2",
+        ]
+    )
     assert_same_curve(metrics(tmp_path), reference[0])
 
 
 def two_nodes(data_dir, out, nproc_per_node, *overrides, rdzv_timeout=60):
     """Two torchrun agents, node ranks 0 and 1, meeting at a c10d rendezvous on 127.0.0.1."""
     port = free_port()
-    agents = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={nproc_per_node}",
-         f"--node_rank={rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test",
-         f"--rdzv-conf=join_timeout={rdzv_timeout}", "-m", "train", *base_args(data_dir, out), *overrides],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--nproc_per_node={nproc_per_node}",
+                f"--node_rank={rank}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=test",
+                f"--rdzv-conf=join_timeout={rdzv_timeout}",
+                "-m",
+                "train",
+                *base_args(data_dir, out),
+                *overrides,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     for agent in agents:
         _, err = agent.communicate(timeout=300)
         assert agent.returncode == 0, err[-4000:]
@@ -89,30 +131,74 @@ def test_two_nodes_of_two_processes_hsdp(data_dir, tmp_path):
 def test_a_node_that_never_joins_fails_within_the_rendezvous_timeout(data_dir, tmp_path):
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--node_rank=0",
-         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=lonely",
-         "--rdzv-conf=join_timeout=3", "-m", "train", *base_args(data_dir, tmp_path), "--parallel.strategy=fsdp"],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            "--node_rank=0",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+            "--rdzv-id=lonely",
+            "--rdzv-conf=join_timeout=3",
+            "-m",
+            "train",
+            *base_args(data_dir, tmp_path),
+            "--parallel.strategy=fsdp",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and time.monotonic() - started < 60
     assert "RendezvousTimeoutError" in result.stderr
 
 
 def test_a_rank_that_never_joins_gives_a_one_line_error(data_dir, tmp_path):
     # Launched without an agent (srun, mpirun, by hand): the process group's own rendezvous, run.timeout_s.
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-           "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
-    result = subprocess.run([sys.executable, "-m", "train", *base_args(data_dir, tmp_path), "--parallel.strategy=fsdp",
-                             "--run.timeout_s=3"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            *base_args(data_dir, tmp_path),
+            "--parallel.strategy=fsdp",
+            "--run.timeout_s=3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: the 2 processes did not all join") and \
-        "run.timeout_s=3" in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: the 2 processes did not all join")
+        and "run.timeout_s=3" in lines[0]
+    )
 
 
 def test_two_hosts_in_network_namespaces(data_dir, reference, tmp_path):
-    result = subprocess.run(["bash", "scripts/multinode_local.sh", *base_args(data_dir, tmp_path),
-                             "--parallel.strategy=fsdp"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHON": sys.executable, "PORT": str(free_port())})
+    result = subprocess.run(
+        ["bash", "scripts/multinode_local.sh", *base_args(data_dir, tmp_path), "--parallel.strategy=fsdp"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHON": sys.executable, "PORT": str(free_port())},
+    )
     if result.returncode == 77:
         pytest.skip(result.stderr.strip())
     assert result.returncode == 0, result.stderr[-4000:]
@@ -120,6 +206,7 @@ def test_two_hosts_in_network_namespaces(data_dir, reference, tmp_path):
 
 
 # --- cluster job files: checked as far as can be without a cluster -----------------------------------------
+
 
 def executable(path: Path, text: str) -> None:
     path.write_text(text)
@@ -151,28 +238,48 @@ def test_slurm_script_starts_one_process_per_rank_from_the_allocation(tmp_path):
     fake.mkdir()
     # scontrol expands the node list; srun runs its command once per task with SLURM_PROCID / SLURM_LOCALID
     executable(fake / "scontrol", "#!/usr/bin/env bash\nprintf 'gpu-node-17\\ngpu-node-18\\n'\n")
-    executable(fake / "srun", "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n"
-                              "for p in $(seq 0 $((WORLD_SIZE - 1))); do SLURM_PROCID=$p "
-                              "SLURM_LOCALID=$((p % LOCAL_WORLD_SIZE)) \"$@\" || exit; done\n")
-    executable(fake / "python", f"#!{sys.executable}\nimport json, os, sys\n"
-                                f"keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'OMP_NUM_THREADS')\n"
-                                f"open({str(record)!r}, 'a').write(json.dumps([sys.argv[1:], "
-                                f"{{k: os.environ[k] for k in keys}}]) + '\\n')\n")
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": str(fake / "python"),
-           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-node-[17-18]",
-           "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_ON_NODE": "64"}
+    executable(
+        fake / "srun",
+        "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n"
+        "for p in $(seq 0 $((WORLD_SIZE - 1))); do SLURM_PROCID=$p "
+        'SLURM_LOCALID=$((p % LOCAL_WORLD_SIZE)) "$@" || exit; done\n',
+    )
+    executable(
+        fake / "python",
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'OMP_NUM_THREADS')\n"
+        f"open({str(record)!r}, 'a').write(json.dumps([sys.argv[1:], "
+        f"{{k: os.environ[k] for k in keys}}]) + '\\n')\n",
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "PYTHON": str(fake / "python"),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-node-[17-18]",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_CPUS_ON_NODE": "64",
+    }
     run(["bash", "scripts/slurm/train.sbatch", "configs/gpu-350m.toml", "--run.max_steps=10"], env=env)
     launches = recorded_launches(record)
     assert [int(e["RANK"]) for _, e in launches] == list(range(16))
     assert [int(e["LOCAL_RANK"]) for _, e in launches] == list(range(8)) * 2
-    assert {(e["WORLD_SIZE"], e["MASTER_ADDR"], e["OMP_NUM_THREADS"]) for _, e in launches} == {("16", "gpu-node-17", "8")}
+    assert {(e["WORLD_SIZE"], e["MASTER_ADDR"], e["OMP_NUM_THREADS"]) for _, e in launches} == {
+        ("16", "gpu-node-17", "8")
+    }
     argv = launches[0][0]
     assert argv[:2] == ["-m", "train"] and argv[2] == "--parallel.strategy=hsdp"
     config = load_config(REPO / argv[4], [argv[2], *argv[5:]])  # the trainer accepts what the job passes
     assert config.parallel.strategy == "hsdp" and config.run.max_steps == 10
     cpu_only = {**env, "SLURM_GPUS_ON_NODE": "0"}
-    refused = subprocess.run(["bash", "scripts/slurm/train.sbatch", "configs/tiny.toml"], cwd=REPO, env=cpu_only,
-                             capture_output=True, text=True)
+    refused = subprocess.run(
+        ["bash", "scripts/slurm/train.sbatch", "configs/tiny.toml"],
+        cwd=REPO,
+        env=cpu_only,
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode == 2 and "set RANKS_PER_NODE" in refused.stderr.strip().splitlines()[-1]
 
 
@@ -191,20 +298,28 @@ def test_kubernetes_job_is_consistent_and_builds_the_torchrun_command(tmp_path):
     record = tmp_path / "launches.jsonl"
     fake = tmp_path / "bin"
     fake.mkdir()
-    executable(fake / "torchrun", f"#!{sys.executable}\nimport json, sys\n"
-                                  f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    executable(
+        fake / "torchrun",
+        f"#!{sys.executable}\nimport json, sys\nopen({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n",
+    )
     endpoint = f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500"
     for index in range(nnodes):  # what each pod runs
-        run([*container["command"], *container["args"]],
-            env={**os.environ, **env, "PATH": f"{fake}:{os.environ['PATH']}", "JOB_COMPLETION_INDEX": str(index)})
+        run(
+            [*container["command"], *container["args"]],
+            env={**os.environ, **env, "PATH": f"{fake}:{os.environ['PATH']}", "JOB_COMPLETION_INDEX": str(index)},
+        )
     for index, argv in enumerate(recorded_launches(record)):
         config = check_torchrun_command(argv, nnodes, gpus, index, endpoint)
         assert config.parallel.strategy == "hsdp"
 
 
 def test_kubernetes_manifest_is_valid_and_a_terminated_pod_exits_75_for_its_failure_policy(tmp_path):
-    validate = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict",
-                               "scripts/k8s/train.yaml"], cwd=REPO, capture_output=True, text=True)
+    validate = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "scripts/k8s/train.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert validate.returncode == 0, validate.stdout + validate.stderr
     _, job = yaml.safe_load_all((REPO / "scripts" / "k8s" / "train.yaml").read_text())
     pod = job["spec"]["template"]["spec"]
@@ -217,7 +332,9 @@ def test_kubernetes_manifest_is_valid_and_a_terminated_pod_exits_75_for_its_fail
     fake = tmp_path / "bin"
     fake.mkdir()
     ready = tmp_path / "worker-ready"
-    executable(fake / "torchrun", f"""#!{sys.executable}
+    executable(
+        fake / "torchrun",
+        f"""#!{sys.executable}
 import signal, subprocess, sys
 worker = subprocess.Popen([sys.executable, "-c", '''
 import pathlib, signal, sys, time
@@ -227,9 +344,14 @@ time.sleep(60)
 '''])
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stand-in agent outlives its worker, as torchrun tries to
 sys.exit(1 if worker.wait() else 0)
-""")
-    env = {**os.environ, **{item["name"]: item["value"] for item in container["env"]},
-           "PATH": f"{fake}:{os.environ['PATH']}", "JOB_COMPLETION_INDEX": "0"}
+""",
+    )
+    env = {
+        **os.environ,
+        **{item["name"]: item["value"] for item in container["env"]},
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "JOB_COMPLETION_INDEX": "0",
+    }
     shell = subprocess.Popen([*container["command"], *container["args"]], env=env, cwd=REPO)
     deadline = time.time() + 30
     while not ready.exists():

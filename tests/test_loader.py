@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_data import paragraphs
 
 from data.loader import TrainLoader, val_batches
 from data.prepare import main as prepare_main
 from data.shards import DataError, TokenStream
-
-from test_data import paragraphs
 
 SEQ_LEN = 16
 GLOBAL_BATCH = 6  # divisible by 1, 2 and 3 ranks
@@ -22,8 +21,23 @@ def prepared(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("loader")
     (folder / "corpus.txt").write_text("\n\n".join(paragraphs(60)))
     # ~9k tokens -> ~560 samples of 16: a few hundred batches, so tests also cross epoch boundaries
-    assert prepare_main(["--source", str(folder / "corpus.txt"), "--out", str(folder / "p"), "--tokenizer",
-                         "byte", "--val-fraction", "0.1", "--shard-tokens", "1000"]) == 0
+    assert (
+        prepare_main(
+            [
+                "--source",
+                str(folder / "corpus.txt"),
+                "--out",
+                str(folder / "p"),
+                "--tokenizer",
+                "byte",
+                "--val-fraction",
+                "0.1",
+                "--shard-tokens",
+                "1000",
+            ]
+        )
+        == 0
+    )
     return folder / "p"
 
 
@@ -75,7 +89,11 @@ def test_resume_continues_exactly(prepared):
     head = take(first, 120)
     state = first.state_dict()
     assert state["epoch"] == 120 * GLOBAL_BATCH // first.num_samples and set(state) == {
-        "samples_consumed", "epoch", "seed", "seq_len"}
+        "samples_consumed",
+        "epoch",
+        "seed",
+        "seq_len",
+    }
     resumed = loader(prepared)
     resumed.load_state_dict(state)
     tail = take(resumed, steps - 120)
@@ -99,8 +117,10 @@ def test_resume_on_another_world_size_continues_the_global_order(prepared, befor
 
 
 def test_prefetch_changes_nothing_but_timing(prepared):
-    assert all(torch.equal(a, b) for a, b in zip(take(loader(prepared, prefetch=0), 20),
-                                                 take(loader(prepared, prefetch=4), 20)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(take(loader(prepared, prefetch=0), 20), take(loader(prepared, prefetch=4), 20))
+    )
     prefetching = loader(prepared, prefetch=3)
     take(prefetching, 4)  # batches 5..8 are already being read ahead
     prefetching.load_state_dict({"samples_consumed": GLOBAL_BATCH, "epoch": 0, "seed": 0, "seq_len": SEQ_LEN})
@@ -128,8 +148,9 @@ def test_validation_covers_the_whole_split_once(prepared, world_size):
     assert sorted(seen) == expected
     assert len(set(batch_counts)) == 1  # same number of forward passes on every rank
     again = [t for _, t in val_batches(prepared, SEQ_LEN, 4, 0, world_size)]
-    assert all(torch.equal(a, b) for a, b in zip(again, [t for _, t in val_batches(prepared, SEQ_LEN, 4, 0,
-                                                                                    world_size)]))
+    assert all(
+        torch.equal(a, b) for a, b in zip(again, [t for _, t in val_batches(prepared, SEQ_LEN, 4, 0, world_size)])
+    )
 
 
 def test_too_long_seq_len_is_rejected(prepared):
@@ -141,7 +162,7 @@ def test_too_long_seq_len_is_rejected(prepared):
         TrainLoader(prepared, SEQ_LEN, 6, world_size=4)
 
 
-DISTRIBUTED_CHECK = '''
+DISTRIBUTED_CHECK = """
 import sys, torch, torch.distributed as dist
 from data.loader import TrainLoader
 dist.init_process_group("gloo")
@@ -159,15 +180,27 @@ for step in range(10):
 if rank == 0:
     print("LOADER-OK", ranked.state_dict()["samples_consumed"])
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.compat
 def test_two_real_processes_with_torchrun(prepared, tmp_path):
     script = tmp_path / "check.py"
     script.write_text(DISTRIBUTED_CHECK)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(prepared)], capture_output=True, text=True,
-                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(prepared),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADER-OK 60" in result.stdout

@@ -5,14 +5,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_config, small_model
 
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
-from model.attention import (Attention, RMSNormFunction, SoftcappedAttention, apply_rotary, attention_temperature,
-                             eager_logit_bias,
-                             make_attention_inputs, rotary_cos_sin, rotary_tables, softcap)
+from model.attention import (
+    Attention,
+    RMSNormFunction,
+    SoftcappedAttention,
+    apply_rotary,
+    attention_temperature,
+    eager_logit_bias,
+    make_attention_inputs,
+    rotary_cos_sin,
+    rotary_tables,
+    softcap,
+)
 from model.moe import MoE, gated_gelu, geglu, grouped_geglu, load_balancing_loss
-
-from conftest import small_config, small_model
 
 pytestmark = pytest.mark.compat  # every test: torch ops, eager and compiled, change between versions
 
@@ -137,6 +145,7 @@ def test_softcapped_attention_backward_equals_autograd_in_float64(cap, temperatu
         if temperature is not None:
             logits = logits * temperature
         return (logits + bias).softmax(-1) @ v
+
     out_grad = torch.randn(2, 3, 6, 4, dtype=torch.float64)
     torch.testing.assert_close(SoftcappedAttention.apply(q, k, v, bias, cap, temperature), plain(q, k, v))
     ours = torch.autograd.grad(SoftcappedAttention.apply(q, k, v, bias, cap, temperature), (q, k, v), out_grad)
@@ -153,8 +162,10 @@ def test_gated_gelu_is_grok1s_tanh_gelu_in_float64():
     plain = F.gelu(gate, approximate="tanh") * up
     torch.testing.assert_close(gated_gelu(gate, up), plain)
     out_grad = torch.randn(4, 7, dtype=torch.float64)
-    for got, want in zip(torch.autograd.grad(gated_gelu(gate, up), (gate, up), out_grad),
-                         torch.autograd.grad(plain, (gate, up), out_grad)):
+    for got, want in zip(
+        torch.autograd.grad(gated_gelu(gate, up), (gate, up), out_grad),
+        torch.autograd.grad(plain, (gate, up), out_grad),
+    ):
         torch.testing.assert_close(got, want)
     # fp32 in and out, as close to the exact value as ATen's own tanh form is
     g32, u32 = gate.detach().float(), up.detach().float()
@@ -173,8 +184,10 @@ def test_compiled_norm_and_gated_gelu_give_the_eager_gradients():
         return gated_gelu(RMSNormFunction.apply(x, weight, 1e-5), up)
 
     try:
-        grads = [torch.autograd.grad(fn(x, up, weight).square().sum(), (x, up, weight))
-                 for fn in (block, torch.compile(block, fullgraph=True))]
+        grads = [
+            torch.autograd.grad(fn(x, up, weight).square().sum(), (x, up, weight))
+            for fn in (block, torch.compile(block, fullgraph=True))
+        ]
     finally:
         torch._dynamo.reset()
     for eager, compiled in zip(*grads):
@@ -288,8 +301,9 @@ def test_attention_backends_agree_with_eager(backend, cap):
     other = small_model(attn_backend=backend, attn_logit_softcap=cap)
     with torch.no_grad():
         for kwargs in ({}, {"attention_mask": mask}):
-            torch.testing.assert_close(other(ids, **kwargs).logits, reference(ids, **kwargs).logits,
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                other(ids, **kwargs).logits, reference(ids, **kwargs).logits, rtol=1e-5, atol=1e-5
+            )
         # and with a KV cache: a prefix, then the rest of the sequence
         for model in (reference, other):
             first = model(ids[:, :6], use_cache=True)
@@ -304,14 +318,21 @@ def _dense_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     gates, index = probs.topk(moe.top_k, dim=-1)
     if moe.normalize_gates:
         gates = gates / gates.sum(-1, keepdim=True)
-    all_experts = torch.stack([geglu(tokens, moe.w_gate[e], moe.w_up[e], moe.w_down[e])
-                               for e in range(moe.num_experts)], dim=1)  # [N, E, d]
+    all_experts = torch.stack(
+        [geglu(tokens, moe.w_gate[e], moe.w_up[e], moe.w_down[e]) for e in range(moe.num_experts)], dim=1
+    )  # [N, E, d]
     picked = all_experts.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # [N, k, d]
     return (picked * gates[..., None]).sum(1).view(x.shape)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"normalize_router_gates": True, "router_logit_softcap": 2.0},
-                                       {"num_local_experts": 8, "num_experts_per_tok": 1}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"normalize_router_gates": True, "router_logit_softcap": 2.0},
+        {"num_local_experts": 8, "num_experts_per_tok": 1},
+    ],
+)
 def test_moe_selected_experts_equal_dense_reference(overrides):
     model = small_model(**overrides)
     moe = model.model.layers[0].ffn.moe
@@ -334,8 +355,10 @@ def test_grouped_geglu_equals_the_per_expert_loop_bitwise(counts):
     loop = torch.cat([geglu(chunk, w_gate[e], w_up[e], w_down[e]) for e, chunk in enumerate(x.split(counts))])
     assert grouped.shape == (sum(counts), d) and torch.equal(grouped, loop)
     upstream = torch.randn_like(loop)  # the backward kernels sum in another order: equal to rounding
-    for a, b in zip(torch.autograd.grad(grouped, (x, w_gate, w_up, w_down), upstream),
-                    torch.autograd.grad(loop, (x, w_gate, w_up, w_down), upstream)):
+    for a, b in zip(
+        torch.autograd.grad(grouped, (x, w_gate, w_up, w_down), upstream),
+        torch.autograd.grad(loop, (x, w_gate, w_up, w_down), upstream),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -348,8 +371,12 @@ def _loop_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         gates = gates / gates.sum(-1, keepdim=True)
     order = index.flatten().argsort(stable=True)
     slices = torch.bincount(index.flatten(), minlength=moe.num_experts).tolist()
-    out = torch.cat([geglu(chunk, moe.w_gate[e], moe.w_up[e], moe.w_down[e])
-                     for e, chunk in enumerate(tokens[order // moe.top_k].split(slices))])
+    out = torch.cat(
+        [
+            geglu(chunk, moe.w_gate[e], moe.w_up[e], moe.w_down[e])
+            for e, chunk in enumerate(tokens[order // moe.top_k].split(slices))
+        ]
+    )
     weighted = out * gates.flatten()[order, None]
     return torch.zeros_like(tokens).index_add_(0, order // moe.top_k, weighted).view(x.shape)
 
@@ -424,7 +451,7 @@ def test_residual_projections_are_depth_scaled():
     assert block.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert block.attn.o_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
     assert block.ffn.moe.w_down.std().item() == pytest.approx(0.02 / 4, rel=0.1)
-    assert model.model.embed_tokens.weight.std().item() == pytest.approx(128 ** -0.5, rel=0.1)
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(128**-0.5, rel=0.1)
 
 
 def test_config_errors_name_the_field():

@@ -7,24 +7,27 @@ import sys
 from dataclasses import replace
 
 import pytest
-
 from conftest import REPO, base_args, in_process
+
 from model import preset_config
-from train import plan
+from toolbox import plan
+from toolbox.planner.hardware import FABRICS, GPUS, Cluster
+from toolbox.planner.job import InvalidLayout, Job, Layout
+from toolbox.planner.layout import estimate, forward_flops_per_token, sharded_traffic, work_flops_per_token
+from toolbox.planner.pipeline import bubble, slowest_stage
+from toolbox.planner.published import RUNS
+from toolbox.planner.search import search
+from toolbox.planner.spec import REFERENCES, from_config, model_spec
 from train.metrics import read_metrics
-from train.planner.hardware import FABRICS, GPUS, Cluster
-from train.planner.job import InvalidLayout, Job, Layout
-from train.planner.layout import estimate, forward_flops_per_token, sharded_traffic, work_flops_per_token
-from train.planner.pipeline import bubble, slowest_stage
-from train.planner.published import RUNS
-from train.planner.search import search
-from train.planner.spec import REFERENCES, from_config, model_spec
 
 STRATEGY_RUNS = {  # name -> (processes, trainer overrides, the planner's layout at the trainer's micro-batch)
     "ddp": (2, ["--parallel.strategy=ddp"], Layout("ddp", micro_batch=4)),
     "fsdp": (2, ["--parallel.strategy=fsdp"], Layout("fsdp", micro_batch=4)),
-    "hsdp": (2, ["--parallel.strategy=hsdp", "--parallel.replicate_size=1", "--parallel.shard_size=2"],
-             Layout("hsdp", shard_size=2, micro_batch=4)),
+    "hsdp": (
+        2,
+        ["--parallel.strategy=hsdp", "--parallel.replicate_size=1", "--parallel.shard_size=2"],
+        Layout("hsdp", shard_size=2, micro_batch=4),
+    ),
     "tp2": (2, ["--parallel.strategy=fsdp", "--parallel.tp_size=2"], Layout("fsdp", tp=2, micro_batch=4)),
     "ep2": (2, ["--parallel.strategy=fsdp", "--parallel.ep_size=2"], Layout("fsdp", ep=2, micro_batch=4)),
     "zero1": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=1"], Layout("zero1", micro_batch=4)),
@@ -32,14 +35,34 @@ STRATEGY_RUNS = {  # name -> (processes, trainer overrides, the planner's layout
     "zero3": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3"], Layout("zero3", micro_batch=4)),
     "ddp-4": (4, ["--parallel.strategy=ddp", "--batch.micro_batch_size=2"], Layout("ddp", micro_batch=2)),
     "fsdp-4": (4, ["--parallel.strategy=fsdp", "--batch.micro_batch_size=2"], Layout("fsdp", micro_batch=2)),
-    "hsdp-2x2": (4, ["--parallel.strategy=hsdp", "--parallel.replicate_size=2", "--parallel.shard_size=2",
-                     "--batch.micro_batch_size=2"], Layout("hsdp", shard_size=2, micro_batch=2)),
+    "hsdp-2x2": (
+        4,
+        [
+            "--parallel.strategy=hsdp",
+            "--parallel.replicate_size=2",
+            "--parallel.shard_size=2",
+            "--batch.micro_batch_size=2",
+        ],
+        Layout("hsdp", shard_size=2, micro_batch=2),
+    ),
 }
+
+
 def measured_run(data_dir, out, preset, processes, overrides) -> dict:
     """Memory the trainer logs and bytes its second step sends (rank 0), counted by train/planner/traffic_probe."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "train.planner.traffic_probe", str(out / "traffic.json"),
-               *base_args(data_dir, out, steps=2), f"--model.preset={preset}", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "toolbox.planner.traffic_probe",
+        str(out / "traffic.json"),
+        *base_args(data_dir, out, steps=2),
+        f"--model.preset={preset}",
+        *overrides,
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     row = read_metrics(out)[-1]
@@ -58,11 +81,18 @@ def test_predicted_memory_and_traffic_per_rank_match_real_runs_within_10_percent
         processes, overrides, layout = STRATEGY_RUNS[name]
         measured = measured_run(data_dir, tmp_path / name, preset, processes, overrides)
         # the trainer's CPU runs: fp32, the test corpus's byte vocabulary, 8 sequences of 64 a step
-        job = Job(from_config(preset, preset_config(preset, vocab_size=260)),
-                  Cluster(GPUS["h100"], FABRICS["roce400"]), gpus=processes, seq_len=64, global_batch_tokens=8 * 64,
-                  model_bytes=4)
+        job = Job(
+            from_config(preset, preset_config(preset, vocab_size=260)),
+            Cluster(GPUS["h100"], FABRICS["roce400"]),
+            gpus=processes,
+            seq_len=64,
+            global_batch_tokens=8 * 64,
+            model_bytes=4,
+        )
         predicted = estimate(job, layout)
-        state = (predicted.memory_gib["params"] + predicted.memory_gib["grads"] + predicted.memory_gib["optimizer"]) * 1024
+        state = (
+            predicted.memory_gib["params"] + predicted.memory_gib["grads"] + predicted.memory_gib["optimizer"]
+        ) * 1024
         assert abs(state / measured["state"] - 1) < 0.10, (name, state, measured)
         assert abs(predicted.memory_gib["params"] * 1024 / measured["params"] - 1) < 0.10, (name, predicted, measured)
         sent = sum(t.bytes_per_step for t in predicted.traffic)
@@ -72,7 +102,9 @@ def test_predicted_memory_and_traffic_per_rank_match_real_runs_within_10_percent
 @pytest.mark.compat
 def test_parameter_counts_match_the_model_and_the_publications():
     import torch
+
     from model import GrokForCausalLM, count_parameters
+
     for name in ("grok-1", "grok-2", "small"):
         with torch.device("meta"):
             counts = count_parameters(GrokForCausalLM(preset_config(name)))
@@ -116,7 +148,10 @@ def test_dualpipe_hides_the_all_to_all_behind_the_other_micro_batch_at_twice_the
     one_f_one_b = estimate(job, replace(dualpipe, schedule="1f1b"))
     two = estimate(job, dualpipe)
     by_name = {t.name: t for t in two.traffic}
-    assert one_f_one_b.traffic[0].name == "ep all-to-all" and one_f_one_b.traffic[0].exposed_s > 0.5 * one_f_one_b.compute_s
+    assert (
+        one_f_one_b.traffic[0].name == "ep all-to-all"
+        and one_f_one_b.traffic[0].exposed_s > 0.5 * one_f_one_b.compute_s
+    )
     assert by_name["ep all-to-all"].exposed_s == 0.0  # ~1:1 with the compute, as DeepSeek reports, so hidden
     assert two.memory_gib["params"] == pytest.approx(2 * one_f_one_b.memory_gib["params"], rel=0.01)
     # its compute runs on the SMs the communication leaves (20 of 132), paced by its busiest pair of stages
@@ -163,8 +198,9 @@ def test_sharded_gathers_hide_only_behind_their_own_phase():
     job = Job(REFERENCES["llama3-405b"], Cluster(GPUS["h100"], FABRICS["roce400"]), 128, 8192, 16 * 8192)
     result = estimate(job, Layout("zero3", tp=8, checkpointing="selective"))
     gather = next(t for t in result.traffic if t.name.startswith("dp all-gather"))
-    forward = result.compute_s * forward_flops_per_token(job.spec, 8192) / work_flops_per_token(job.spec, 8192,
-                                                                                                "selective")
+    forward = (
+        result.compute_s * forward_flops_per_token(job.spec, 8192) / work_flops_per_token(job.spec, 8192, "selective")
+    )
     one_gather = gather.seconds / 2  # once for the forward, once for the backward (beyond the reuse distance)
     assert one_gather > forward and gather.exposed_s >= one_gather - forward
     assert result.step_s >= result.compute_s + one_gather - forward
@@ -204,8 +240,25 @@ def test_fsdp_over_the_whole_of_colossus_is_bound_by_its_all_gathers():
 
 @pytest.mark.compat
 def test_cli_prints_json_with_the_fields_and_exits_1_when_it_does_not_fit():
-    run = subprocess.run([sys.executable, "scripts/plan.py", "--model", "grok-1", "--gpus", "8", "--gpu", "h100",
-                          "--strategy", "ddp", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "scripts/plan.py",
+            "--model",
+            "grok-1",
+            "--gpus",
+            "8",
+            "--gpu",
+            "h100",
+            "--strategy",
+            "ddp",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1, run.stderr
     row = json.loads(run.stdout)
     assert row["fits"] is False and {"tflops_per_gpu", "mfu", "step_s", "exposed_comm_s", "mem_gib"} <= set(row)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, small_model
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, small_model
 from data import tokenizer as tok
 from model import GrokForCausalLM
-from train.remote_code import write_model_code
+from toolbox.remote_code import write_model_code
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # ../shared/data
 
@@ -64,8 +64,15 @@ def _run_without_repo(code: str, *args: str, cwd: Path, timeout: int) -> subproc
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
     # HF_HOME in tmp: a fresh modules cache (no stale copy of the code) and datasets cache per test.
     env.update(HF_HOME=str(cwd / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, "-I", "-c", NO_REPO + code, *args], cwd=cwd, env=env,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", NO_REPO + code, *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0 and "FAIL: imported the repo" not in result.stderr, result.stderr[-4000:]
     return result
 
@@ -80,12 +87,21 @@ def test_export_loads_with_trust_remote_code_in_a_process_without_the_repo(tmp_p
     assert copied == {"grok.py", "config.py", "attention.py", "moe.py"}
     assert all((export / name).read_bytes() == (REPO / "model" / name).read_bytes() for name in copied)
     assert json.loads((export / "config.json").read_text())["auto_map"] == {
-        "AutoConfig": "config.GrokConfig", "AutoModelForCausalLM": "grok.GrokForCausalLM"}
+        "AutoConfig": "config.GrokConfig",
+        "AutoModelForCausalLM": "grok.GrokForCausalLM",
+    }
 
     ids = torch.randint(0, 97, (2, 11))
     torch.save(ids, tmp_path / "ids.pt")
-    _run_without_repo(LOAD, str(export), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt"),
-                      str(tmp_path / "resaved"), cwd=tmp_path, timeout=120)
+    _run_without_repo(
+        LOAD,
+        str(export),
+        str(tmp_path / "ids.pt"),
+        str(tmp_path / "logits.pt"),
+        str(tmp_path / "resaved"),
+        cwd=tmp_path,
+        timeout=120,
+    )
     with torch.no_grad():
         expected = model(ids).logits
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-6)
@@ -114,11 +130,17 @@ def test_lm_eval_scores_an_export_on_a_local_perplexity_task(tmp_path):
     paragraphs = [p.strip() for p in text.split("\n\n")]
     docs = [p for p in paragraphs if 80 <= len(p) <= 300][:3]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    task = {"task": "shakespeare_ppl", "dataset_path": "json", "test_split": "train",
-            "dataset_kwargs": {"data_files": str(tmp_path / "docs.jsonl")},
-            "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
-            "metadata": {"version": 1.0}}
+    task = {
+        "task": "shakespeare_ppl",
+        "dataset_path": "json",
+        "test_split": "train",
+        "dataset_kwargs": {"data_files": str(tmp_path / "docs.jsonl")},
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+        "metadata": {"version": 1.0},
+    }
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "shakespeare_ppl.yaml").write_text(json.dumps(task))  # JSON is YAML
 
@@ -130,10 +152,25 @@ def test_lm_eval_scores_an_export_on_a_local_perplexity_task(tmp_path):
     write_model_code(export)
 
     lm_eval_main = "import runpy; sys.argv[0] = 'lm_eval'; runpy.run_module('lm_eval', run_name='__main__')"
-    _run_without_repo(lm_eval_main, "--model", "hf", "--model_args",
-                      f"pretrained={export},trust_remote_code=True,dtype=float32", "--tasks", "shakespeare_ppl",
-                      "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "1",
-                      "--output_path", str(tmp_path / "results"), cwd=tmp_path, timeout=300)
+    _run_without_repo(
+        lm_eval_main,
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={export},trust_remote_code=True,dtype=float32",
+        "--tasks",
+        "shakespeare_ppl",
+        "--include_path",
+        str(tmp_path / "tasks"),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "1",
+        "--output_path",
+        str(tmp_path / "results"),
+        cwd=tmp_path,
+        timeout=300,
+    )
     [results_file] = (tmp_path / "results").rglob("results_*.json")
     scores = json.loads(results_file.read_text())["results"]["shakespeare_ppl"]
     assert math.isfinite(scores["word_perplexity,none"]) and scores["word_perplexity,none"] > 1

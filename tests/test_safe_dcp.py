@@ -146,6 +146,7 @@ def test_hostile_byte_item_is_refused_before_it_runs(tmp_path):
 def save_sharded(rank: int, folder: str, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     from torch.distributed.fsdp import fully_shard
+
     model = tiny()  # same seed on both ranks: the same start, then FSDP2 shards it
     for layer in model:
         fully_shard(layer)
@@ -181,8 +182,9 @@ def test_damaged_metadata_is_one_line_naming_the_file(tmp_path, damage):
     save(folder, *trained())
     path = folder / ".metadata"
     good = path.read_bytes()
-    path.write_bytes({"garbage": b"\x80\x04not a pickle at all\n\x00", "truncated": good[: len(good) // 2],
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"garbage": b"\x80\x04not a pickle at all\n\x00", "truncated": good[: len(good) // 2], "empty": b""}[damage]
+    )
     with pytest.raises(DamagedFileError) as damaged:
         read_metadata(folder)
     assert "\n" not in str(damaged.value) and str(path) in str(damaged.value)

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, base_args, losses, train
+
 from train.metrics import read_metrics
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
@@ -21,10 +21,14 @@ DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
 
 def find_or_install_slurm() -> str | None:
     """None when every program is there, else why they cannot be had (the test is then skipped)."""
+
     def missing():
         return [name for name in DAEMONS if not shutil.which(name, path=os.environ["PATH"] + ":/usr/sbin")]
+
     if missing() and os.geteuid() == 0 and shutil.which("apt-get"):
-        quiet = dict(capture_output=True, text=True, timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        quiet = dict(
+            capture_output=True, text=True, timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        )
         subprocess.run(["apt-get", "update", "-qq"], **quiet)
         subprocess.run(["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"], **quiet)
     return f"SLURM programs not found and not installable here: {', '.join(missing())}" if missing() else None
@@ -51,21 +55,52 @@ def slurm():
     key.chmod(0o400)
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
-    conf.write_text("\n".join([
-        "ClusterName=minicolossus-test", f"SlurmctldHost={host}", "AuthType=auth/munge",
-        f"AuthInfo=socket={root}/munge.sock", "CredType=cred/munge", "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none", "SlurmUser=root", "SlurmdUser=root", f"StateSaveLocation={root}/state",
-        f"SlurmdSpoolDir={root}/spool", f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid",
-        f"SlurmctldLogFile={root}/log/slurmctld.log", f"SlurmdLogFile={root}/log/slurmd.log",
-        f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}", "SchedulerType=sched/builtin",
-        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none",
-        f"NodeName={host} CPUs={os.cpu_count()} State=UNKNOWN",
-        f"PartitionName=cpu Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
+    conf.write_text(
+        "\n".join(
+            [
+                "ClusterName=minicolossus-test",
+                f"SlurmctldHost={host}",
+                "AuthType=auth/munge",
+                f"AuthInfo=socket={root}/munge.sock",
+                "CredType=cred/munge",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                f"StateSaveLocation={root}/state",
+                f"SlurmdSpoolDir={root}/spool",
+                f"SlurmctldPidFile={root}/slurmctld.pid",
+                f"SlurmdPidFile={root}/slurmd.pid",
+                f"SlurmctldLogFile={root}/log/slurmctld.log",
+                f"SlurmdLogFile={root}/log/slurmd.log",
+                f"SlurmctldPort={free_port()}",
+                f"SlurmdPort={free_port()}",
+                "SchedulerType=sched/builtin",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                "ReturnToService=2",
+                "MpiDefault=none",
+                f"NodeName={host} CPUs={os.cpu_count()} State=UNKNOWN",
+                f"PartitionName=cpu Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
+    )
     env = {**os.environ, "SLURM_CONF": str(conf), "PATH": os.environ["PATH"] + ":/usr/sbin"}
     pid_files = []
     try:
-        subprocess.run(["munged", f"--socket={root}/munge.sock", f"--key-file={key}", f"--pid-file={root}/munged.pid",
-                        f"--log-file={root}/log/munged.log", f"--seed-file={root}/munge.seed"], env=env, check=True)
+        subprocess.run(
+            [
+                "munged",
+                f"--socket={root}/munge.sock",
+                f"--key-file={key}",
+                f"--pid-file={root}/munged.pid",
+                f"--log-file={root}/log/munged.log",
+                f"--seed-file={root}/munge.seed",
+            ],
+            env=env,
+            check=True,
+        )
         pid_files.append(root / "munged.pid")
         for daemon in ("slurmctld", "slurmd"):
             subprocess.run([daemon, "-f", str(conf)], env=env, check=True)
@@ -100,10 +135,21 @@ def wait_for(env, job: str, states: set, timeout: float = 240) -> dict:
 
 def submit(env, root, out: Path, *train_args, sbatch_args=(), settings=None) -> str:
     """The project's batch script, unchanged; on a CPU partition the documented RANKS_PER_NODE setting."""
-    result = subprocess.run(["sbatch", "--parsable", f"--output={root}/job-%j.out", *sbatch_args,
-                             "scripts/slurm/train.sbatch", "configs/tiny.toml", *train_args], cwd=REPO,
-                            capture_output=True, text=True,
-                            env={**env, "RANKS_PER_NODE": "2", "PYTHON": sys.executable, **(settings or {})})
+    result = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--output={root}/job-%j.out",
+            *sbatch_args,
+            "scripts/slurm/train.sbatch",
+            "configs/tiny.toml",
+            *train_args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**env, "RANKS_PER_NODE": "2", "PYTHON": sys.executable, **(settings or {})},
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
 
@@ -161,8 +207,15 @@ def test_the_time_limit_warning_checkpoints_and_the_job_ends_with_75(slurm, data
     # SLURM records is the job's own exit code.
     env, root = slurm
     out = tmp_path / "limited"
-    job = submit(env, root, out, *base_args(data_dir, out, steps=100_000)[2:], "--log.every=100",
-                 sbatch_args=["--time=1"], settings={"REQUEUE": "0"})
+    job = submit(
+        env,
+        root,
+        out,
+        *base_args(data_dir, out, steps=100_000)[2:],
+        "--log.every=100",
+        sbatch_args=["--time=1"],
+        settings={"REQUEUE": "0"},
+    )
     state = wait_for(env, job, {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}, timeout=120)
     log = (root / f"job-{job}.out").read_text()
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0", log

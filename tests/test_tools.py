@@ -8,14 +8,18 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, in_process
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, in_process
-from train import bench, evaluation, export, generation, plot
+from toolbox import bench, evaluation, export, generation, plot
 
-
-SCRIPTS = {"scripts/export_hf.py": export.main, "scripts/evaluate.py": evaluation.main,
-           "scripts/generate.py": generation.main, "scripts/plot.py": plot.main, "scripts/bench.py": bench.main}
+SCRIPTS = {
+    "scripts/export_hf.py": export.main,
+    "scripts/evaluate.py": evaluation.main,
+    "scripts/generate.py": generation.main,
+    "scripts/plot.py": plot.main,
+    "scripts/bench.py": bench.main,
+}
 
 
 def tool(script, *args, ok=True) -> subprocess.CompletedProcess:
@@ -43,8 +47,20 @@ def trained(reference, tmp_path_factory):
 def test_evaluate_reproduces_the_trainers_validation(trained, data_dir):
     rows, checkpoint, export = trained
     for model in (checkpoint, export):
-        result = json.loads(tool("scripts/evaluate.py", str(model), "--data", str(data_dir), "--seq-len", "64",
-                                 "--batch-size", "4", "--max-sequences", "16").stdout)
+        result = json.loads(
+            tool(
+                "scripts/evaluate.py",
+                str(model),
+                "--data",
+                str(data_dir),
+                "--seq-len",
+                "64",
+                "--batch-size",
+                "4",
+                "--max-sequences",
+                "16",
+            ).stdout
+        )
         assert abs(result["val_loss"] - rows[-1]["val_loss"]) < 1e-6
         assert abs(result["val_bpb"] - rows[-1]["val_bpb"]) < 1e-6
         assert result["val_tokens"] == rows[-1]["val_tokens"]
@@ -56,8 +72,9 @@ def test_evaluate_a_text_file_with_the_models_tokenizer(trained, tmp_path):
     text = "Natürlich: every byte is one token of this byte-level model.\n" * 40
     (tmp_path / "t.txt").write_text(text)
     for model in (checkpoint, export):
-        result = json.loads(tool("scripts/evaluate.py", str(model), "--text", str(tmp_path / "t.txt"),
-                                 "--seq-len", "64").stdout)
+        result = json.loads(
+            tool("scripts/evaluate.py", str(model), "--text", str(tmp_path / "t.txt"), "--seq-len", "64").stdout
+        )
         n_tokens = len(text.encode()) + 1  # + the EOS after the document
         assert result["val_tokens"] == (n_tokens - 1) // 64 * 64
         assert result["val_bpb"] == pytest.approx(result["val_loss"] / math.log(2))  # one byte per token
@@ -71,12 +88,19 @@ def test_generate_greedy_from_checkpoint_and_export_matches_transformers(trained
     from_checkpoint = tool("scripts/generate.py", str(checkpoint), *args, "--no-stream").stdout
     streamed = tool("scripts/generate.py", str(export), *args).stdout
     import model  # noqa: F401  (registers the Auto classes)
+
     lm, tokenizer = AutoModelForCausalLM.from_pretrained(export).eval(), AutoTokenizer.from_pretrained(export)
     expected = []
     for prompt in ("The ", "def "):
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                          eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+        out = lm.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         assert out.shape[1] == ids.shape[1] + 24
         expected.append(tokenizer.decode(out[0], skip_special_tokens=True))
     assert [line for line in from_checkpoint.split("\n\n") if line.strip()][:2] == expected
@@ -88,8 +112,15 @@ def test_generate_from_an_export_larger_than_its_memory_budget(trained, tmp_path
     text is the same (this checks that every weight is read through its own module's forward)."""
     _, checkpoint, export = trained
     args = ["--prompt", "def ", "--max-new-tokens", "24", "--greedy", "--no-stream"]
-    offloaded = tool("scripts/generate.py", str(export), *args, "--max-memory", "cpu=1MB",
-                     "--offload-folder", str(tmp_path / "offload"))
+    offloaded = tool(
+        "scripts/generate.py",
+        str(export),
+        *args,
+        "--max-memory",
+        "cpu=1MB",
+        "--offload-folder",
+        str(tmp_path / "offload"),
+    )
     assert "on disk" in offloaded.stderr  # read from the safetensors file itself, so the folder may stay empty
     assert offloaded.stdout == tool("scripts/generate.py", str(export), *args).stdout
     refused = tool("scripts/generate.py", str(checkpoint), "--max-memory", "cpu=1MB", ok=False)
@@ -98,8 +129,12 @@ def test_generate_from_an_export_larger_than_its_memory_budget(trained, tmp_path
 
 def test_sampling_is_seeded(trained):
     _, checkpoint, _ = trained
-    runs = [tool("scripts/generate.py", str(checkpoint), "--max-new-tokens", "32", "--seed", str(seed),
-                 "--no-stream").stdout for seed in (7, 7, 8)]
+    runs = [
+        tool(
+            "scripts/generate.py", str(checkpoint), "--max-new-tokens", "32", "--seed", str(seed), "--no-stream"
+        ).stdout
+        for seed in (7, 7, 8)
+    ]
     assert runs[0] == runs[1] != runs[2]
 
 
@@ -126,8 +161,10 @@ def test_export_has_a_model_card_and_runs_in_a_text_generation_pipeline(trained)
     rows, _, export = trained
     card = (export / "README.md").read_text()
     assert "| preset | tiny |" in card and f"{rows[-1]['val_loss']:.4f} nats/token" in card
-    import model  # noqa: F401  (registers the Auto classes)
     from transformers import pipeline
+
+    import model  # noqa: F401  (registers the Auto classes)
+
     generator = pipeline("text-generation", model=str(export))
     text = generator("The ", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("The ") and len(text) > len("The ")
@@ -136,15 +173,27 @@ def test_export_has_a_model_card_and_runs_in_a_text_generation_pipeline(trained)
 @pytest.mark.compat
 def test_bench_model_runs_a_config_with_overrides():
     """The script the GPU figures come from: it takes a trainer config and the trainer's overrides."""
-    result = tool("scripts/bench.py", "model", "--config", str(REPO / "configs" / "tiny.toml"), "--batch.micro_batch_size=2",
-                  "--data.seq_len=16", "--model.overrides.num_hidden_layers=1", "--steps", "1", "--warmup", "0",
-                  "--json")
+    result = tool(
+        "scripts/bench.py",
+        "model",
+        "--config",
+        str(REPO / "configs" / "tiny.toml"),
+        "--batch.micro_batch_size=2",
+        "--data.seq_len=16",
+        "--model.overrides.num_hidden_layers=1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    )
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert (row["preset"], row["micro_batch"], row["seq_len"], row["compile"]) == ("tiny", 2, 16, False)
     assert row["tokens_per_s"] > 0 and row["achieved_tflops"] > 0 and row["dtype"] == "fp32"
     # the FLOP rate is the model's FLOPs a token times its tokens/s, to four figures even when it is tiny (a
     # slow CPU step of this model is ~0.005 TFLOP/s: rounded to four decimals, it read 0.0 on a loaded machine)
     from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
+
     config = preset_config("tiny", num_hidden_layers=1)
     with torch.device("meta"):
         active = count_parameters(GrokForCausalLM(config)).active
@@ -160,7 +209,8 @@ def test_bench_model_runs_a_config_with_overrides():
 def test_nanogpt_baseline_recipe_scores_held_out_characters_in_bits_per_byte():
     """The yardstick of `bench.py baseline/quality`: an untrained model scores ~log2(vocabulary) bits a
     character, and a few steps of the recipe run and report their figures."""
-    from train.baseline import NanoGPT, bits_per_byte, char_splits, train_recipe
+    from toolbox.baseline import NanoGPT, bits_per_byte, char_splits, train_recipe
+
     text = "".join(chr(97 + (i * 7) % 13) for i in range(3000))
     train_ids, val_ids, vocab = char_splits(text)
     assert vocab == 13 and len(train_ids) == 2700 and len(val_ids) == 300

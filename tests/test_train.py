@@ -9,21 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-
 from conftest import REPO, STEPS, base_args, losses, train
+
 from model import GrokForCausalLM, preset_config
 from train.__main__ import main as train_main
 from train.config import load_config
 from train.optim import Muon, orthogonalize
 
 
-@pytest.mark.parametrize("strategy", [
-    ["--parallel.strategy=ddp"],
-    ["--parallel.strategy=fsdp"],
-    ["--parallel.strategy=fsdp", "--parallel.reshard_after_forward=false"],
-    ["--parallel.strategy=hsdp", "--parallel.replicate_size=1", "--parallel.shard_size=2"],
-    ["--parallel.strategy=hsdp", "--parallel.replicate_size=2", "--parallel.shard_size=1"],
-], ids=["ddp", "fsdp", "fsdp-no-reshard", "hsdp-1x2", "hsdp-2x1"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["--parallel.strategy=ddp"],
+        ["--parallel.strategy=fsdp"],
+        ["--parallel.strategy=fsdp", "--parallel.reshard_after_forward=false"],
+        ["--parallel.strategy=hsdp", "--parallel.replicate_size=1", "--parallel.shard_size=2"],
+        ["--parallel.strategy=hsdp", "--parallel.replicate_size=2", "--parallel.shard_size=1"],
+    ],
+    ids=["ddp", "fsdp", "fsdp-no-reshard", "hsdp-1x2", "hsdp-2x1"],
+)
 def test_two_processes_follow_the_single_process_loss_curve(data_dir, reference, tmp_path, strategy):
     single, _ = reference
     rows = train(data_dir, tmp_path, *strategy, nproc=2)
@@ -93,6 +97,7 @@ def test_compiled_training_follows_the_eager_run(data_dir, tmp_path, monkeypatch
     # moves the loss by > 1e-2. The checkpoint keeps the plain model's names, so resume and export work.
     from torch._dynamo.utils import counters
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     # as after `import torch`'s flex attention: inductor's /tmp default already written into the environment
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
@@ -119,7 +124,9 @@ def test_compiled_training_follows_the_eager_run(data_dir, tmp_path, monkeypatch
 
 def test_clipping_scales_gradients_to_the_limit():
     from conftest import small_model
+
     from train.parallel import clip_grad_norm
+
     model = small_model().train()
     ids = torch.randint(0, 97, (2, 16))
     model(ids, labels=ids).loss.backward()
@@ -142,8 +149,9 @@ def test_resume_is_bitwise_exact_on_two_processes(data_dir, tmp_path):
     straight = train(data_dir, tmp_path / "straight", "--checkpoint.every=6", "--checkpoint.keep=2", nproc=2)
     # a second run starts from the straight run's step-6 checkpoint, as after a crash at step 6
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_00000006",
-                    resumed_dir / "checkpoints" / "step_00000006")
+    shutil.copytree(
+        tmp_path / "straight" / "checkpoints" / "step_00000006", resumed_dir / "checkpoints" / "step_00000006"
+    )
     resumed = train(data_dir, resumed_dir, nproc=2)
     assert [row["step"] for row in resumed] == list(range(7, STEPS + 1))
     assert losses(resumed) == losses(straight)[6:]  # bitwise: floats from JSON compare exactly
@@ -160,11 +168,11 @@ def test_resume_on_another_world_size(data_dir, reference, tmp_path, direction):
     if direction == "2->1":
         source = tmp_path / "two"
         train(data_dir, source, "--checkpoint.every=6", nproc=2)
-        resumed = train(data_dir, tmp_path / "resumed",
-                        f"--run.resume={source / 'checkpoints' / 'step_00000006'}")
+        resumed = train(data_dir, tmp_path / "resumed", f"--run.resume={source / 'checkpoints' / 'step_00000006'}")
     else:
-        resumed = train(data_dir, tmp_path / "resumed",
-                        f"--run.resume={single_out / 'checkpoints' / 'step_00000006'}", nproc=2)
+        resumed = train(
+            data_dir, tmp_path / "resumed", f"--run.resume={single_out / 'checkpoints' / 'step_00000006'}", nproc=2
+        )
     assert [row["step"] for row in resumed] == list(range(7, STEPS + 1))
     assert max(abs(a - b) for a, b in zip(losses(resumed), losses(single)[6:])) < 1e-5
 
@@ -172,8 +180,18 @@ def test_resume_on_another_world_size(data_dir, reference, tmp_path, direction):
 def test_metrics_config_and_checkpoints_of_a_run(reference):
     rows, out = reference
     for row in rows:
-        for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_seen",
-                    "peak_mem_mib", "expert_load_max"):
+        for key in (
+            "step",
+            "loss",
+            "lm_loss",
+            "aux_loss",
+            "z_loss",
+            "lr",
+            "grad_norm",
+            "tokens_seen",
+            "peak_mem_mib",
+            "expert_load_max",
+        ):
             assert key in row, key
     assert all("tokens_per_s" in row and "mfu" in row and "flops_per_s" in row for row in rows[1:])
     assert rows[-1]["val_loss"] > 0 and 0 < rows[-1]["val_bpb"] < 10
@@ -198,14 +216,20 @@ def test_partial_checkpoint_is_ignored_and_removed(data_dir, reference, tmp_path
     rows = train(data_dir, out)
     assert rows[0]["step"] == 7  # resumed from the complete step-6 checkpoint
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == [
-        "step_00000006", "step_00000012"]
+        "step_00000006",
+        "step_00000012",
+    ]
 
 
 def test_init_from_a_checkpoint_or_its_export_starts_from_its_weights(data_dir, reference, tmp_path):
     single, single_out = reference
     checkpoint = single_out / "checkpoints" / "step_00000012"
-    subprocess.run([sys.executable, "scripts/export_hf.py", str(checkpoint), str(tmp_path / "hf")], cwd=REPO,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "scripts/export_hf.py", str(checkpoint), str(tmp_path / "hf")],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     from_checkpoint = train(data_dir, tmp_path / "a", f"--model.init_from={checkpoint}", steps=1)
     from_export = train(data_dir, tmp_path / "b", f"--model.init_from={tmp_path / 'hf'}", steps=1)
     assert from_checkpoint[0]["loss"] == from_export[0]["loss"] < losses(single)[0] - 1
@@ -227,6 +251,7 @@ def test_config_errors_are_one_line_and_name_the_key(data_dir, tmp_path, capsys)
     message = error_of(capsys, *args, "--batch.global_batch_size=10")
     assert "batch.global_batch_size 10" in message and "use 8 or 12" in message
     from train.config import ConfigError  # fewer sequences than ranks x micro-batch: two sizes, both valid
+
     config = load_config(None, [*args[2:], "--batch.global_batch_size=32", "--batch.micro_batch_size=8"])
     with pytest.raises(ConfigError, match=r"use 128 or 256 or batch.micro_batch_size 2$"):
         config.grad_accumulation(16)

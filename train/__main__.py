@@ -12,13 +12,10 @@ from . import preemption
 
 preemption.catch()  # before the heavy imports below: a preemption signal during start-up is acted on, not fatal
 
-from data.folders import FolderError
-from data.shards import DataError
+from groundwork.cli import USER_ERROR_EXIT, run_main  # noqa: E402 (after the signal handlers)
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
-from .parallel import LaunchError
-from .trainer import PREEMPTED_EXIT, Preempted, TrainingError, run
+from .config import load_config  # noqa: E402
+from .trainer import PREEMPTED_EXIT, Preempted, run  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,17 +30,17 @@ def main(argv=None) -> int:
         at = argv.index("--config")
         if at + 1 >= len(argv):
             print("error: --config needs a file, e.g. --config configs/tiny.toml", file=sys.stderr)
-            return 2
+            return USER_ERROR_EXIT
         config_path = argv[at + 1]
-        del argv[at:at + 2]
+        del argv[at : at + 2]
     argv = [a for a in argv if not a.startswith("--config=") or not (config_path := a.split("=", 1)[1])]
+    return run_main(lambda: train(config_path, argv))
+
+
+def train(config_path: str | None, overrides: list[str]) -> int:
     try:
-        config = load_config(config_path, argv)
-        run(config)
-    except (ConfigError, DataError, FolderError, CheckpointError, LaunchError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Preempted as stop:
+        run(load_config(config_path, overrides))
+    except Preempted as stop:  # not an error: the checkpoint is written, relaunching resumes
         print(str(stop), file=sys.stderr)
         return PREEMPTED_EXIT
     return 0

@@ -26,8 +26,9 @@ import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from data import folders
-from data.shards import hash_file
+from groundwork import folders
+from groundwork.errors import UserError
+from groundwork.hashing import hash_file
 
 from .engine_api import DCP_ERRORS, StateLoadError, first_line
 from .parallel import Env, barrier
@@ -44,7 +45,7 @@ HASH = "xxh3_128"  # ~18 GB/s on one core here: verifying a checkpoint costs far
 META_KEYS = {"step": int, "tokens_seen": int, "world_size": int, "strategy": str, "format": str, "loader": dict}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message names the folder or file and what to do."""
 
 
@@ -57,8 +58,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / MARKER).is_file()
-             and folders.kind_of(p) == "checkpoint"]
+    found = [
+        p
+        for p in root.iterdir()
+        if STEP_DIR.fullmatch(p.name) and (p / MARKER).is_file() and folders.kind_of(p) == "checkpoint"
+    ]
     return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
 
 
@@ -72,9 +76,11 @@ def check_root(root: Path, resume: str, create: bool) -> None:
     folders.claim(root, "checkpoints", "checkpoint.dir", create=create)
     found = complete_checkpoints(root)
     if resume == "never" and found:
-        raise CheckpointError(f"checkpoint.dir {root}: holds checkpoints up to {found[-1].name} and run.resume is "
-                              f"'never'; choose another run.out_dir (or checkpoint.dir) for a new run, or resume it "
-                              f"with run.resume=auto")
+        raise CheckpointError(
+            f"checkpoint.dir {root}: holds checkpoints up to {found[-1].name} and run.resume is "
+            f"'never'; choose another run.out_dir (or checkpoint.dir) for a new run, or resume it "
+            f"with run.resume=auto"
+        )
 
 
 def remove_partial(root: Path) -> None:
@@ -84,7 +90,8 @@ def remove_partial(root: Path) -> None:
     for path in root.iterdir() if root.is_dir() else ():
         moved_aside = path.name.startswith(".step_")
         unfinished = STEP_DIR.fullmatch(path.name.removesuffix(".tmp")) and (
-            path.name.endswith(".tmp") or not (path / MARKER).is_file())
+            path.name.endswith(".tmp") or not (path / MARKER).is_file()
+        )
         if (moved_aside or unfinished) and folders.kind_of(path) == "checkpoint":
             shutil.rmtree(path, ignore_errors=True)
 
@@ -105,7 +112,7 @@ def _gather(local):
 def _digests(folder: Path, env: Env) -> dict[str, str]:
     """Collective: digest of every file of the folder; each rank hashes its share of the files."""
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
-    mine = {name: file_digest(folder / name) for name in names[env.rank::env.world_size]}
+    mine = {name: file_digest(folder / name) for name in names[env.rank :: env.world_size]}
     return {name: digest for part in _gather(mine) for name, digest in part.items()}
 
 
@@ -123,21 +130,27 @@ def verify(folder: Path, env: Env | None = None) -> None:
             problems.append(f"{path}: contents differ from the digest in {MARKER} (damaged or edited)")
     problems = [p for part in (_gather(problems) if env is not None else [problems]) for p in part]
     if problems:
-        raise CheckpointError(f"{problems[0]}; resume from another checkpoint, or start over with another "
-                              f"run.out_dir" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise CheckpointError(
+            f"{problems[0]}; resume from another checkpoint, or start over with another "
+            f"run.out_dir" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
 
 
 def read_marker(folder: Path) -> dict:
     path = Path(folder) / MARKER
     if not path.is_file():
-        raise CheckpointError(f"{folder}: not a complete checkpoint (no {MARKER} marker); pass run.resume=auto to "
-                              f"use the latest complete one, or run.resume=never")
+        raise CheckpointError(
+            f"{folder}: not a complete checkpoint (no {MARKER} marker); pass run.resume=auto to "
+            f"use the latest complete one, or run.resume=never"
+        )
     try:
         marker = json.loads(path.read_text())
         assert isinstance(marker, dict) and marker.get("hash") == HASH and isinstance(marker.get("files"), dict)
     except (OSError, ValueError, AssertionError):
-        raise CheckpointError(f"{path}: no file digests in it (damaged, or written before checkpoints recorded "
-                              f"them), so the checkpoint cannot be verified; use another checkpoint") from None
+        raise CheckpointError(
+            f"{path}: no file digests in it (damaged, or written before checkpoints recorded "
+            f"them), so the checkpoint cannot be verified; use another checkpoint"
+        ) from None
     return marker
 
 
@@ -149,14 +162,16 @@ def read_meta(folder: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: unreadable ({error}); resume from another checkpoint "
-                              f"or with run.resume=never") from error
+        raise CheckpointError(
+            f"{path}: unreadable ({error}); resume from another checkpoint or with run.resume=never"
+        ) from error
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: not a JSON object; resume from another checkpoint")
     for key, kind in META_KEYS.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise CheckpointError(f"{path}: key {key!r} is missing or not a {kind.__name__}; resume from another "
-                                  f"checkpoint")
+            raise CheckpointError(
+                f"{path}: key {key!r} is missing or not a {kind.__name__}; resume from another checkpoint"
+            )
     return meta
 
 
@@ -180,16 +195,21 @@ class Checkpointer:
         self.async_save = async_save
         self.pending = None  # (step, tmp folder, future) of a background save
 
-    def save(self, step: int, engine, meta: dict, model_config, tokenizer_folder: Path,
-             after_state=lambda: None) -> Path:
+    def save(
+        self, step: int, engine, meta: dict, model_config, tokenizer_folder: Path, after_state=lambda: None
+    ) -> Path:
         """Collective. `after_state` runs between the shards and the marker (where fault tests kill a rank)."""
         self.wait()
         final = step_dir(self.root, step)
         tmp = final.with_name(final.name + ".tmp")
         if self.env.is_main:
             folders.begin(final, "checkpoint", tmp_name=tmp.name)
-            (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": self.env.world_size,
-                                                         "format": engine.checkpoint_format, **meta}, indent=2))
+            (tmp / TRAINER_STATE).write_text(
+                json.dumps(
+                    {"step": step, "world_size": self.env.world_size, "format": engine.checkpoint_format, **meta},
+                    indent=2,
+                )
+            )
             model_config.to_json_file(tmp / MODEL_CONFIG)
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_folder) / name).is_file():
@@ -197,8 +217,12 @@ class Checkpointer:
         barrier()
         save_file(_rng_state(self.env), tmp / f"rng_rank{self.env.rank}.safetensors")
         if self.async_save:
-            self.pending = (step, tmp, self._guard(step, lambda: engine.save_state_async(tmp, self.async_group)),
-                            after_state)
+            self.pending = (
+                step,
+                tmp,
+                self._guard(step, lambda: engine.save_state_async(tmp, self.async_group)),
+                after_state,
+            )
             return final
         self._guard(step, lambda: engine.save_state(tmp))
         after_state()
@@ -218,7 +242,6 @@ class Checkpointer:
         after_state()
         return self._complete(step, tmp)
 
-
     def _guard(self, step: int, write):
         try:
             return write()
@@ -231,7 +254,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"{self.root}: writing the step-{step} checkpoint failed ({first_line(error)}) with {free_mib:.1f} MiB "
                 f"left on that filesystem; the previous checkpoint ({previous.name if previous else 'none'}) is "
-                f"intact. Free space, lower checkpoint.keep, or set checkpoint.dir elsewhere") from error
+                f"intact. Free space, lower checkpoint.keep, or set checkpoint.dir elsewhere"
+            ) from error
 
     def _complete(self, step: int, tmp: Path) -> Path:
         barrier()
@@ -240,7 +264,7 @@ class Checkpointer:
         if self.env.is_main:
             folders.write_durably(tmp / MARKER, json.dumps({"step": step, "hash": HASH, "files": digests}, indent=1))
             folders.commit(tmp, final, "checkpoint")  # an earlier attempt's checkpoint of this step is replaced
-            for old in complete_checkpoints(self.root)[:-self.keep]:
+            for old in complete_checkpoints(self.root)[: -self.keep]:
                 folders.remove(old, "checkpoint")
         barrier()
         return final
@@ -255,11 +279,13 @@ class Checkpointer:
                 f"{path}: saved by parallel.strategy {meta['strategy']!r} ({meta['format']} format), which this "
                 f"run's strategy cannot read; resume with a strategy of the same engine ("
                 f"{'deepspeed' if meta['format'] == 'deepspeed' else 'none, ddp, fsdp or hsdp'}), or start from its "
-                f"weights: --model.init_from={path} --run.resume=never")
+                f"weights: --model.init_from={path} --run.resume=never"
+            )
         if meta.get("tokenizer_sha256") != tokenizer_sha256:
             raise CheckpointError(
                 f"{path}: trained with tokenizer {str(meta.get('tokenizer_sha256'))[:12]}, but data.path's is "
-                f"{tokenizer_sha256[:12]}; resume on the data it was trained on, or start a new run.out_dir")
+                f"{tokenizer_sha256[:12]}; resume on the data it was trained on, or start a new run.out_dir"
+            )
         verify(path, self.env)
         try:
             engine.load_state(path)
@@ -273,6 +299,7 @@ class Checkpointer:
                 if "cuda" in rng and self.env.device.type == "cuda":
                     torch.cuda.set_rng_state(rng["cuda"], self.env.device)
             except (SafetensorError, KeyError, RuntimeError, TypeError) as error:
-                raise CheckpointError(f"{rng_file}: not an RNG state ({first_line(error)}); resume from another "
-                                      f"checkpoint") from error
+                raise CheckpointError(
+                    f"{rng_file}: not an RNG state ({first_line(error)}); resume from another checkpoint"
+                ) from error
         return meta

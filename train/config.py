@@ -14,11 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from groundwork.errors import UserError
 from model import GrokConfig
 from model.presets import PRESETS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem; the message is one line naming the key and what to do."""
 
 
@@ -147,14 +148,20 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _combinations(self):
         if self.run.loss_spike_factor and self.parallel.strategy == "deepspeed":
-            raise ValueError("run.loss_spike_factor: DeepSpeed applies every update it is given (it skips only "
-                             "non-finite ones); set it to 0 or use none/ddp/fsdp/hsdp")
+            raise ValueError(
+                "run.loss_spike_factor: DeepSpeed applies every update it is given (it skips only "
+                "non-finite ones); set it to 0 or use none/ddp/fsdp/hsdp"
+            )
         if self.checkpoint.async_save and self.parallel.strategy == "deepspeed":
-            raise ValueError("checkpoint.async_save: DeepSpeed writes its own checkpoint files synchronously; set it "
-                             "to false or use none/ddp/fsdp/hsdp")
+            raise ValueError(
+                "checkpoint.async_save: DeepSpeed writes its own checkpoint files synchronously; set it "
+                "to false or use none/ddp/fsdp/hsdp"
+            )
         if self.optim.name == "muon" and self.parallel.strategy == "deepspeed":
-            raise ValueError("optim.name: muon orthogonalises whole matrices, which DeepSpeed's flat ZeRO partitions "
-                             "do not keep; use adamw or none/ddp/fsdp/hsdp")
+            raise ValueError(
+                "optim.name: muon orthogonalises whole matrices, which DeepSpeed's flat ZeRO partitions "
+                "do not keep; use adamw or none/ddp/fsdp/hsdp"
+            )
         return self
 
     @property
@@ -165,8 +172,10 @@ class TrainConfig(Section):
         if self.batch.global_batch_size is not None:
             return self.batch.global_batch_size
         if self.batch.global_batch_tokens % self.data.seq_len:
-            raise ConfigError(f"batch.global_batch_tokens {self.batch.global_batch_tokens} is not a multiple of "
-                              f"data.seq_len {self.data.seq_len}")
+            raise ConfigError(
+                f"batch.global_batch_tokens {self.batch.global_batch_tokens} is not a multiple of "
+                f"data.seq_len {self.data.seq_len}"
+            )
         return self.batch.global_batch_tokens // self.data.seq_len
 
     def grad_accumulation(self, data_parallel_size: int) -> int:
@@ -177,12 +186,16 @@ class TrainConfig(Section):
             # the two nearest multiples; below one micro-batch per rank, the smallest two there are
             lower = max(per_step, sequences // per_step * per_step)
             upper = lower + per_step
-            smaller_micro = (f" or batch.micro_batch_size {sequences // data_parallel_size}"
-                             if sequences >= data_parallel_size and sequences % data_parallel_size == 0 else "")
+            smaller_micro = (
+                f" or batch.micro_batch_size {sequences // data_parallel_size}"
+                if sequences >= data_parallel_size and sequences % data_parallel_size == 0
+                else ""
+            )
             raise ConfigError(
                 f"batch.global_batch_size {sequences} is not divisible by micro_batch_size "
                 f"{self.batch.micro_batch_size} x {data_parallel_size} data-parallel ranks; use {lower} or {upper}"
-                f"{smaller_micro or ' (or change batch.micro_batch_size)'}")
+                f"{smaller_micro or ' (or change batch.micro_batch_size)'}"
+            )
         return sequences // per_step
 
     def dump_toml(self) -> str:
@@ -246,5 +259,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         where = ".".join(str(p) for p in first["loc"]) or "config"
         message = first["msg"].removeprefix("Value error, ")
         prefix = "" if message.startswith(where) else f"{where}: "
-        raise ConfigError(f"{prefix}{message}" + (f" (got {first['input']!r})" if first["type"] not in (
-            "value_error", "missing") and not isinstance(first["input"], dict) else "")) from error
+        raise ConfigError(
+            f"{prefix}{message}"
+            + (
+                f" (got {first['input']!r})"
+                if first["type"] not in ("value_error", "missing") and not isinstance(first["input"], dict)
+                else ""
+            )
+        ) from error

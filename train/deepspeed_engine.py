@@ -59,6 +59,7 @@ def weights_only_loading():
     checkpoint. Force torch's safe unpickler, allowing the few plain DeepSpeed types its ZeRO files hold."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
@@ -79,8 +80,10 @@ def refused_pickles():
             yield
     except pickle.UnpicklingError as error:
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
-        raise StateLoadError(f"DeepSpeed state holds {unsafe.group(1) if unsafe else 'an object'}, which the "
-                             f"weights-only loader refuses; use only checkpoints this project wrote") from None
+        raise StateLoadError(
+            f"DeepSpeed state holds {unsafe.group(1) if unsafe else 'an object'}, which the "
+            f"weights-only loader refuses; use only checkpoints this project wrote"
+        ) from None
 
 
 class DeepSpeedEngine:
@@ -91,8 +94,12 @@ class DeepSpeedEngine:
         init_weights(model)  # whole on every rank: DeepSpeed partitions it itself
         apply_block_options(model, config, env.device)
         optimizer = build_optimizer(model, config.optim, env.device)
-        self.model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
-                                              config=deepspeed_config(config, env, grad_accumulation))
+        self.model, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            dist_init_required=False,
+            config=deepspeed_config(config, env, grad_accumulation),
+        )
 
     def micro_batch(self, last: bool):
         # DeepSpeed reduces gradients and steps only at the boundary we declare here.
@@ -122,8 +129,11 @@ class DeepSpeedEngine:
         # the flat fp32 partitions that our AdamW (zero.optimizer) steps
         master = zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups
         grads = tensor_bytes(master) if self.stage >= 2 else tensor_bytes(params)
-        return {"params": held, "grads": grads,
-                "optim": tensor_bytes(master) + tensor_bytes(optimizer_state_tensors(zero.optimizer))}
+        return {
+            "params": held,
+            "grads": grads,
+            "optim": tensor_bytes(master) + tensor_bytes(optimizer_state_tensors(zero.optimizer)),
+        }
 
     def save_state(self, folder: Path) -> None:
         self.model.save_checkpoint(str(folder), tag=STATE_DIR, client_state={}, save_latest=False)
@@ -136,12 +146,15 @@ class DeepSpeedEngine:
             raise StateLoadError(
                 f"DeepSpeed ZeRO state of {saved} ranks loads only on {saved} ranks; resume with {saved} processes, "
                 f"or start a new run on {self.env.world_size} from its weights (optimizer state and schedule "
-                f"restart): --model.init_from={folder} --run.resume=never")
+                f"restart): --model.init_from={folder} --run.resume=never"
+            )
         with refused_pickles():
             path, _ = self.model.load_checkpoint(str(folder), tag=STATE_DIR, load_module_strict=True)
         if path is None:
-            raise StateLoadError(f"DeepSpeed found no state in {Path(folder) / STATE_DIR}; resume from another "
-                                 f"checkpoint or with run.resume=never")
+            raise StateLoadError(
+                f"DeepSpeed found no state in {Path(folder) / STATE_DIR}; resume from another "
+                f"checkpoint or with run.resume=never"
+            )
 
 
 def saved_world_size(folder: Path) -> int:

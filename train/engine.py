@@ -11,13 +11,12 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from . import safe_dcp
 from .config import TrainConfig
-from .engine_api import DCP_ERRORS, Engine, StateLoadError, dcp_cause, first_line, optimizer_state_tensors
-from .engine_api import tensor_bytes
+from .engine_api import DCP_ERRORS, Engine, StateLoadError, dcp_cause, first_line, optimizer_state_tensors, tensor_bytes
 from .optim import build_optimizer, set_lr
 from .parallel import Env, autocast, clip_grad_norm, forward_context, gradient_sync, parallelize
 from .parallel.expert import expert_gradient_scale, expert_parameters, scale_expert_gradients
-from . import safe_dcp
 from .safe_dcp import DamagedFileError, UnsafeFileError, read_metadata
 
 
@@ -69,8 +68,11 @@ class TorchEngine:
     def memory_bytes(self) -> dict[str, int]:
         """What this rank holds: its shards only under FSDP. Gradients are counted as the last step held them
         (they are freed between steps; the first step counts them)."""
-        return {"params": tensor_bytes(self.model.parameters()), "grads": self.gradient_bytes,
-                "optim": tensor_bytes(optimizer_state_tensors(self.optimizer))}
+        return {
+            "params": tensor_bytes(self.model.parameters()),
+            "grads": self.gradient_bytes,
+            "optim": tensor_bytes(optimizer_state_tensors(self.optimizer)),
+        }
 
     def save_state(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -80,8 +82,9 @@ class TorchEngine:
         """Stage a copy of the state in memory (the only part the step loop waits for), then write it from
         a background thread over `process_group`; the future completes when every file is written."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return dcp.async_save({"model": model_state, "optim": optim_state}, checkpoint_id=folder,
-                              process_group=process_group)
+        return dcp.async_save(
+            {"model": model_state, "optim": optim_state}, checkpoint_id=folder, process_group=process_group
+        )
 
     def load_state(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -93,9 +96,11 @@ class TorchEngine:
             cause = dcp_cause(error)
             if isinstance(cause, (UnsafeFileError, DamagedFileError)):
                 raise StateLoadError(str(cause)) from None
-            raise StateLoadError(f"cannot be loaded into this model/optimizer ({type(cause).__name__}: "
-                                 f"{first_line(error)}); the checkpoint may be incomplete or corrupted: resume from "
-                                 f"another one or with run.resume=never") from error
+            raise StateLoadError(
+                f"cannot be loaded into this model/optimizer ({type(cause).__name__}: "
+                f"{first_line(error)}); the checkpoint may be incomplete or corrupted: resume from "
+                f"another one or with run.resume=never"
+            ) from error
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -106,24 +111,33 @@ def check_model_shapes(folder: Path, model_state: dict) -> None:
     except (UnsafeFileError, DamagedFileError) as error:
         raise StateLoadError(str(error)) from None
     except DCP_ERRORS as error:
-        raise StateLoadError(f"unreadable checkpoint metadata ({type(error).__name__}: {str(error)[:200]}); resume "
-                             f"from another checkpoint or with run.resume=never") from error
-    saved = {key.removeprefix("model."): list(meta.size) for key, meta in saved.items()
-             if key.startswith("model.") and hasattr(meta, "size")}
+        raise StateLoadError(
+            f"unreadable checkpoint metadata ({type(error).__name__}: {str(error)[:200]}); resume "
+            f"from another checkpoint or with run.resume=never"
+        ) from error
+    saved = {
+        key.removeprefix("model."): list(meta.size)
+        for key, meta in saved.items()
+        if key.startswith("model.") and hasattr(meta, "size")
+    }
     ours = {key: list(tensor.shape) for key, tensor in model_state.items()}
-    differences = [f"{key} saved {saved[key]} vs model {ours[key]}" for key in ours
-                   if key in saved and saved[key] != ours[key]]
+    differences = [
+        f"{key} saved {saved[key]} vs model {ours[key]}" for key in ours if key in saved and saved[key] != ours[key]
+    ]
     differences += [f"{key} not in checkpoint" for key in ours if key not in saved]
     differences += [f"{key} not in model" for key in saved if key not in ours]
     if differences:
         more = f" (+{len(differences) - 3} more)" if len(differences) > 3 else ""
-        raise StateLoadError(f"saved by a model of another shape: {'; '.join(differences[:3])}{more}; resume with "
-                             f"the model preset and overrides it was trained with, or run.resume=never")
+        raise StateLoadError(
+            f"saved by a model of another shape: {'; '.join(differences[:3])}{more}; resume with "
+            f"the model preset and overrides it was trained with, or run.resume=never"
+        )
 
 
 def build_engine(model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int, init_weights) -> Engine:
     """`model` is on the meta device; `init_weights(model)` allocates and fills it once it is split."""
     if config.parallel.strategy == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine  # deepspeed is an optional extra
+
         return DeepSpeedEngine(model, config, env, grad_accumulation, init_weights)
     return TorchEngine(model, config, env, grad_accumulation, init_weights)

@@ -20,6 +20,8 @@ import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
+from groundwork.errors import UserError
+
 
 class Engine(Protocol):
     model: nn.Module  # what the loop calls forward on (wrapped: DDP, FSDP units, a DeepSpeed engine)
@@ -63,7 +65,7 @@ def first_line(error: BaseException) -> str:
     return type(error).__name__
 
 
-class StateLoadError(ValueError):
+class StateLoadError(UserError, ValueError):
     """Saved model/optimizer state that this engine cannot restore; one line: what is wrong, what to do."""
 
 

@@ -12,10 +12,20 @@ from pathlib import Path
 
 import torch
 
+from groundwork.errors import UserError
+
 # Dense bf16 peak FLOP/s per device (no sparsity), matched on the CUDA device name, first match wins:
 # the PCIe and NVL parts run lower clocks than the SXM ones that "H100" / "H200" alone stand for.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
-                   "B200": 2250e12, "A100": 312e12, "L40S": 362e12}
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200 NVL": 835e12,
+    "H200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -32,7 +42,7 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """metrics.jsonl is missing or damaged: the message is one line naming the file."""
 
 
@@ -62,8 +72,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     rows = []
     for number, line in enumerate(lines, 1):
         if (row := _row(line)) is None:
-            raise MetricsError(f"{path}: line {number} is not a metrics row (a JSON object with a step); the "
-                               f"file is damaged: restore it, or delete that line")
+            raise MetricsError(
+                f"{path}: line {number} is not a metrics row (a JSON object with a step); the "
+                f"file is damaged: restore it, or delete that line"
+            )
         rows.append(row)
     if last.strip() and (row := _row(last)) is not None:  # complete, only its newline missing
         rows.append(row)
@@ -93,8 +105,17 @@ def _end_last_row(path: Path) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, enabled: bool, flops_per_token: int, device: torch.device,
-                 max_steps: int, start_step: int, progress: bool, tensorboard: bool):
+    def __init__(
+        self,
+        out_dir: Path,
+        enabled: bool,
+        flops_per_token: int,
+        device: torch.device,
+        max_steps: int,
+        start_step: int,
+        progress: bool,
+        tensorboard: bool,
+    ):
         self.enabled = enabled
         self.flops_per_token = flops_per_token
         self.peak = peak_flops(device)
@@ -107,9 +128,11 @@ class MetricsLogger:
             _end_last_row(self.path)
         if progress:
             from tqdm import tqdm
+
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+
             self.tb = SummaryWriter(Path(out_dir) / "tensorboard")
 
     def throughput(self, tokens_seen: int) -> dict:
@@ -123,8 +146,7 @@ class MetricsLogger:
         if tokens <= 0 or seconds <= 0:
             return {}
         flops = tokens * self.flops_per_token / seconds
-        return {"tokens_per_s": tokens / seconds, "flops_per_s": flops,
-                "mfu": flops / self.peak if self.peak else None}
+        return {"tokens_per_s": tokens / seconds, "flops_per_s": flops, "mfu": flops / self.peak if self.peak else None}
 
     def log(self, row: dict) -> None:
         if not self.enabled:

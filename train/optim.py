@@ -29,12 +29,10 @@ def build_optimizer(model: nn.Module, optim: OptimSection, device: torch.device)
             hidden.append(param)
         else:
             (no_decay if param.ndim < 2 or "embed_tokens" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if optim.name == "muon":
         groups.append({"params": hidden, "weight_decay": optim.weight_decay, "muon": True})
-        return Muon(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                    momentum=optim.muon_momentum)
+        return Muon(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, momentum=optim.muon_momentum)
     # One fused kernel per parameter group, on GPU and CPU alike (on a CPU it takes a third of foreach's time at
     # nanoGPT's shape); foreach on other devices.
     kind = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
@@ -99,8 +97,8 @@ class Muon(torch.optim.Optimizer):
         step = state["step"]
         state["exp_avg"].lerp_(param.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
-        denominator = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-        param.addcdiv_(state["exp_avg"] / (1 - beta1 ** step), denominator, value=-group["lr"])
+        denominator = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+        param.addcdiv_(state["exp_avg"] / (1 - beta1**step), denominator, value=-group["lr"])
 
 
 def lr_at(step: int, max_steps: int, optim: OptimSection) -> float:

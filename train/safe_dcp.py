@@ -23,42 +23,50 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import filesystem, metadata
 
+from groundwork.errors import UserError
+
 # (module, name) -> object. Every entry appears in the .metadata torch 2.13 writes:
 METADATA_GLOBALS = {
-    **{("torch.distributed.checkpoint.metadata", cls.__name__): cls for cls in (
-        metadata.Metadata,               # the root object
-        metadata.StorageMeta,            # Metadata.storage_meta (checkpoint_id, save_id, load_id)
-        metadata.MetadataIndex,          # keys of Metadata.storage_data
-        metadata.TensorStorageMetadata,  # one per tensor: properties, size, chunks
-        metadata.ChunkStorageMetadata,   # one per saved shard (offsets, sizes); FSDP2 saves several
-        metadata.TensorProperties,       # dtype/layout/requires_grad/memory format/pin_memory
-        metadata._MEM_FORMAT_ENCODING,   # TensorProperties pickles its memory format as this enum
-        metadata.BytesStorageMetadata,   # one per non-tensor item (param_groups entries)
-    )},
+    **{
+        ("torch.distributed.checkpoint.metadata", cls.__name__): cls
+        for cls in (
+            metadata.Metadata,  # the root object
+            metadata.StorageMeta,  # Metadata.storage_meta (checkpoint_id, save_id, load_id)
+            metadata.MetadataIndex,  # keys of Metadata.storage_data
+            metadata.TensorStorageMetadata,  # one per tensor: properties, size, chunks
+            metadata.ChunkStorageMetadata,  # one per saved shard (offsets, sizes); FSDP2 saves several
+            metadata.TensorProperties,  # dtype/layout/requires_grad/memory format/pin_memory
+            metadata._MEM_FORMAT_ENCODING,  # TensorProperties pickles its memory format as this enum
+            metadata.BytesStorageMetadata,  # one per non-tensor item (param_groups entries)
+        )
+    },
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,  # file, offset, length
-    ("torch", "Size"): torch.Size,                                     # tensor sizes, chunk offsets and sizes
+    ("torch", "Size"): torch.Size,  # tensor sizes, chunk offsets and sizes
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,  # how torch.layout pickles
     ("pathlib", "PosixPath"): pathlib.PosixPath,  # StorageMeta.checkpoint_id when saved with a Path
 }
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(UserError, ValueError):
     """A checkpoint file that would run code if read with plain pickle; names the file and what it holds."""
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(UserError, ValueError):
     """A checkpoint file that is not what DCP wrote (garbage, truncated); names the file."""
 
 
 def refused(path, what: str) -> UnsafeFileError:
-    return UnsafeFileError(f"{path}: holds {what}, which the weights-only loader refuses; use only checkpoints "
-                           f"this project wrote")
+    return UnsafeFileError(
+        f"{path}: holds {what}, which the weights-only loader refuses; use only checkpoints this project wrote"
+    )
 
 
 def damaged(path, error: BaseException) -> DamagedFileError:
     detail = " ".join(str(error).split())[:120]  # pickle/zip messages can span lines; ours must not
-    return DamagedFileError(f"{path}: not what DCP writes ({type(error).__name__}: {detail}); the checkpoint "
-                            f"is damaged or incomplete: use another one")
+    return DamagedFileError(
+        f"{path}: not what DCP writes ({type(error).__name__}: {detail}); the checkpoint "
+        f"is damaged or incomplete: use another one"
+    )
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from data.tokenizer import tokenizer_sha256
 from model import GrokConfig, GrokForCausalLM
 
+from . import safe_dcp
 from .checkpoint import MARKER, MODEL_CONFIG, CheckpointError, read_meta, verify
 from .engine_api import DCP_ERRORS, StateLoadError, dcp_cause, first_line
-from . import safe_dcp
 from .safe_dcp import DamagedFileError, UnsafeFileError
 
 
@@ -30,8 +30,10 @@ def weights_kind(path: Path, option: str = "model.init_from") -> str:
         return "checkpoint"
     if (path / MODEL_CONFIG).is_file() and any(path.glob("*.safetensors")):
         return "export"
-    raise CheckpointError(f"{option} {path}: neither a complete checkpoint (no {MARKER}) nor an exported "
-                          f"Hugging Face folder (config.json + *.safetensors)")
+    raise CheckpointError(
+        f"{option} {path}: neither a complete checkpoint (no {MARKER}) nor an exported "
+        f"Hugging Face folder (config.json + *.safetensors)"
+    )
 
 
 def read_model_config(path: Path, option: str) -> GrokConfig:
@@ -45,8 +47,9 @@ def read_model_config(path: Path, option: str) -> GrokConfig:
             raise ValueError(f"model_type {raw.get('model_type')!r} is not {GrokConfig.model_type!r}")
         return GrokConfig.from_dict({k: v for k, v in raw.items() if k not in ("auto_map", "architectures")})
     except Exception as error:  # unreadable, not JSON, or rejected by GrokConfig's own validation
-        raise CheckpointError(f"{option} {path}: {file.name} is unusable ({first_line(error)}); use a folder "
-                              f"written by minicolossus") from error
+        raise CheckpointError(
+            f"{option} {path}: {file.name} is unusable ({first_line(error)}); use a folder written by minicolossus"
+        ) from error
 
 
 def tokenizer_dir(path: Path) -> Path | None:
@@ -57,8 +60,10 @@ def tokenizer_dir(path: Path) -> Path | None:
 def tokenizer_hash(path: Path, option: str) -> str:
     """sha256 of the tokenizer a checkpoint or export was trained with (what data must match)."""
     if tokenizer_dir(path) is None:
-        raise CheckpointError(f"{option} {path}: has no tokenizer.json, so the data's tokenizer cannot be checked "
-                              f"against it; export it again from a checkpoint that has one")
+        raise CheckpointError(
+            f"{option} {path}: has no tokenizer.json, so the data's tokenizer cannot be checked "
+            f"against it; export it again from a checkpoint that has one"
+        )
     return tokenizer_sha256(path)
 
 
@@ -72,8 +77,10 @@ def load_model_weights(path: Path, option: str = "CHECKPOINT") -> tuple[GrokConf
         try:
             from .deepspeed_engine import consolidated_weights
         except ImportError:
-            raise CheckpointError(f"{option} {path}: a DeepSpeed checkpoint, and DeepSpeed is not installed: "
-                                  f"pip install -e '.[deepspeed]'") from None
+            raise CheckpointError(
+                f"{option} {path}: a DeepSpeed checkpoint, and DeepSpeed is not installed: "
+                f"pip install -e '.[deepspeed]'"
+            ) from None
         try:
             return config, consolidated_weights(path)
         except StateLoadError as error:
@@ -88,8 +95,10 @@ def load_model_weights(path: Path, option: str = "CHECKPOINT") -> tuple[GrokConf
     except DCP_ERRORS as error:
         if isinstance(dcp_cause(error), (UnsafeFileError, DamagedFileError)):
             raise CheckpointError(str(dcp_cause(error))) from None
-        raise CheckpointError(f"{option} {path}: model state unreadable ({first_line(error)}); use a checkpoint "
-                              f"this project wrote, of this model") from error
+        raise CheckpointError(
+            f"{option} {path}: model state unreadable ({first_line(error)}); use a checkpoint "
+            f"this project wrote, of this model"
+        ) from error
     return config, state
 
 
@@ -101,8 +110,9 @@ def load_export(path: Path, option: str, dtype=torch.float32, **placement) -> Gr
     try:
         return GrokForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True, **placement)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as error:
-        raise CheckpointError(f"{option} {path}: its weights cannot be loaded ({first_line(error)}); export the "
-                              f"checkpoint again") from error
+        raise CheckpointError(
+            f"{option} {path}: its weights cannot be loaded ({first_line(error)}); export the checkpoint again"
+        ) from error
 
 
 def initial_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -119,8 +129,10 @@ def load_for_inference(path: Path, option: str, dtype=torch.float32, **placement
     if weights_kind(path, option) == "export":
         return load_export(path, option, dtype, **placement).eval(), tokenizer_dir(path)
     if placement.get("max_memory"):
-        raise CheckpointError(f"{option} {path}: a memory budget (--max-memory) places an exported model; "
-                              f"export this checkpoint with scripts/export_hf.py and use the export")
+        raise CheckpointError(
+            f"{option} {path}: a memory budget (--max-memory) places an exported model; "
+            f"export this checkpoint with scripts/export_hf.py and use the export"
+        )
     config, weights = load_model_weights(path, option)
     with torch.device("meta"):
         model = GrokForCausalLM(config)

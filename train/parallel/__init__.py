@@ -5,6 +5,7 @@
   precision      compute dtype, autocast, FSDP's mixed-precision policy
   tensor         tensor parallelism: matmuls split inside a node, sequence-parallel norms, vocab-parallel loss
   expert         expert parallelism: experts sharded over ranks, tokens swapped by all-to-all
+  block_options  activation checkpointing and torch.compile, per block or the whole model
   data_parallel  ddp / fsdp / hsdp wrapping, gradient sync across micro-batches
   clipping       the global gradient norm across meshes
 (deepspeed, ZeRO-1/2/3, wraps the model itself: see train/deepspeed_engine.py.)
@@ -14,14 +15,24 @@ The same code runs with gloo on CPU and NCCL on GPU.
 import torch.nn as nn
 
 from ..config import TrainConfig
+from .block_options import apply_block_options
 from .clipping import clip_grad_norm
-from .data_parallel import apply_block_options, apply_ddp, apply_fsdp, gradient_sync
+from .data_parallel import apply_ddp, apply_fsdp, gradient_sync
 from .expert import apply_expert_parallel
-from .tensor import apply_tensor_parallel, forward_context
-from .mesh import Layout, WorldMesh, build_world_mesh, check_model_fits, layout_of
+from .mesh import Layout, MeshAxis, WorldMesh, build_world_mesh, check_model_fits, layout_of
 from .precision import autocast, compute_dtype
-from .process_group import (Env, LaunchError, all_reduce_max, all_reduce_sum, barrier, broadcast_from_main, setup,
-                            teardown, uses_cuda)
+from .process_group import (
+    Env,
+    LaunchError,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast_from_main,
+    setup,
+    teardown,
+    uses_cuda,
+)
+from .tensor import apply_tensor_parallel, forward_context
 
 
 def parallelize(model: nn.Module, config: TrainConfig, env: Env, init_weights) -> nn.Module:
@@ -32,7 +43,7 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Env, init_weights) -
     strategy = config.parallel.strategy
     mesh = build_world_mesh(env.layout, env.device.type) if strategy in ("fsdp", "hsdp") else None
     if mesh is not None and env.layout.tp > 1:
-        apply_tensor_parallel(model, mesh.dense["tp"])
+        apply_tensor_parallel(model, mesh.tensor_parallel)
     if mesh is not None and env.layout.ep > 1:
         apply_expert_parallel(model, mesh)
     apply_block_options(model, config, env.device, one_graph=strategy == "none")
@@ -44,6 +55,27 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Env, init_weights) -
     return model
 
 
-__all__ = ["Env", "Layout", "LaunchError", "WorldMesh", "all_reduce_max", "all_reduce_sum", "apply_block_options",
-           "autocast", "barrier", "broadcast_from_main", "build_world_mesh", "check_model_fits", "clip_grad_norm",
-           "compute_dtype", "forward_context", "gradient_sync", "layout_of", "parallelize", "setup", "teardown", "uses_cuda"]
+__all__ = [
+    "Env",
+    "Layout",
+    "LaunchError",
+    "MeshAxis",
+    "WorldMesh",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "apply_block_options",
+    "autocast",
+    "barrier",
+    "broadcast_from_main",
+    "build_world_mesh",
+    "check_model_fits",
+    "clip_grad_norm",
+    "compute_dtype",
+    "forward_context",
+    "gradient_sync",
+    "layout_of",
+    "parallelize",
+    "setup",
+    "teardown",
+    "uses_cuda",
+]

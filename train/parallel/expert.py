@@ -50,7 +50,7 @@ def chunk_counts(counts: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 def _gather_chunks(chunk: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     padded = chunk.new_zeros(max(sizes), *chunk.shape[1:])
-    padded[:chunk.shape[0]] = chunk
+    padded[: chunk.shape[0]] = chunk
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
@@ -64,7 +64,7 @@ class _TakeChunk(torch.autograd.Function):
     def forward(ctx, rows, sizes, rank, group):
         ctx.sizes, ctx.group = sizes, group
         start = sum(sizes[:rank])
-        return rows[start:start + sizes[rank]]
+        return rows[start : start + sizes[rank]]
 
     @staticmethod
     def backward(ctx, grad):
@@ -82,7 +82,7 @@ class _GatherChunks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[ctx.start:ctx.start + ctx.size], None, None, None
+        return grad[ctx.start : ctx.start + ctx.size], None, None, None
 
 
 class ExpertParallelDispatch:
@@ -103,7 +103,7 @@ class ExpertParallelDispatch:
         if self.tp == 1:
             return self.exchange(routed, counts, w_gate, w_up, w_down)
         sizes = chunk_sizes(routed.shape[0], self.tp)
-        start = sum(sizes[:self.tp_rank])
+        start = sum(sizes[: self.tp_rank])
         mine = _TakeChunk.apply(routed, sizes, self.tp_rank, self.tp_group)
         out = self.exchange(mine, chunk_counts(counts, start, start + sizes[self.tp_rank]), w_gate, w_up, w_down)
         return _GatherChunks.apply(out, sizes, self.tp_rank, self.tp_group)
@@ -117,8 +117,9 @@ class ExpertParallelDispatch:
         receive = received_counts.sum(1).tolist()
         received = wait_tensor(all_to_all_single_autograd(routed, receive, send, self.group))
         order = expert_major_order(received_counts)
-        computed = grouped_geglu(received[order], received_counts.sum(0), local_part(w_gate), local_part(w_up),
-                                 local_part(w_down))
+        computed = grouped_geglu(
+            received[order], received_counts.sum(0), local_part(w_gate), local_part(w_up), local_part(w_down)
+        )
         in_arrival_order = computed[order.argsort()]
         return wait_tensor(all_to_all_single_autograd(in_arrival_order, send, receive, self.group))
 
@@ -130,8 +131,8 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 def apply_expert_parallel(model: nn.Module, mesh: WorldMesh) -> None:
     """Shard every MoE layer's experts over the ep dimension and route its rows through the all-to-all.
     Every rank built the same full weights (same seed): each keeps its own slice, no communication."""
-    ep_mesh = mesh.expert["ep"]
-    tp_group = mesh.dense["tp"].get_group() if mesh.layout.tp > 1 else None
+    ep_mesh = mesh.expert_parallel
+    tp_group = mesh.tensor_parallel.get_group() if mesh.layout.tp > 1 else None
     for moe in moe_layers(model):
         for name in EXPERT_WEIGHTS:
             weight = getattr(moe, name)

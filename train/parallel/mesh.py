@@ -15,10 +15,21 @@ ranks. Two meshes, then:
 """
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config import ConfigError, TrainConfig
+
+
+class MeshAxis(StrEnum):
+    """The one name of each mesh dimension (a DeviceMesh indexes its sub-meshes by these)."""
+
+    DP_REPLICATE = "dp_replicate"  # data-parallel replicas (hsdp: across nodes)
+    DP_SHARD = "dp_shard"  # data-parallel ranks that shard the dense weights
+    TP = "tp"  # tensor parallelism
+    EXPERT_SHARD = "expert_shard"  # ranks of one replica that hold the same experts
+    EP = "ep"  # expert parallelism: ranks that split the experts and swap tokens
 
 
 @dataclass(frozen=True)
@@ -59,23 +70,31 @@ def layout_of(config: TrainConfig, world_size: int, local_world_size: int) -> La
         return Layout()
     if (par.ep_size > 1 or par.tp_size > 1) and par.strategy not in ("fsdp", "hsdp"):
         flag = "parallel.ep_size" if par.ep_size > 1 else "parallel.tp_size"
-        raise ConfigError(f"{flag} > 1 needs parallel.strategy fsdp or hsdp (not {par.strategy!r}); change the "
-                          f"strategy or set {flag} = 1")
+        raise ConfigError(
+            f"{flag} > 1 needs parallel.strategy fsdp or hsdp (not {par.strategy!r}); change the "
+            f"strategy or set {flag} = 1"
+        )
     tp, ep = par.tp_size, par.ep_size
     if world_size % tp:
-        raise ConfigError(f"parallel.tp_size {tp} does not divide the world size {world_size}; launch a multiple "
-                          f"of {tp} processes or change parallel.tp_size")
+        raise ConfigError(
+            f"parallel.tp_size {tp} does not divide the world size {world_size}; launch a multiple "
+            f"of {tp} processes or change parallel.tp_size"
+        )
     if par.strategy == "hsdp":
         shard = par.shard_size or max(local_world_size // tp, 1)
         replicate = par.replicate_size or world_size // (shard * tp)
         if replicate * shard * tp != world_size:
-            raise ConfigError(f"parallel.replicate_size {replicate} x parallel.shard_size {shard} x parallel.tp_size "
-                              f"{tp} != world size {world_size}; set them so their product is the number of processes")
+            raise ConfigError(
+                f"parallel.replicate_size {replicate} x parallel.shard_size {shard} x parallel.tp_size "
+                f"{tp} != world size {world_size}; set them so their product is the number of processes"
+            )
     else:
         replicate, shard = 1, world_size // tp
     if (shard * tp) % ep:
-        raise ConfigError(f"parallel.ep_size {ep} must divide the {shard * tp} data-parallel-shard x tensor ranks of a "
-                          f"replica it borrows from; choose a divisor of {shard * tp}")
+        raise ConfigError(
+            f"parallel.ep_size {ep} must divide the {shard * tp} data-parallel-shard x tensor ranks of a "
+            f"replica it borrows from; choose a divisor of {shard * tp}"
+        )
     return Layout(replicate, shard, tp, ep)
 
 
@@ -84,18 +103,25 @@ def check_model_fits(layout: Layout, model_config, seq_len: int) -> None:
     if layout.ep > 1 and not model_config.is_moe:
         raise ConfigError("parallel.ep_size > 1 needs a mixture-of-experts model (num_local_experts > 1)")
     if layout.ep > 1 and model_config.num_local_experts % layout.ep:
-        raise ConfigError(f"parallel.ep_size {layout.ep} must divide the model's {model_config.num_local_experts} "
-                          f"experts; choose a divisor of {model_config.num_local_experts}")
+        raise ConfigError(
+            f"parallel.ep_size {layout.ep} must divide the model's {model_config.num_local_experts} "
+            f"experts; choose a divisor of {model_config.num_local_experts}"
+        )
     if layout.tp > 1:
-        for name, size in (("num_attention_heads", model_config.num_attention_heads),
-                           ("num_key_value_heads", model_config.num_key_value_heads),
-                           ("vocab_size", model_config.vocab_size), ("data.seq_len", seq_len),
-                           ("intermediate_size", model_config.intermediate_size if not model_config.is_moe else 0),
-                           ("shared_intermediate_size", model_config.shared_intermediate_size)):
+        for name, size in (
+            ("num_attention_heads", model_config.num_attention_heads),
+            ("num_key_value_heads", model_config.num_key_value_heads),
+            ("vocab_size", model_config.vocab_size),
+            ("data.seq_len", seq_len),
+            ("intermediate_size", model_config.intermediate_size if not model_config.is_moe else 0),
+            ("shared_intermediate_size", model_config.shared_intermediate_size),
+        ):
             if size % layout.tp:
                 where = name if "." in name else f"model {name}"
-                raise ConfigError(f"parallel.tp_size {layout.tp} must divide {where} ({size}); choose a divisor, or "
-                                  f"change it with model.overrides")
+                raise ConfigError(
+                    f"parallel.tp_size {layout.tp} must divide {where} ({size}); choose a divisor, or "
+                    f"change it with model.overrides"
+                )
 
 
 @dataclass
@@ -108,21 +134,35 @@ class WorldMesh:
     def data_parallel(self) -> DeviceMesh:
         """What FSDP shards dense weights over: (replicate, shard) for hsdp, shard alone for fsdp."""
         if self.layout.dp_replicate > 1:
-            return self.dense["dp_replicate", "dp_shard"]
-        return self.dense["dp_shard"]
+            return self.dense[MeshAxis.DP_REPLICATE, MeshAxis.DP_SHARD]
+        return self.dense[MeshAxis.DP_SHARD]
+
+    @property
+    def tensor_parallel(self) -> DeviceMesh:
+        return self.dense[MeshAxis.TP]
+
+    @property
+    def expert_parallel(self) -> DeviceMesh:
+        return self.expert[MeshAxis.EP]
 
     @property
     def expert_data_parallel(self) -> DeviceMesh:
         if self.layout.dp_replicate > 1:
-            return self.expert["dp_replicate", "expert_shard"]
-        return self.expert["expert_shard"]
+            return self.expert[MeshAxis.DP_REPLICATE, MeshAxis.EXPERT_SHARD]
+        return self.expert[MeshAxis.EXPERT_SHARD]
 
 
 def build_world_mesh(layout: Layout, device_type: str) -> WorldMesh:
-    dense = init_device_mesh(device_type, (layout.dp_replicate, layout.dp_shard, layout.tp),
-                             mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    dense = init_device_mesh(
+        device_type,
+        (layout.dp_replicate, layout.dp_shard, layout.tp),
+        mesh_dim_names=(MeshAxis.DP_REPLICATE, MeshAxis.DP_SHARD, MeshAxis.TP),
+    )
     expert = None
     if layout.ep > 1:
-        expert = init_device_mesh(device_type, (layout.dp_replicate, layout.expert_shard, layout.ep),
-                                  mesh_dim_names=("dp_replicate", "expert_shard", "ep"))
+        expert = init_device_mesh(
+            device_type,
+            (layout.dp_replicate, layout.expert_shard, layout.ep),
+            mesh_dim_names=(MeshAxis.DP_REPLICATE, MeshAxis.EXPERT_SHARD, MeshAxis.EP),
+        )
     return WorldMesh(layout, dense, expert)

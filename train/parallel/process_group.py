@@ -9,12 +9,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from groundwork.errors import UserError
+
 from ..config import ConfigError, TrainConfig
 from .mesh import Layout, layout_of
 from .precision import compute_dtype
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The processes of a job could not form a group; the message says what to check."""
 
 
@@ -49,7 +51,7 @@ class Env:
 def uses_cuda(config: TrainConfig) -> bool:
     """run.device resolved: "auto" is CUDA when one is visible."""
     if config.run.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device 'cuda': no CUDA device is visible; use run.device = \"cpu\" or \"auto\"")
+        raise ConfigError('run.device \'cuda\': no CUDA device is visible; use run.device = "cpu" or "auto"')
     return config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
 
 
@@ -61,8 +63,9 @@ def setup(config: TrainConfig) -> Env:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     strategy = config.parallel.strategy
     if strategy == "none" and world_size > 1:
-        raise ConfigError(f"parallel.strategy 'none' runs one process, but {world_size} were launched; "
-                          f"use ddp, fsdp or hsdp")
+        raise ConfigError(
+            f"parallel.strategy 'none' runs one process, but {world_size} were launched; use ddp, fsdp or hsdp"
+        )
     layout = layout_of(config, world_size, local_world_size)
     use_cuda = uses_cuda(config)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -76,14 +79,21 @@ def setup(config: TrainConfig) -> Env:
                 os.environ.setdefault(key, str(value))  # what a launcher would say (DeepSpeed reads them)
         timeout = timedelta(seconds=config.run.timeout_s)
         try:
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, store=_restart_store(timeout),
-                                    device_id=device if use_cuda else None, rank=rank, world_size=world_size)
+            dist.init_process_group(
+                "nccl" if use_cuda else "gloo",
+                timeout=timeout,
+                store=_restart_store(timeout),
+                device_id=device if use_cuda else None,
+                rank=rank,
+                world_size=world_size,
+            )
         except (dist.DistError, RuntimeError) as error:  # a rank that never came: fail within the timeout
             first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
             raise LaunchError(
                 f"the {world_size} processes did not all join at {os.environ['MASTER_ADDR']}:"
                 f"{os.environ['MASTER_PORT']} within run.timeout_s={config.run.timeout_s} ({first[:200]}); start "
-                f"every node, check that they reach that address, or raise run.timeout_s") from error
+                f"every node, check that they reach that address, or raise run.timeout_s"
+            ) from error
     return Env(rank, world_size, local_rank, local_world_size, device, dtype, layout)
 
 
@@ -95,9 +105,13 @@ def _restart_store(timeout: timedelta) -> dist.Store | None:
     if attempt == 0:
         return None
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          int(os.environ["WORLD_SIZE"]), is_master=not agent_hosts_store and os.environ["RANK"] == "0",
-                          timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=not agent_hosts_store and os.environ["RANK"] == "0",
+        timeout=timeout,
+    )
     return dist.PrefixStore(f"minicolossus/attempt_{attempt}", store)
 
 

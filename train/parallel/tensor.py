@@ -23,11 +23,19 @@ import contextlib
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput,
-                                               PrepareModuleInputOutput, RowwiseParallel, SequenceParallel,
-                                               loss_parallel, parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 
 from model.grok import next_token_loss
+
 
 class TiedEmbeddingParallel(ParallelStyle):
     """The embedding / output projection split over vocabulary rows (see the module's docstring)."""
@@ -56,16 +64,23 @@ class TiedEmbeddingParallel(ParallelStyle):
 
 
 def _ffn_plan(prefix: str) -> dict:
-    return {prefix: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            f"{prefix}.w_gate": ColwiseParallel(), f"{prefix}.w_up": ColwiseParallel(),
-            f"{prefix}.w_down": RowwiseParallel(output_layouts=Shard(1))}
+    return {
+        prefix: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        f"{prefix}.w_gate": ColwiseParallel(),
+        f"{prefix}.w_up": ColwiseParallel(),
+        f"{prefix}.w_down": RowwiseParallel(output_layouts=Shard(1)),
+    }
 
 
 def block_plan(block: nn.Module) -> dict:
     plan = {
         "attn_norm_in": SequenceParallel(),
-        "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)),
-        "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+        "attn": PrepareModuleInput(
+            input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+        ),
+        "attn.q_proj": ColwiseParallel(),
+        "attn.k_proj": ColwiseParallel(),
+        "attn.v_proj": ColwiseParallel(),
         "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
         "attn_norm_out": SequenceParallel(use_local_output=True),  # the residual stream stays plain tensors
         "ffn_norm_in": SequenceParallel(),
@@ -78,8 +93,13 @@ def block_plan(block: nn.Module) -> dict:
         plan.update(_ffn_plan("ffn.shared"))
     if ffn.moe is not None:
         plan["ffn.moe"] = PrepareModuleInputOutput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-            output_layouts=(Replicate(), None), desired_output_layouts=(Shard(1), None), use_local_output=True)
+            input_layouts=(Shard(1),),
+            desired_input_layouts=(Replicate(),),
+            use_local_input=True,
+            output_layouts=(Replicate(), None),
+            desired_output_layouts=(Shard(1), None),
+            use_local_output=True,
+        )
     return plan
 
 
@@ -94,8 +114,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Split a GrokForCausalLM over tp_mesh in place (before activation checkpointing and FSDP wrap it)."""
     parallelize_module(model.model, tp_mesh, {"embed_tokens": TiedEmbeddingParallel(), "norm": SequenceParallel()})
     if model.lm_head is not None:  # vocabulary-split logits for loss_parallel, from the sequence-split norm
-        parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
-                                                                       use_local_output=False)})
+        parallelize_module(
+            model,
+            tp_mesh,
+            {"lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)},
+        )
     for block in model.model.layers:
         parallelize_module(block, tp_mesh, block_plan(block))
     model.next_token_loss = vocab_parallel_loss

@@ -7,8 +7,14 @@ from .search import search
 from .spec import model_spec
 
 
-def scaling(model: str, gpu_counts: list[int], gpu: str = "h100", fabric: str = "roce400", seq_len: int = 8192,
-            global_batch_tokens: int = 16 * 2**20) -> list[tuple[int, Estimate | None]]:
+def scaling(
+    model: str,
+    gpu_counts: list[int],
+    gpu: str = "h100",
+    fabric: str = "roce400",
+    seq_len: int = 8192,
+    global_batch_tokens: int = 16 * 2**20,
+) -> list[tuple[int, Estimate | None]]:
     """(GPU count, the fastest layout that fits or None) for each count, at a fixed global batch."""
     spec = model_spec(model)
     cluster = Cluster(GPUS[gpu], FABRICS[fabric])

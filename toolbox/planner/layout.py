@@ -36,6 +36,7 @@ ZERO3_REUSE_DISTANCE = 1e9  # DeepSpeed's stage3_max_reuse_distance, in paramete
 @dataclass
 class Traffic:
     """One kind of collective over a step: what this GPU sends, on which link, and what it costs."""
+
     name: str
     link: str  # "nvlink" or "fabric"
     bytes_per_step: float
@@ -99,16 +100,20 @@ def check(job: Job, layout: Layout) -> int:
     if L.pp * L.virtual_stages > s.layers:
         raise InvalidLayout(f"pp {L.pp} x {L.virtual_stages} virtual stages is more than {s.layers} layers")
     if L.ep > 1 and (not s.is_moe or s.experts % L.ep or (dp * L.cp * L.tp) % L.ep):
-        raise InvalidLayout(f"ep {L.ep} must divide the {s.experts} experts and the {dp * L.cp * L.tp} "
-                            f"data x context x tensor parallel ranks it borrows")
+        raise InvalidLayout(
+            f"ep {L.ep} must divide the {s.experts} experts and the {dp * L.cp * L.tp} "
+            f"data x context x tensor parallel ranks it borrows"
+        )
     if job.seq_len % (2 * L.cp) and L.cp > 1:
         raise InvalidLayout(f"cp {L.cp}: sequence {job.seq_len} must split into 2 x cp chunks")
     if L.data_parallel == "hsdp" and (dp % L.shard_size or L.shard_size == 1):
         raise InvalidLayout(f"hsdp: shard size {L.shard_size} must divide the {dp} data-parallel ranks")
     sequences = job.global_batch_tokens // job.seq_len
     if sequences < dp * L.micro_batch:
-        raise InvalidLayout(f"{dp} data-parallel ranks x micro-batch {L.micro_batch} need at least "
-                            f"{dp * L.micro_batch * job.seq_len:,} tokens a step (asked {job.global_batch_tokens:,})")
+        raise InvalidLayout(
+            f"{dp} data-parallel ranks x micro-batch {L.micro_batch} need at least "
+            f"{dp * L.micro_batch * job.seq_len:,} tokens a step (asked {job.global_batch_tokens:,})"
+        )
     if L.schedule == "interleaved" and sequences // (dp * L.micro_batch) < L.pp:
         raise InvalidLayout("interleaved: needs at least pp micro-batches a step")
     if L.schedule == "dualpipe" and (L.pp % 2 or L.virtual_stages != 1 or sequences // (dp * L.micro_batch) < 2 * L.pp):
@@ -130,8 +135,9 @@ def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     return 2 * spec.trained_params_active + spec.trained_attention_flops(seq_len) / 3
 
 
-def tensor_parallel_collectives(s: ModelSpec, L: Layout, stage_layers: int, moe_stage_layers: int,
-                                recomputes: bool) -> float:
+def tensor_parallel_collectives(
+    s: ModelSpec, L: Layout, stage_layers: int, moe_stage_layers: int, recomputes: bool
+) -> float:
     """All-reduce equivalents per micro-batch on one stage. Attention and a dense or shared FFN: an all-gather
     in and a reduce-scatter out, each way (2); routed experts, which this trainer runs whole on every tp rank,
     gather their input in the forward and their output's gradient in the backward (1); the embedding
@@ -190,7 +196,9 @@ def estimate(job: Job, layout: Layout) -> Estimate:
             if s.routing_node_limit:  # one copy a node, forwarded over NVLink
                 destinations = min(s.top_k, s.routing_node_limit, nodes)
             remote_share = (nodes - 1) / nodes
-        seconds, sent = collectives.all_to_all(local_tokens * destinations * s.hidden * act * remote_share, L.ep, bw, lat)
+        seconds, sent = collectives.all_to_all(
+            local_tokens * destinations * s.hidden * act * remote_share, L.ep, bw, lat
+        )
         count = (6 if recomputes else 4) * moe_stage_layers
         if dualpipe:  # behind the compute of the micro-batch running beside it
             exposed = max(0.0, seconds * count - t_compute)
@@ -220,8 +228,7 @@ def estimate(job: Job, layout: Layout) -> Estimate:
     return result
 
 
-def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float, forward_share: float,
-                          link) -> list:
+def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float, forward_share: float, link) -> list:
     s = job.spec
     stage_layers = math.ceil(s.layers / L.pp)
     dense, experts = stage_params(s, L)
@@ -239,22 +246,42 @@ def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float
         shard_ranks = L.shard_size if L.data_parallel == "hsdp" else ranks
         kind, bw, lat = link(shard_ranks, stride)
         # issued a layer at a time: each layer's collective pays its own latency
-        gather_s, gather_sent = per_layer(collectives.all_gather, job.model_bytes * params, shard_ranks, bw, lat, stage_layers)
-        reduce_s, reduce_sent = per_layer(collectives.reduce_scatter, grad_bytes * params, shard_ranks, bw, lat, stage_layers)
+        gather_s, gather_sent = per_layer(
+            collectives.all_gather, job.model_bytes * params, shard_ranks, bw, lat, stage_layers
+        )
+        reduce_s, reduce_sent = per_layer(
+            collectives.reduce_scatter, grad_bytes * params, shard_ranks, bw, lat, stage_layers
+        )
         if L.data_parallel == "ddp":
             reduce_s, reduce_sent = per_layer(collectives.all_reduce, 4 * params, ranks, bw, lat, stage_layers)
-            traffic.append(overlapped(f"dp all-reduce ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers))
+            traffic.append(
+                overlapped(f"dp all-reduce ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers)
+            )
         elif L.data_parallel in ("zero1", "zero2"):
             # DeepSpeed all-reduces the gradients at these stages (each rank then keeps its partition) and
             # all-gathers the updated parameters after its optimizer step, as measured on this trainer
             reduce_s, reduce_sent = per_layer(collectives.all_reduce, grad_bytes * params, ranks, bw, lat, stage_layers)
-            traffic.append(overlapped(f"dp all-reduce ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers))
-            traffic.append(overlapped(f"dp all-gather ({what})", kind, gather_s, gather_sent, forward_window, stage_layers))
+            traffic.append(
+                overlapped(f"dp all-reduce ({what})", kind, reduce_s, reduce_sent, backward_window, stage_layers)
+            )
+            traffic.append(
+                overlapped(f"dp all-gather ({what})", kind, gather_s, gather_sent, forward_window, stage_layers)
+            )
         else:  # fsdp / hsdp / zero3: gathers for each micro-batch's forward and backward
-            windows = compute_windows.setdefault(kind, {"forward": forward_window, "backward": backward_window,
-                                                        "last backward": backward_window})
-            traffic += sharded_traffic(L, what, kind, m, (gather_s, gather_sent), (reduce_s, reduce_sent), windows,
-                                       stage_layers, stage_params_count)
+            windows = compute_windows.setdefault(
+                kind, {"forward": forward_window, "backward": backward_window, "last backward": backward_window}
+            )
+            traffic += sharded_traffic(
+                L,
+                what,
+                kind,
+                m,
+                (gather_s, gather_sent),
+                (reduce_s, reduce_sent),
+                windows,
+                stage_layers,
+                stage_params_count,
+            )
             if L.data_parallel == "hsdp" and ranks > shard_ranks:
                 kind, bw, lat = link(ranks // shard_ranks, stride * shard_ranks)
                 seconds, sent = collectives.all_reduce(grad_bytes * params / shard_ranks, ranks // shard_ranks, bw, lat)
@@ -262,8 +289,9 @@ def data_parallel_traffic(job: Job, L: Layout, dp: int, m: int, t_compute: float
     return traffic
 
 
-def sharded_traffic(L: Layout, what: str, kind: str, m: int, gather, reduce, windows: dict, layers: int,
-                    stage_params_count: float) -> list:
+def sharded_traffic(
+    L: Layout, what: str, kind: str, m: int, gather, reduce, windows: dict, layers: int, stage_params_count: float
+) -> list:
     """FSDP / ZeRO-3, phase by phase: each micro-batch's forward hides its gathers behind the forward's compute
     only, and its backward hides the backward's re-gathers and the gradient reduce-scatter behind the
     backward's compute (ZeRO-3 reduces in every micro-batch's backward, FSDP in the last one's only, so the
@@ -289,10 +317,22 @@ def sharded_traffic(L: Layout, what: str, kind: str, m: int, gather, reduce, win
     gather_exposed = forward_exposed + (in_every_backward(gather_s) if regathers else 0.0)
     reduce_exposed = in_every_backward(reduce_s) if reduces_every_micro_batch else behind(reduce_s, "last backward")
     gathers, reduces = (2 if regathers else 1) * m, m if reduces_every_micro_batch else 1
-    return [Traffic(f"dp all-gather ({what})", kind, gathers * gather_sent, gathers * gather_s,
-                    min(gathers * gather_s, gather_exposed + gather_s / layers)),
-            Traffic(f"dp reduce-scatter ({what})", kind, reduces * reduce_sent, reduces * reduce_s,
-                    min(reduces * reduce_s, reduce_exposed + reduce_s / layers))]
+    return [
+        Traffic(
+            f"dp all-gather ({what})",
+            kind,
+            gathers * gather_sent,
+            gathers * gather_s,
+            min(gathers * gather_s, gather_exposed + gather_s / layers),
+        ),
+        Traffic(
+            f"dp reduce-scatter ({what})",
+            kind,
+            reduces * reduce_sent,
+            reduces * reduce_s,
+            min(reduces * reduce_s, reduce_exposed + reduce_s / layers),
+        ),
+    ]
 
 
 def per_layer(collective, size: float, ranks: int, bandwidth: float, latency: float, layers: int):

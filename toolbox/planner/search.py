@@ -5,7 +5,6 @@ import itertools
 from .job import CHECKPOINTING, DATA_PARALLEL, InvalidLayout, Job, Layout
 from .layout import Estimate, estimate
 
-
 MICRO_BATCHES = (1, 2, 4)  # sequences per forward
 VIRTUAL_STAGES = (2, 4)  # an interleaved schedule's chunks per rank
 
@@ -21,17 +20,29 @@ def candidates(job: Job, data_parallel: tuple = DATA_PARALLEL):
     pps = [p for p in range(1, min(s.layers, 128) + 1) if job.gpus % p == 0]
     eps = powers_of_two(s.experts) if s.is_moe else [1]
     cps = [c for c in powers_of_two(32) if job.seq_len >= 16384 or c == 1]
-    for dp_kind, tp, pp, ep, cp, ac, micro in itertools.product(data_parallel, tps, pps, eps, cps, CHECKPOINTING,
-                                                                 MICRO_BATCHES):
+    for dp_kind, tp, pp, ep, cp, ac, micro in itertools.product(
+        data_parallel, tps, pps, eps, cps, CHECKPOINTING, MICRO_BATCHES
+    ):
         schedules = [("1f1b", 1)] + ([("interleaved", v) for v in VIRTUAL_STAGES] if pp > 1 else [])
         schedules += [("dualpipe", 1)] if pp % 2 == 0 else []
         for schedule, virtual in schedules:
-            yield Layout(dp_kind, tp=tp, pp=pp, ep=ep, cp=cp, micro_batch=micro, schedule=schedule,
-                         virtual_stages=virtual, checkpointing=ac, shard_size=node)
+            yield Layout(
+                dp_kind,
+                tp=tp,
+                pp=pp,
+                ep=ep,
+                cp=cp,
+                micro_batch=micro,
+                schedule=schedule,
+                virtual_stages=virtual,
+                checkpointing=ac,
+                shard_size=node,
+            )
 
 
-def search(job: Job, top: int | None = None, fitting_only: bool = True,
-           data_parallel: tuple = DATA_PARALLEL) -> list[Estimate]:
+def search(
+    job: Job, top: int | None = None, fitting_only: bool = True, data_parallel: tuple = DATA_PARALLEL
+) -> list[Estimate]:
     """`data_parallel` narrows the kinds tried (a published run's software had only some of them)."""
     results = []
     for layout in candidates(job, data_parallel):

@@ -51,21 +51,22 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import BYTE_VOCAB_SIZE
+from groundwork.cli import ArgumentParser, integer, run_main
+from groundwork.errors import UserError
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
+from train.config import load_config
+from train.metrics import peak_flops, peak_memory_mib, read_metrics  # the trainer's MFU: same peak table
+from train.optim import build_optimizer
+from train.parallel import apply_block_options, autocast, compute_dtype, uses_cuda
+from train.trainer import build_model_config
 
-from .cli import ArgumentParser, integer, run_main
-from .config import load_config
-from .metrics import peak_flops, peak_memory_mib, read_metrics  # the trainer's MFU: same peak table
-from .optim import build_optimizer
-from .parallel import apply_block_options, autocast, compute_dtype, uses_cuda
-from .bench_baseline import SHAPE_CONFIG, RECIPE_CONFIG, BaselineError, bench_baseline, bench_quality, run_python
+from .bench_baseline import RECIPE_CONFIG, SHAPE_CONFIG, bench_baseline, bench_quality, run_python
 from .bench_init import bench_init
-from .trainer import build_model_config
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: configs/ and the cwd of the trainer runs
 
 
-class BenchError(RuntimeError):
+class BenchError(UserError, RuntimeError):
     """A benchmark run that failed: the message names the run and the trainer's last line."""
 
 
@@ -114,13 +115,21 @@ def bench_model(args, overrides: list[str]) -> dict:
     flops = flops_per_token(model_config, count_parameters(model).active, seq_len) * tokens_per_step
     peak = peak_flops(device)
     return {
-        "bench": "model", "config": str(args.config or "-"), "preset": config.model.preset,
-        "params": count_parameters(model).total, "device": torch.cuda.get_device_name() if use_cuda else "cpu",
-        "threads": torch.get_num_threads(), "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
-        "attn_backend": model_config.attn_backend, "compile": config.parallel.compile,
+        "bench": "model",
+        "config": str(args.config or "-"),
+        "preset": config.model.preset,
+        "params": count_parameters(model).total,
+        "device": torch.cuda.get_device_name() if use_cuda else "cpu",
+        "threads": torch.get_num_threads(),
+        "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "attn_backend": model_config.attn_backend,
+        "compile": config.parallel.compile,
         "activation_checkpointing": config.parallel.activation_checkpointing,
-        "micro_batch": batch, "seq_len": seq_len, "warmup_s": round(warmup_s, 1),
-        "ms_per_step": round(seconds_per_step * 1e3, 1), "tokens_per_s": round(tokens_per_step / seconds_per_step),
+        "micro_batch": batch,
+        "seq_len": seq_len,
+        "warmup_s": round(warmup_s, 1),
+        "ms_per_step": round(seconds_per_step * 1e3, 1),
+        "tokens_per_s": round(tokens_per_step / seconds_per_step),
         # four significant figures, not decimals: a slow first CPU step of a tiny model is well under 1e-4 TFLOP/s
         "achieved_tflops": float(f"{flops / seconds_per_step / 1e12:.4g}"),
         "mfu": round(flops / seconds_per_step / peak, 4) if peak else None,
@@ -131,6 +140,7 @@ def bench_model(args, overrides: list[str]) -> dict:
 def write_profile(step, device: torch.device, path: Path, steps: int = 3) -> None:
     """torch.profiler over a few more steps: the kernels (or CPU ops) that took the most time, as a table."""
     from torch.profiler import ProfilerActivity, profile
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         for _ in range(steps):
@@ -139,12 +149,14 @@ def write_profile(step, device: torch.device, path: Path, steps: int = 3) -> Non
             torch.cuda.synchronize()
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{steps} steps, sorted by {sort_by}\n" + profiler.key_averages().table(sort_by=sort_by,
-                                                                                             row_limit=30))
+    path.write_text(
+        f"{steps} steps, sorted by {sort_by}\n" + profiler.key_averages().table(sort_by=sort_by, row_limit=30)
+    )
 
 
 def bench_data(args) -> dict:
     import datasets
+
     from data import tokenizer as tok
     from data.loader import TrainLoader
     from data.prepare import main as prepare_main
@@ -187,10 +199,17 @@ def bench_data(args) -> dict:
                 total += time.perf_counter() - begin
         loader.close()
     return {
-        "bench": "data", "source": corpus.description, "documents": len(texts), "tokens": n_tokens,
-        "bpe_vocab": tokenizer.get_vocab_size(), "bpe_train_s": round(bpe_train_s, 2),
-        "encode_tokens_per_s": round(n_tokens / encode_s), "batch": args.batch, "seq_len": args.seq_len,
-        "loader_ms_per_batch": round(loader_ms, 3), "tiny_step_ms": round(total / args.steps * 1e3, 1),
+        "bench": "data",
+        "source": corpus.description,
+        "documents": len(texts),
+        "tokens": n_tokens,
+        "bpe_vocab": tokenizer.get_vocab_size(),
+        "bpe_train_s": round(bpe_train_s, 2),
+        "encode_tokens_per_s": round(n_tokens / encode_s),
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "loader_ms_per_batch": round(loader_ms, 3),
+        "tiny_step_ms": round(total / args.steps * 1e3, 1),
         "loader_wait_share": round(waited / total, 5),
     }
 
@@ -222,8 +241,10 @@ def preset_data(preset: str, data_root: str) -> tuple[str, Path]:
     """A preset's config file and its stdlib corpus, prepared once under data_root and reused."""
     config, prepare_args = PRESET_RUNS[preset]
     data = Path(data_root) / f"stdlib-{prepare_args[-1]}"
-    trainer_run([sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data), *prepare_args],
-                f"preparing {data} for {preset}")
+    trainer_run(
+        [sys.executable, "-m", "data.prepare", "--source", "stdlib", "--out", str(data), *prepare_args],
+        f"preparing {data} for {preset}",
+    )
     return config, data
 
 
@@ -235,33 +256,60 @@ def bench_strategies(args) -> list[dict]:
             nproc, overrides = STRATEGY_RUNS[name]
             nproc = nproc or args.nproc
             with tempfile.TemporaryDirectory() as out:
-                launcher = [sys.executable, "-m", "train"] if nproc == 1 else [
-                    sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", "train"]
-                command = launcher + ["--config", config, f"--data.path={data}", f"--run.out_dir={out}",
-                                      f"--run.max_steps={args.steps}", f"--log.every={args.log_every}",
-                                      "--log.progress=false",
-                                      "--eval.every=0", "--eval.max_sequences=1", "--checkpoint.every=0",
-                                      "--run.resume=never", *overrides]
+                launcher = (
+                    [sys.executable, "-m", "train"]
+                    if nproc == 1
+                    else [
+                        sys.executable,
+                        "-m",
+                        "torch.distributed.run",
+                        "--standalone",
+                        f"--nproc_per_node={nproc}",
+                        "-m",
+                        "train",
+                    ]
+                )
+                command = launcher + [
+                    "--config",
+                    config,
+                    f"--data.path={data}",
+                    f"--run.out_dir={out}",
+                    f"--run.max_steps={args.steps}",
+                    f"--log.every={args.log_every}",
+                    "--log.progress=false",
+                    "--eval.every=0",
+                    "--eval.max_sequences=1",
+                    "--checkpoint.every=0",
+                    "--run.resume=never",
+                    *overrides,
+                ]
                 trainer_run(command, f"{preset} with {name} ({nproc} process(es))")
                 rows = read_metrics(Path(out))
             timed = rows[1:-1]  # skip the warm-up interval and the last one (it includes the final evaluation)
-            results.append({
-                "bench": "strategies", "preset": preset, "strategy": name, "processes": nproc,
-                "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed)),
-                "peak_mem_mib_per_rank": round(rows[-1]["peak_mem_mib"], 1),
-                "param_mib_per_rank": round(rows[-1]["param_mib"], 2),
-                "state_mib_per_rank": round(rows[-1]["state_mib"], 2),
-            })
+            results.append(
+                {
+                    "bench": "strategies",
+                    "preset": preset,
+                    "strategy": name,
+                    "processes": nproc,
+                    "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed)),
+                    "peak_mem_mib_per_rank": round(rows[-1]["peak_mem_mib"], 1),
+                    "param_mib_per_rank": round(rows[-1]["param_mib"], 2),
+                    "state_mib_per_rank": round(rows[-1]["state_mib"], 2),
+                }
+            )
             print(json.dumps(results[-1]) if args.json else results[-1], flush=True)
         by_name = {r["strategy"]: r for r in results if r["preset"] == preset}
         if {"none-1thread", "ddp", "fsdp"} <= by_name.keys():
             summary = {
-                "bench": "strategies-summary", "preset": preset,
-                "fsdp_state_vs_ddp": round(by_name["fsdp"]["state_mib_per_rank"]
-                                           / by_name["ddp"]["state_mib_per_rank"], 3),
+                "bench": "strategies-summary",
+                "preset": preset,
+                "fsdp_state_vs_ddp": round(
+                    by_name["fsdp"]["state_mib_per_rank"] / by_name["ddp"]["state_mib_per_rank"], 3
+                ),
                 "ddp_vs_2x_single_thread": round(
-                    by_name["ddp"]["tokens_per_s"] / (args.nproc * by_name["none-1thread"]["tokens_per_s"]), 3),
+                    by_name["ddp"]["tokens_per_s"] / (args.nproc * by_name["none-1thread"]["tokens_per_s"]), 3
+                ),
             }
             results.append(summary)
             print(json.dumps(summary) if args.json else summary, flush=True)
@@ -275,27 +323,60 @@ def bench_checkpoint(args) -> list[dict]:
     results = []
     for mode in ("sync", "async"):
         with tempfile.TemporaryDirectory() as out:
-            launcher = [sys.executable, "-m", "train"] if args.nproc == 1 else [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                "-m", "train"]
-            trainer_run(launcher + ["--config", config, f"--data.path={data}", f"--run.out_dir={out}",
-                                    f"--run.max_steps={args.steps}", "--log.every=1", "--log.progress=false",
-                                    "--eval.every=0", "--eval.max_sequences=1", f"--checkpoint.every={args.every}",
-                                    f"--checkpoint.async_save={'true' if mode == 'async' else 'false'}",
-                                    "--checkpoint.keep=1",
-                                    f"--parallel.strategy={'none' if args.nproc == 1 else 'fsdp'}"],
-                        f"{args.preset} with {mode} checkpoints")
+            launcher = (
+                [sys.executable, "-m", "train"]
+                if args.nproc == 1
+                else [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={args.nproc}",
+                    "-m",
+                    "train",
+                ]
+            )
+            trainer_run(
+                launcher
+                + [
+                    "--config",
+                    config,
+                    f"--data.path={data}",
+                    f"--run.out_dir={out}",
+                    f"--run.max_steps={args.steps}",
+                    "--log.every=1",
+                    "--log.progress=false",
+                    "--eval.every=0",
+                    "--eval.max_sequences=1",
+                    f"--checkpoint.every={args.every}",
+                    f"--checkpoint.async_save={'true' if mode == 'async' else 'false'}",
+                    "--checkpoint.keep=1",
+                    f"--parallel.strategy={'none' if args.nproc == 1 else 'fsdp'}",
+                ],
+                f"{args.preset} with {mode} checkpoints",
+            )
             rows = read_metrics(Path(out))
             saved = list(Path(out, "checkpoints").glob("step_*"))
             mib = sum(f.stat().st_size for d in saved for f in d.rglob("*") if f.is_file()) / 2**20
-        seconds = {r["step"]: (r["tokens_seen"] - prev["tokens_seen"]) / r["tokens_per_s"]
-                   for prev, r in zip(rows, rows[1:]) if r.get("tokens_per_s")}
+        seconds = {
+            r["step"]: (r["tokens_seen"] - prev["tokens_seen"]) / r["tokens_per_s"]
+            for prev, r in zip(rows, rows[1:])
+            if r.get("tokens_per_s")
+        }
         # the save at step s (after its row) falls in the interval logged at s + 1
         after_save = [t for step, t in seconds.items() if (step - 1) % args.every == 0 and step > 2]
         plain = [t for step, t in seconds.items() if (step - 1) % args.every and step > 2]
-        results.append({"bench": "checkpoint", "preset": args.preset, "mode": mode, "processes": args.nproc,
-                        "checkpoint_mib": round(mib, 1), "step_s": round(statistics.median(plain), 4),
-                        "stall_per_save_s": round(statistics.median(after_save) - statistics.median(plain), 4)})
+        results.append(
+            {
+                "bench": "checkpoint",
+                "preset": args.preset,
+                "mode": mode,
+                "processes": args.nproc,
+                "checkpoint_mib": round(mib, 1),
+                "step_s": round(statistics.median(plain), 4),
+                "stall_per_save_s": round(statistics.median(after_save) - statistics.median(plain), 4),
+            }
+        )
         print(json.dumps(results[-1]) if args.json else results[-1], flush=True)
     return results
 
@@ -322,8 +403,12 @@ def main(argv=None) -> int:
     m.add_argument("--profile", metavar="FILE", help="also write torch.profiler's top kernels of 3 more steps here")
     d = sub.add_parser("data", help="tokeniser throughput and loader cost against a tiny training step")
     d.add_argument("--source", default="stdlib")
-    d.add_argument("--vocab-size", type=integer(BYTE_VOCAB_SIZE), default=2048,
-                   help=f"BPE vocabulary (at least the {BYTE_VOCAB_SIZE} byte-level base tokens)")
+    d.add_argument(
+        "--vocab-size",
+        type=integer(BYTE_VOCAB_SIZE),
+        default=2048,
+        help=f"BPE vocabulary (at least the {BYTE_VOCAB_SIZE} byte-level base tokens)",
+    )
     d.add_argument("--batch", type=integer(1), default=32)
     d.add_argument("--seq-len", type=integer(1), default=128)
     d.add_argument("--steps", type=integer(1), default=20)
@@ -331,12 +416,16 @@ def main(argv=None) -> int:
     d.add_argument("--json", action="store_true")
     st = sub.add_parser("strategies", help="the trainer under none/ddp/fsdp/hsdp: throughput and memory per rank")
     st.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(PRESET_RUNS))
-    st.add_argument("--strategies", nargs="+", default=["none-1thread", "ddp", "fsdp", "hsdp"],
-                    choices=list(STRATEGY_RUNS), help="zero1/zero2/zero3 need DeepSpeed")
+    st.add_argument(
+        "--strategies",
+        nargs="+",
+        default=["none-1thread", "ddp", "fsdp", "hsdp"],
+        choices=list(STRATEGY_RUNS),
+        help="zero1/zero2/zero3 need DeepSpeed",
+    )
     st.add_argument("--nproc", type=integer(1), default=2)
     st.add_argument("--steps", type=integer(1), default=24)
-    st.add_argument("--log-every", type=integer(1), default=4,
-                    help="steps per metrics row (tokens/s is per interval)")
+    st.add_argument("--log-every", type=integer(1), default=4, help="steps per metrics row (tokens/s is per interval)")
     st.add_argument("--data-root", default="runs/data", help="where the stdlib corpora are prepared (reused)")
     st.add_argument("--json", action="store_true")
     c = sub.add_parser("checkpoint", help="the step-loop stall of a checkpoint save: sync vs async")
@@ -369,16 +458,19 @@ def main(argv=None) -> int:
     if overrides and args.section not in ("model", "init", "quality"):
         sub.choices[args.section].error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.section == "strategies" and -(-args.steps // args.log_every) < 3:  # rows: every log step + the last
-        st.error(f"argument --steps: {args.steps} steps log fewer than 3 rows at --log-every {args.log_every} "
-                     f"(the first and the last are not timed); raise --steps or lower --log-every")
-    return run_main(lambda: run(args, overrides), (BenchError, BaselineError))
+        st.error(
+            f"argument --steps: {args.steps} steps log fewer than 3 rows at --log-every {args.log_every} "
+            f"(the first and the last are not timed); raise --steps or lower --log-every"
+        )
+    return run_main(lambda: run(args, overrides))
 
 
 def run(args, overrides: list[str]) -> None:
     if args.section in ("baseline", "quality"):
         if args.section == "baseline":
-            rows = bench_baseline(Path(args.text), Path(args.data_root), args.rounds, args.steps, args.trainer_steps,
-                                  args.trainer_rounds)
+            rows = bench_baseline(
+                Path(args.text), Path(args.data_root), args.rounds, args.steps, args.trainer_steps, args.trainer_rounds
+            )
         else:
             rows = bench_quality(Path(args.text), args.config, overrides, with_baseline=not args.no_baseline)
         for row in rows:

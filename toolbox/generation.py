@@ -8,10 +8,9 @@ import torch
 from transformers import TextStreamer
 
 from data.tokenizer import load as load_tokenizer
-
-from .checkpoint import CheckpointError
-from .cli import ArgumentParser, run_main
-from .weights import load_for_inference, tokenizer_dir, weights_kind
+from groundwork.cli import ArgumentParser, run_main
+from train.checkpoint import CheckpointError
+from train.weights import load_for_inference, tokenizer_dir, weights_kind
 
 GENERATE_HELP = """Sample text from a checkpoint or an exported model, streaming tokens to the terminal.
 
@@ -27,13 +26,14 @@ gives a budget per device (`0=70GiB,cpu=200GiB`); blocks that fit nowhere stream
 
 
 def parse_max_memory(spec: str) -> dict:
-    """"0=70GiB,cpu=200GiB" -> {0: "70GiB", "cpu": "200GiB"}: Accelerate's per-device budget."""
+    """ "0=70GiB,cpu=200GiB" -> {0: "70GiB", "cpu": "200GiB"}: Accelerate's per-device budget."""
     budget = {}
     for item in spec.split(","):
         device, _, size = item.strip().partition("=")
         if not size or not (device.isdigit() or device == "cpu"):
-            raise ValueError(f"--max-memory {spec!r}: write DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=200GiB "
-                             f"(DEVICE a GPU index or cpu)")
+            raise ValueError(
+                f"--max-memory {spec!r}: write DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=200GiB (DEVICE a GPU index or cpu)"
+            )
         budget[int(device) if device.isdigit() else device] = size
     return budget
 
@@ -45,15 +45,19 @@ def load(model_path: Path, device: str, max_memory: dict | None = None, offload_
         placement = {"device_map": "auto", "max_memory": max_memory, "offload_folder": offload_folder}
     weights_kind(model_path, "MODEL")
     if tokenizer_dir(model_path) is None:
-        raise CheckpointError(f"MODEL {model_path}: holds no tokenizer.json; export the checkpoint with "
-                              f"--tokenizer DIR (the prepared data it trained on) and generate from the export")
+        raise CheckpointError(
+            f"MODEL {model_path}: holds no tokenizer.json; export the checkpoint with "
+            f"--tokenizer DIR (the prepared data it trained on) and generate from the export"
+        )
     tokenizer = load_tokenizer(model_path)  # before the weights: a bad tokenizer fails in a moment
     model, _ = load_for_inference(model_path, "MODEL", dtype=torch.bfloat16 if on_gpu else torch.float32, **placement)
     placed = getattr(model, "hf_device_map", None)
     if placed:
         counts = Counter(str(where) for where in placed.values())
-        print("placed by Accelerate: " + ", ".join(f"{n} module(s) on {where}" for where, n in counts.items()),
-              file=sys.stderr)
+        print(
+            "placed by Accelerate: " + ", ".join(f"{n} module(s) on {where}" for where, n in counts.items()),
+            file=sys.stderr,
+        )
     elif on_gpu and model.device.type != "cuda":
         model = model.to("cuda")
     return model, tokenizer
@@ -69,17 +73,36 @@ def input_device(model) -> torch.device:
     return torch.device("cuda", gpu) if gpu is not None else torch.device("cpu")
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int, greedy: bool, temperature: float, top_k: int,
-             top_p: float, stream: bool) -> str:
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    greedy: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    stream: bool,
+) -> str:
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]])
     ids = ids.to(input_device(model))
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": top_k,
-                                                    "top_p": top_p}
+    sampling = (
+        {"do_sample": False}
+        if greedy
+        else {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    )
     streamer = TextStreamer(tokenizer, skip_prompt=False) if stream else None
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None, streamer=streamer, **sampling)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=None,
+        streamer=streamer,
+        **sampling,
+    )
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
@@ -96,10 +119,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-stream", action="store_true", help="print each continuation when it is complete")
-    parser.add_argument("--max-memory", help="memory per device for an export larger than one, e.g. "
-                        "0=70GiB,1=70GiB,cpu=200GiB: Accelerate fills them in order and puts the rest on disk")
-    parser.add_argument("--offload-folder", help="where weights that fit nowhere are kept (default: read in place "
-                        "from the export's safetensors)")
+    parser.add_argument(
+        "--max-memory",
+        help="memory per device for an export larger than one, e.g. "
+        "0=70GiB,1=70GiB,cpu=200GiB: Accelerate fills them in order and puts the rest on disk",
+    )
+    parser.add_argument(
+        "--offload-folder",
+        help="where weights that fit nowhere are kept (default: read in place from the export's safetensors)",
+    )
     args = parser.parse_args(argv)
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
         parser.error("--temperature must be > 0, --top-p in (0, 1], --top-k >= 0, --max-new-tokens >= 1")
@@ -122,9 +150,19 @@ def main(argv=None) -> int:
         model, tokenizer = load(args.model, args.device, max_memory, args.offload_folder)
         torch.manual_seed(args.seed)
         for prompt in prompts or [""]:
-            text = generate(model, tokenizer, prompt, args.max_new_tokens, args.greedy, args.temperature,
-                            args.top_k, args.top_p, stream=not args.no_stream)
+            text = generate(
+                model,
+                tokenizer,
+                prompt,
+                args.max_new_tokens,
+                args.greedy,
+                args.temperature,
+                args.top_k,
+                args.top_p,
+                stream=not args.no_stream,
+            )
             if args.no_stream:
                 print(text)
             print(flush=True)
+
     return run_main(work)

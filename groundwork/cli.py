@@ -5,11 +5,13 @@
     return run_main(lambda: work(parser.parse_args(argv)))
 
 argparse's own errors print a usage block and then the error; ours print only `error: ...` (the usage
-is one `--help` away). `run_main` turns the project's input errors into that same one line.
+is one `--help` away). `run_main` turns every `UserError` into that same one line.
 """
 
 import argparse
 import sys
+
+from .errors import UserError
 
 USER_ERROR_EXIT = 2
 
@@ -24,13 +26,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def fail(message: str):
-    """Print one line and exit 2 (for command lines; package code raises its own *Error classes)."""
+    """Print one line and exit 2 (for command lines; package code raises a `UserError`)."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT)
 
 
 def integer(minimum: int = 1):
     """An argparse type: an integer >= minimum (argparse's own `type=int` takes -3 for a count)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -39,6 +42,7 @@ def integer(minimum: int = 1):
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
         return value
+
     return parse
 
 
@@ -53,21 +57,11 @@ def positive_number(text: str) -> float:
     return value
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes whose message is a one-line explanation for the user (imported late: the
-    command lines that need few of them stay light)."""
-    from data.folders import FolderError
-    from data.shards import DataError
-    from train.checkpoint import CheckpointError
-    from train.config import ConfigError
-    return DataError, FolderError, CheckpointError, ConfigError
-
-
-def run_main(work, extra_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run a command's body; the project's input errors become one line and exit 2."""
+def run_main(work) -> int:
+    """Run a command's body; a `UserError` becomes its one line on stderr and exit code 2."""
     try:
         result = work()
-    except user_errors() + extra_errors as error:
+    except UserError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return USER_ERROR_EXIT
     return 0 if result is None else int(result)

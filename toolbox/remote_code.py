@@ -56,10 +56,10 @@ def write_model_code(folder: Path) -> None:
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     if config.get("model_type") != GrokConfig.model_type:
-        raise ValueError(f"{config_path} has model_type {config.get('model_type')!r}, "
-                         f"not {GrokConfig.model_type!r}")
+        raise ValueError(f"{config_path} has model_type {config.get('model_type')!r}, not {GrokConfig.model_type!r}")
     for file in model_code_files():
         shutil.copyfile(file, folder / file.name)
-    config["auto_map"] = {auto: f"{Path(inspect.getsourcefile(cls)).stem}.{cls.__name__}"
-                          for auto, cls in AUTO_CLASSES.items()}
+    config["auto_map"] = {
+        auto: f"{Path(inspect.getsourcefile(cls)).stem}.{cls.__name__}" for auto, cls in AUTO_CLASSES.items()
+    }
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -34,8 +34,10 @@ def memory(job: Job, L: Layout, dp: int) -> dict:
     stage_layers, moe_stage_layers = math.ceil(s.layers / L.pp), math.ceil(s.moe_layers / L.pp)
     dense, experts = stage_params(s, L)
     expert_data_parallel = expert_replicas(L, dp)
-    shard_dense, shard_experts = {"ddp": (1, 1), "hsdp": (L.shard_size, max(1, expert_data_parallel * L.shard_size // dp))}.get(
-        L.data_parallel, (dp * L.cp, expert_data_parallel))
+    shard_dense, shard_experts = {
+        "ddp": (1, 1),
+        "hsdp": (L.shard_size, max(1, expert_data_parallel * L.shard_size // dp)),
+    }.get(L.data_parallel, (dp * L.cp, expert_data_parallel))
     held = dense / shard_dense + experts / shard_experts  # parameters whose optimizer state this GPU keeps
     if L.data_parallel in ("ddp", "fsdp", "hsdp"):  # this trainer: fp32 parameters and gradients (autocast)
         params = grads = 4 * held
@@ -51,8 +53,13 @@ def memory(job: Job, L: Layout, dp: int) -> dict:
         buffers = 2 * job.model_bytes * layer + 4 * layer
     else:
         buffers = 2 * DDP_BUCKET_BYTES
-    return {"params": params / GIB, "grads": grads / GIB, "optimizer": optim / GIB,
-            "activations": activations(job, L) / GIB, "buffers": buffers / GIB}
+    return {
+        "params": params / GIB,
+        "grads": grads / GIB,
+        "optimizer": optim / GIB,
+        "activations": activations(job, L) / GIB,
+        "buffers": buffers / GIB,
+    }
 
 
 def activations(job: Job, L: Layout) -> float:

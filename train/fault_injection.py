@@ -36,7 +36,8 @@ def from_env() -> Fault | None:
         return None
     kind, *pairs = spec.split(":")
     usage = f"{ENV}={spec!r}: expected one of " + ", ".join(
-        ":".join([k, *(f"{key}=N" for key in keys)]) for k, keys in KINDS.items())
+        ":".join([k, *(f"{key}=N" for key in keys)]) for k, keys in KINDS.items()
+    )
     try:
         values = {key: int(value) for key, value in (pair.split("=", 1) for pair in pairs)}
     except ValueError:

@@ -22,15 +22,16 @@ from pathlib import Path
 
 import torch
 
+from groundwork.errors import UserError
 from model import GrokForCausalLM
+from train.checkpoint import step_dir
+from train.config import load_config
+from train.metrics import read_metrics
+from train.optim import build_optimizer
+from train.parallel import apply_block_options
+from train.trainer import build_model_config
 
-from .checkpoint import step_dir
 from .baseline import NanoGPT, adamw, train_recipe
-from .config import load_config
-from .metrics import read_metrics
-from .optim import build_optimizer
-from .parallel import apply_block_options
-from .trainer import build_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE_CONFIG = "configs/nanogpt-shape.toml"
@@ -42,7 +43,7 @@ TRAINER_VARIANTS = {  # name -> overrides of the shape config
 }
 
 
-class BaselineError(RuntimeError):
+class BaselineError(UserError, RuntimeError):
     """A run that failed: the message names it and its last line."""
 
 
@@ -64,8 +65,22 @@ def prepared(text: Path, data_root: Path, tokenizer_args: list[str], name: str) 
     if not text.is_file():
         raise BaselineError(f"--text {text}: no such file; point it at tinyshakespeare.txt")
     out = data_root / name
-    run_python(["-m", "data.prepare", "--source", str(text), "--out", str(out), "--val-from", "end",
-                "--val-fraction", "0.1", *tokenizer_args], f"preparing {out}")
+    run_python(
+        [
+            "-m",
+            "data.prepare",
+            "--source",
+            str(text),
+            "--out",
+            str(out),
+            "--val-from",
+            "end",
+            "--val-fraction",
+            "0.1",
+            *tokenizer_args,
+        ],
+        f"preparing {out}",
+    )
     return out
 
 
@@ -80,6 +95,7 @@ def our_step(overrides: list[str], vocab_size: int):
         model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step, config.batch.micro_batch_size * config.data.seq_len
 
 
@@ -92,16 +108,21 @@ def nanogpt_step(vocab_size: int = 65, batch: int = 12, context: int = 64):
         model(tokens[:, :-1], tokens[:, 1:]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step, batch * context
 
 
-def bench_baseline(text: Path, data_root: Path, rounds: int, steps: int, trainer_steps: int,
-                   trainer_rounds: int) -> list[dict]:
+def bench_baseline(
+    text: Path, data_root: Path, rounds: int, steps: int, trainer_steps: int, trainer_rounds: int
+) -> list[dict]:
     from data.tokenizer import BYTE_VOCAB_SIZE
-    runs = {"nanoGPT-style": nanogpt_step(),
-            "ours eager (soft-capped)": our_step([], BYTE_VOCAB_SIZE),
-            "ours sdpa (no soft-cap)": our_step(TRAINER_VARIANTS["sdpa (no soft-cap)"], BYTE_VOCAB_SIZE),
-            "ours eager + compile": our_step(TRAINER_VARIANTS["eager + compile"], BYTE_VOCAB_SIZE)}
+
+    runs = {
+        "nanoGPT-style": nanogpt_step(),
+        "ours eager (soft-capped)": our_step([], BYTE_VOCAB_SIZE),
+        "ours sdpa (no soft-cap)": our_step(TRAINER_VARIANTS["sdpa (no soft-cap)"], BYTE_VOCAB_SIZE),
+        "ours eager + compile": our_step(TRAINER_VARIANTS["eager + compile"], BYTE_VOCAB_SIZE),
+    }
     seconds = {name: [] for name in runs}
     for step, _ in runs.values():  # warm-up; includes compilation
         for _ in range(3):
@@ -116,8 +137,15 @@ def bench_baseline(text: Path, data_root: Path, rounds: int, steps: int, trainer
     reference = statistics.median(seconds["nanoGPT-style"])
     for name, (_, tokens) in runs.items():
         median = statistics.median(seconds[name])
-        rows.append({"bench": "baseline", "what": f"model step: {name}", "ms_per_step": round(median * 1e3, 1),
-                     "tokens_per_s": round(tokens / median), "vs_nanogpt": round(reference / median, 3)})
+        rows.append(
+            {
+                "bench": "baseline",
+                "what": f"model step: {name}",
+                "ms_per_step": round(median * 1e3, 1),
+                "tokens_per_s": round(tokens / median),
+                "vs_nanogpt": round(reference / median, 3),
+            }
+        )
 
     # End to end: the trainer (loader, metrics, logging) against nanoGPT's loop (get_batch, lr schedule), each a
     # fresh process, alternated over `trainer_rounds` rounds.
@@ -128,31 +156,58 @@ def bench_baseline(text: Path, data_root: Path, rounds: int, steps: int, trainer
         end_to_end["nanoGPT-style"].append(json.loads(nano.strip().splitlines()[-1])["train_tokens_per_s"])
         for name, overrides in TRAINER_VARIANTS.items():
             with tempfile.TemporaryDirectory() as out:
-                run_python(["-m", "train", "--config", SHAPE_CONFIG, f"--data.path={data}", f"--run.out_dir={out}",
-                            f"--run.max_steps={trainer_steps}", "--log.every=20", "--log.progress=false",
-                            "--eval.every=0", "--eval.max_sequences=1", "--checkpoint.every=0",
-                            "--run.resume=never", *overrides], f"the trainer with {name}")
+                run_python(
+                    [
+                        "-m",
+                        "train",
+                        "--config",
+                        SHAPE_CONFIG,
+                        f"--data.path={data}",
+                        f"--run.out_dir={out}",
+                        f"--run.max_steps={trainer_steps}",
+                        "--log.every=20",
+                        "--log.progress=false",
+                        "--eval.every=0",
+                        "--eval.max_sequences=1",
+                        "--checkpoint.every=0",
+                        "--run.resume=never",
+                        *overrides,
+                    ],
+                    f"the trainer with {name}",
+                )
                 timed = read_metrics(Path(out))[1:-1]  # not the warm-up interval, not the one with the final eval
             end_to_end[name].append(statistics.median(r["tokens_per_s"] for r in timed))
     reference = statistics.median(end_to_end["nanoGPT-style"])
     for name, values in end_to_end.items():
         what = "training loop: nanoGPT-style" if name == "nanoGPT-style" else f"trainer: {name}"
-        rows.append({"bench": "baseline", "what": what, "ms_per_step": None,
-                     "tokens_per_s": round(statistics.median(values)),
-                     "vs_nanogpt": round(statistics.median(values) / reference, 3)})
+        rows.append(
+            {
+                "bench": "baseline",
+                "what": what,
+                "ms_per_step": None,
+                "tokens_per_s": round(statistics.median(values)),
+                "vs_nanogpt": round(statistics.median(values) / reference, 3),
+            }
+        )
     return rows
 
 
-def bench_quality(text: Path, config: str, overrides: list[str], with_baseline: bool = True,
-                  context: int = 64) -> list[dict]:
+def bench_quality(
+    text: Path, config: str, overrides: list[str], with_baseline: bool = True, context: int = 64
+) -> list[dict]:
     """Both recipes on the same split of the same file, scored on the same held-out bytes with the same
     context: nanoGPT's loop, then ours as a user runs it (prepare, train, evaluate), each timed whole."""
     if not text.is_file():
         raise BaselineError(f"--text {text}: no such file; point it at tinyshakespeare.txt")
     rows = []
     if with_baseline:
-        rows.append({"bench": "quality", "recipe": "nanoGPT-style (char-level, 2000 iterations)",
-                     **train_recipe(text.read_text())})
+        rows.append(
+            {
+                "bench": "quality",
+                "recipe": "nanoGPT-style (char-level, 2000 iterations)",
+                **train_recipe(text.read_text()),
+            }
+        )
     recipe = load_config(REPO / config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -162,19 +217,64 @@ def bench_quality(text: Path, config: str, overrides: list[str], with_baseline: 
         Path(tmp, "heldout.txt").write_text(body[cut:])
         data, out = Path(tmp, "data"), Path(tmp, "run")
         vocab = recipe.model.overrides.get("vocab_size", 2048)
-        run_python(["-m", "data.prepare", "--source", str(Path(tmp, "train.txt")), "--out", str(data),
-                    "--vocab-size", str(vocab), "--val-fraction", "0.01"], f"preparing {data}")
-        run_python(["-m", "train", "--config", config, f"--data.path={data}", f"--run.out_dir={out}",
-                    "--run.resume=never", "--log.progress=false", *overrides], f"the trainer with {config}")
+        run_python(
+            [
+                "-m",
+                "data.prepare",
+                "--source",
+                str(Path(tmp, "train.txt")),
+                "--out",
+                str(data),
+                "--vocab-size",
+                str(vocab),
+                "--val-fraction",
+                "0.01",
+            ],
+            f"preparing {data}",
+        )
+        run_python(
+            [
+                "-m",
+                "train",
+                "--config",
+                config,
+                f"--data.path={data}",
+                f"--run.out_dir={out}",
+                "--run.resume=never",
+                "--log.progress=false",
+                *overrides,
+            ],
+            f"the trainer with {config}",
+        )
         final = read_metrics(out)[-1]
-        scored = run_python(["scripts/evaluate.py", str(step_dir(out / "checkpoints", final["step"])),
-                             "--text", str(Path(tmp, "heldout.txt")), "--seq-len", str(context)],
-                            "evaluating the held-out text")
+        scored = run_python(
+            [
+                "scripts/evaluate.py",
+                str(step_dir(out / "checkpoints", final["step"])),
+                "--text",
+                str(Path(tmp, "heldout.txt")),
+                "--seq-len",
+                str(context),
+            ],
+            "evaluating the held-out text",
+        )
         seconds = time.perf_counter() - start
     score = json.loads(scored.strip().splitlines()[-1])
-    rows.append({"bench": "quality", "recipe": config, "val_bpb": round(score["val_bpb"], 3),
-                 "seconds": round(seconds, 1), "train_tokens_per_s": round(final["tokens_per_s"])})
+    rows.append(
+        {
+            "bench": "quality",
+            "recipe": config,
+            "val_bpb": round(score["val_bpb"], 3),
+            "seconds": round(seconds, 1),
+            "train_tokens_per_s": round(final["tokens_per_s"]),
+        }
+    )
     if with_baseline:
-        rows.append({"bench": "quality-summary", "bpb_vs_nanogpt": round(rows[1]["val_bpb"] / rows[0]["val_bpb"], 3),
-                     "seconds_vs_nanogpt": round(rows[1]["seconds"] / rows[0]["seconds"], 3)})
+        rows.append(
+            {
+                "bench": "quality-summary",
+                "bpb_vs_nanogpt": round(rows[1]["val_bpb"] / rows[0]["val_bpb"], 3),
+                "seconds_vs_nanogpt": round(rows[1]["seconds"] / rows[0]["seconds"], 3),
+            }
+        )
     return rows

@@ -17,11 +17,13 @@ import socket
 import time
 from pathlib import Path
 
+from .errors import UserError
+
 MARKER = ".minicolossus.json"
 KINDS = ("run", "checkpoints", "checkpoint", "data", "export")
 
 
-class FolderError(ValueError):
+class FolderError(UserError, ValueError):
     """A folder the project will not touch, or a run already holding it; one line: the path and the way on."""
 
 
@@ -73,14 +75,18 @@ def _only_marker_files(folder: Path) -> bool:
     """A folder holding nothing but (the start of) our marker: nothing in it to lose."""
     if not Path(folder).is_dir():
         return False
-    return all(entry.is_file() and (entry.name == MARKER or entry.name.startswith(f".{MARKER}.tmp-"))
-               for entry in Path(folder).iterdir())
+    return all(
+        entry.is_file() and (entry.name == MARKER or entry.name.startswith(f".{MARKER}.tmp-"))
+        for entry in Path(folder).iterdir()
+    )
 
 
 def _only_ours(folder: Path) -> bool:
     """Everything in it is a folder this project made (e.g. a checkpoint copied into a new run folder)."""
-    return all(path.is_dir() and not path.is_symlink() and (kind_of(path) is not None or _only_ours(path))
-               for path in Path(folder).iterdir())
+    return all(
+        path.is_dir() and not path.is_symlink() and (kind_of(path) is not None or _only_ours(path))
+        for path in Path(folder).iterdir()
+    )
 
 
 def claim(folder: Path, kind: str, what: str, create: bool = True) -> Path:
@@ -124,8 +130,10 @@ def check_replaceable(final: Path, kind: str, what: str, overwrite: bool) -> Non
         made = f"a minicolossus {found} folder" if found else "a file or folder minicolossus did not make"
         raise FolderError(f"{what} {final}: exists and is {made}; choose a new {what}")
     if not overwrite:
-        raise FolderError(f"{what} {final}: exists (a minicolossus {kind} folder); pass --overwrite to replace it, "
-                          f"or choose a new {what}")
+        raise FolderError(
+            f"{what} {final}: exists (a minicolossus {kind} folder); pass --overwrite to replace it, "
+            f"or choose a new {what}"
+        )
 
 
 def begin(final: Path, kind: str, tmp_name: str | None = None) -> Path:
@@ -230,8 +238,13 @@ class RunLock:
 
     def _mine(self) -> dict:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-        return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id if run_id != "none" else None}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run_id": run_id if run_id != "none" else None,
+        }
 
     def _stale(self, holder: dict) -> bool:
         mine = self._mine()
@@ -257,7 +270,8 @@ class RunLock:
                     raise FolderError(
                         f"{self.what} {self.path.parent}: in use by another run (pid {holder.get('pid')} on "
                         f"{holder.get('host')}, since {holder.get('started')}); wait for it, stop it, or choose "
-                        f"another {self.what}") from None
+                        f"another {self.what}"
+                    ) from None
                 aside = self.path.with_name(f"{LOCK}.stale-{os.getpid()}")
                 try:  # atomic: of two processes taking over, one wins the rename
                     os.rename(self.path, aside)

@@ -18,7 +18,8 @@ train/planner/.
 import json
 from pathlib import Path
 
-from .cli import ArgumentParser, integer, positive_number, run_main
+from groundwork.cli import ArgumentParser, integer, positive_number, run_main
+
 from .planner.hardware import FABRICS, GPUS, Cluster
 from .planner.job import CHECKPOINTING, DATA_PARALLEL, InvalidLayout, Job, Layout
 from .planner.layout import Estimate, estimate
@@ -26,26 +27,47 @@ from .planner.pipeline import SCHEDULES
 from .planner.published import RUNS
 from .planner.scaling import scaling
 from .planner.search import search
-from .plot import plot_scaling
 from .planner.spec import MODELS, model_spec
+from .plot import plot_scaling
 
 
 def as_dict(result: Estimate, token_budget: float | None = None) -> dict:
     job, layout = result.job, result.layout
-    row = {"model": job.spec.name, "gpus": job.gpus, "gpu": job.cluster.gpu.name, "fabric": job.cluster.fabric.name,
-           "layout": layout.describe(), "strategy": layout.data_parallel, "dp": result.dp, "tp": layout.tp,
-           "pp": layout.pp, "ep": layout.ep, "cp": layout.cp, "schedule": layout.schedule,
-           "virtual_stages": layout.virtual_stages, "checkpointing": layout.checkpointing,
-           "micro_batch": layout.micro_batch, "micro_batches": result.micro_batches, "seq_len": job.seq_len,
-           "global_batch_tokens": result.batch_tokens, "params_total": job.spec.params_total,
-           "params_active": job.spec.params_active,
-           "flops_per_token": job.spec.model_flops_per_token(job.seq_len),
-           "tflops_per_gpu": result.tflops_per_gpu, "mfu": result.mfu, "step_s": result.step_s,
-           "compute_s": result.compute_s, "bubble_s": result.bubble_s, "exposed_comm_s": result.exposed_comm_s,
-           "mem_gib": result.mem_gib, "memory_gib": result.memory_gib,
-           "gpu_memory_gib": job.cluster.gpu.usable_memory_gib, "fits": result.fits,
-           "tokens_per_day": result.tokens_per_s * 86400,
-           "traffic": [vars(t) for t in result.traffic]}
+    row = {
+        "model": job.spec.name,
+        "gpus": job.gpus,
+        "gpu": job.cluster.gpu.name,
+        "fabric": job.cluster.fabric.name,
+        "layout": layout.describe(),
+        "strategy": layout.data_parallel,
+        "dp": result.dp,
+        "tp": layout.tp,
+        "pp": layout.pp,
+        "ep": layout.ep,
+        "cp": layout.cp,
+        "schedule": layout.schedule,
+        "virtual_stages": layout.virtual_stages,
+        "checkpointing": layout.checkpointing,
+        "micro_batch": layout.micro_batch,
+        "micro_batches": result.micro_batches,
+        "seq_len": job.seq_len,
+        "global_batch_tokens": result.batch_tokens,
+        "params_total": job.spec.params_total,
+        "params_active": job.spec.params_active,
+        "flops_per_token": job.spec.model_flops_per_token(job.seq_len),
+        "tflops_per_gpu": result.tflops_per_gpu,
+        "mfu": result.mfu,
+        "step_s": result.step_s,
+        "compute_s": result.compute_s,
+        "bubble_s": result.bubble_s,
+        "exposed_comm_s": result.exposed_comm_s,
+        "mem_gib": result.mem_gib,
+        "memory_gib": result.memory_gib,
+        "gpu_memory_gib": job.cluster.gpu.usable_memory_gib,
+        "fits": result.fits,
+        "tokens_per_day": result.tokens_per_s * 86400,
+        "traffic": [vars(t) for t in result.traffic],
+    }
     if token_budget:
         row.update(token_budget=token_budget, days=token_budget / row["tokens_per_day"])
     return row
@@ -59,33 +81,43 @@ def human(n: float) -> str:
 
 
 def report(r: dict) -> str:
-    lines = [f"{r['model']}: {human(r['params_total'])} params ({human(r['params_active'])} active) on {r['gpus']:,} x "
-             f"{r['gpu']}, {r['fabric']}",
-             f"  layout {r['layout']}: dp {r['dp']:,} x tp {r['tp']} x pp {r['pp']} x cp {r['cp']}"
-             + (f" (ep {r['ep']} over dp x cp x tp)" if r["ep"] > 1 else "")
-             + f", {r['micro_batches']} micro-batch(es) of {r['micro_batch']} x {r['seq_len']} per rank "
-               f"= {human(r['global_batch_tokens'])} tokens a step",
-             "  per GPU: " + " + ".join(f"{name} {gib:.1f}" for name, gib in r["memory_gib"].items())
-             + f" = {r['mem_gib']:.1f} GiB: " + ("fits" if r["fits"] else "DOES NOT FIT")
-             + f" in {r['gpu_memory_gib']:.0f} GiB usable",
-             f"  step {r['step_s']:.2f} s = compute {r['compute_s']:.2f} + pipeline bubble {r['bubble_s']:.2f} + "
-             f"exposed communication {r['exposed_comm_s']:.2f}",
-             f"  {r['tflops_per_gpu']:.0f} TFLOP/s per GPU ({r['mfu']:.0%} MFU), {human(r['tokens_per_day'])} tokens/day"
-             + (f", {r['days']:.1f} days for {human(r['token_budget'])} tokens" if "days" in r else "")]
+    lines = [
+        f"{r['model']}: {human(r['params_total'])} params ({human(r['params_active'])} active) on {r['gpus']:,} x "
+        f"{r['gpu']}, {r['fabric']}",
+        f"  layout {r['layout']}: dp {r['dp']:,} x tp {r['tp']} x pp {r['pp']} x cp {r['cp']}"
+        + (f" (ep {r['ep']} over dp x cp x tp)" if r["ep"] > 1 else "")
+        + f", {r['micro_batches']} micro-batch(es) of {r['micro_batch']} x {r['seq_len']} per rank "
+        f"= {human(r['global_batch_tokens'])} tokens a step",
+        "  per GPU: "
+        + " + ".join(f"{name} {gib:.1f}" for name, gib in r["memory_gib"].items())
+        + f" = {r['mem_gib']:.1f} GiB: "
+        + ("fits" if r["fits"] else "DOES NOT FIT")
+        + f" in {r['gpu_memory_gib']:.0f} GiB usable",
+        f"  step {r['step_s']:.2f} s = compute {r['compute_s']:.2f} + pipeline bubble {r['bubble_s']:.2f} + "
+        f"exposed communication {r['exposed_comm_s']:.2f}",
+        f"  {r['tflops_per_gpu']:.0f} TFLOP/s per GPU ({r['mfu']:.0%} MFU), {human(r['tokens_per_day'])} tokens/day"
+        + (f", {r['days']:.1f} days for {human(r['token_budget'])} tokens" if "days" in r else ""),
+    ]
     for t in r["traffic"]:
-        lines.append(f"    {t['name']:<40} {t['link']:<6} {t['bytes_per_step'] / 2**30:9.2f} GiB sent/step "
-                     f"{t['seconds']:8.3f} s, exposed {t['exposed_s']:.3f} s")
+        lines.append(
+            f"    {t['name']:<40} {t['link']:<6} {t['bytes_per_step'] / 2**30:9.2f} GiB sent/step "
+            f"{t['seconds']:8.3f} s, exposed {t['exposed_s']:.3f} s"
+        )
     return "\n".join(lines)
 
 
 def ranking(rows: list[dict]) -> str:
-    header = f"{'#':>3}  {'layout':<44} {'mem GiB':>8} {'step s':>8} {'exposed s':>9} {'TFLOP/s':>8} {'MFU':>5} " \
-             f"{'tokens/day':>11}" + (f" {'days':>7}" if rows and "days" in rows[0] else "")
+    header = (
+        f"{'#':>3}  {'layout':<44} {'mem GiB':>8} {'step s':>8} {'exposed s':>9} {'TFLOP/s':>8} {'MFU':>5} "
+        f"{'tokens/day':>11}" + (f" {'days':>7}" if rows and "days" in rows[0] else "")
+    )
     lines = [header]
     for i, r in enumerate(rows, 1):
-        lines.append(f"{i:>3}  {r['layout']:<44} {r['mem_gib']:>8.1f} {r['step_s']:>8.2f} {r['exposed_comm_s']:>9.2f} "
-                     f"{r['tflops_per_gpu']:>8.0f} {r['mfu']:>5.0%} {human(r['tokens_per_day']):>11}"
-                     + (f" {r['days']:>7.1f}" if "days" in r else ""))
+        lines.append(
+            f"{i:>3}  {r['layout']:<44} {r['mem_gib']:>8.1f} {r['step_s']:>8.2f} {r['exposed_comm_s']:>9.2f} "
+            f"{r['tflops_per_gpu']:>8.0f} {r['mfu']:>5.0%} {human(r['tokens_per_day']):>11}"
+            + (f" {r['days']:>7.1f}" if "days" in r else "")
+        )
     return "\n".join(lines)
 
 
@@ -94,10 +126,19 @@ def published_rows() -> list[dict]:
     for run in RUNS:
         result = run.estimate()
         best = search(run.job(), top=1, data_parallel=run.data_parallel)
-        rows.append({"run": run.name, "layout": result.layout.describe(), "unit": run.unit, "published": run.figure,
-                     "predicted": run.predicted(result), "fits": result.fits, "source": run.source,
-                     "vs_best": result.tokens_per_s / best[0].tokens_per_s if best else None,
-                     "best_layout": best[0].layout.describe() if best else None})
+        rows.append(
+            {
+                "run": run.name,
+                "layout": result.layout.describe(),
+                "unit": run.unit,
+                "published": run.figure,
+                "predicted": run.predicted(result),
+                "fits": result.fits,
+                "source": run.source,
+                "vs_best": result.tokens_per_s / best[0].tokens_per_s if best else None,
+                "best_layout": best[0].layout.describe() if best else None,
+            }
+        )
     return rows
 
 
@@ -105,19 +146,29 @@ def print_scaling(models: list[str], gpu_counts: list[int], args) -> int:
     curves = {}
     for name in models:
         points = []
-        for gpus, best in scaling(name, gpu_counts, args.gpu, args.fabric, args.seq_len or 8192,
-                                  int(args.global_batch_tokens)):
+        for gpus, best in scaling(
+            name, gpu_counts, args.gpu, args.fabric, args.seq_len or 8192, int(args.global_batch_tokens)
+        ):
             row = as_dict(best) if best else {"model": name, "gpus": gpus, "fits": False}
-            print(json.dumps(row) if args.json else
-                  f"{name:<12} {gpus:>8,} GPUs  " + (f"{row['layout']:<44} {row['mfu']:>4.0%} MFU "
-                                                     f"{human(row['tokens_per_day']):>8} tokens/day"
-                                                     if best else "no layout fits"))
+            print(
+                json.dumps(row)
+                if args.json
+                else f"{name:<12} {gpus:>8,} GPUs  "
+                + (
+                    f"{row['layout']:<44} {row['mfu']:>4.0%} MFU {human(row['tokens_per_day']):>8} tokens/day"
+                    if best
+                    else "no layout fits"
+                )
+            )
             if best:
                 points.append((gpus, row["tokens_per_day"]))
         curves[name] = points
     if args.plot:
-        plot_scaling(curves, f"best layout per GPU count, {human(int(args.global_batch_tokens))}-token batches, "
-                             f"{args.gpu}", Path(args.plot))
+        plot_scaling(
+            curves,
+            f"best layout per GPU count, {human(int(args.global_batch_tokens))}-token batches, {args.gpu}",
+            Path(args.plot),
+        )
         print(f"plot: {args.plot}")
     return 0
 
@@ -162,28 +213,45 @@ def main(argv=None) -> int:
         if args.published:
             rows = published_rows()
             for row in rows:
-                print(json.dumps(row) if args.json else
-                      f"{row['run']:<40} {row['layout']:<36} published {row['published']:>9,.0f} predicted "
-                      f"{row['predicted']:>9,.0f} {row['unit']} ({row['predicted'] / row['published'] - 1:+.0%}); "
-                      f"{row['vs_best']:.0%} of the search's best ({row['best_layout']})")
+                print(
+                    json.dumps(row)
+                    if args.json
+                    else f"{row['run']:<40} {row['layout']:<36} published {row['published']:>9,.0f} predicted "
+                    f"{row['predicted']:>9,.0f} {row['unit']} ({row['predicted'] / row['published'] - 1:+.0%}); "
+                    f"{row['vs_best']:.0%} of the search's best ({row['best_layout']})"
+                )
             return 0
         if scaling_models:
             return print_scaling(scaling_models, gpu_counts, args)
         spec = model_spec(args.model)
         seq_len = args.seq_len or min(8192, spec.context)
-        job = Job(spec, Cluster(GPUS[args.gpu], FABRICS[args.fabric]), args.gpus, seq_len, int(args.global_batch_tokens))
+        job = Job(
+            spec, Cluster(GPUS[args.gpu], FABRICS[args.fabric]), args.gpus, seq_len, int(args.global_batch_tokens)
+        )
         if args.search:
             rows = [as_dict(r, args.token_budget) for r in search(job, top=args.top)]
             if not rows:
-                raise InvalidLayout(f"no layout of {args.model} fits on {args.gpus:,} x {args.gpu} with a "
-                                    f"{human(job.global_batch_tokens)}-token batch: add GPUs or raise --global-batch-tokens")
+                raise InvalidLayout(
+                    f"no layout of {args.model} fits on {args.gpus:,} x {args.gpu} with a "
+                    f"{human(job.global_batch_tokens)}-token batch: add GPUs or raise --global-batch-tokens"
+                )
             print("\n".join(json.dumps(r) for r in rows) if args.json else ranking(rows))
             return 0
         virtual = args.virtual_stages or (2 if args.schedule == "interleaved" else 1)
-        layout = Layout(args.strategy, tp=args.tp, pp=args.pp, ep=args.ep, cp=args.cp, micro_batch=args.micro_batch,
-                        schedule=args.schedule, virtual_stages=virtual, checkpointing=args.checkpointing,
-                        shard_size=args.shard_size)
+        layout = Layout(
+            args.strategy,
+            tp=args.tp,
+            pp=args.pp,
+            ep=args.ep,
+            cp=args.cp,
+            micro_batch=args.micro_batch,
+            schedule=args.schedule,
+            virtual_stages=virtual,
+            checkpointing=args.checkpointing,
+            shard_size=args.shard_size,
+        )
         row = as_dict(estimate(job, layout), args.token_budget)
         print(json.dumps(row) if args.json else report(row))
         return 0 if row["fits"] else 1
-    return run_main(work, (InvalidLayout,))
+
+    return run_main(work)

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from transformers.utils.hub import convert_file_size_to_int
 
-from data import folders
+from groundwork import folders
+from groundwork.cli import ArgumentParser, run_main
 from model import GrokForCausalLM, count_parameters
+from train.checkpoint import TOKENIZER_FILES, CheckpointError, read_meta
+from train.metrics import MetricsError, read_metrics
+from train.weights import load_model_weights, tokenizer_dir
 
-from .checkpoint import TOKENIZER_FILES, CheckpointError, read_meta
-from .cli import ArgumentParser, run_main
-from .metrics import MetricsError, read_metrics
 from .remote_code import write_model_code
-from .weights import load_model_weights, tokenizer_dir
 
 
 def last_validation(checkpoint: Path, step: int) -> dict:
@@ -44,8 +44,11 @@ def model_card(model: GrokForCausalLM, checkpoint: Path, meta: dict) -> str:
     counts = count_parameters(model)
     val = last_validation(checkpoint, meta["step"])
     c = model.config
-    score = (f"{val['val_loss']:.4f} nats/token, {val['val_bpb']:.4f} bits/byte (step {val['step']})"
-             if val else "not recorded")
+    score = (
+        f"{val['val_loss']:.4f} nats/token, {val['val_bpb']:.4f} bits/byte (step {val['step']})"
+        if val
+        else "not recorded"
+    )
     return f"""---
 library_name: transformers
 tags: [minicolossus, grok, mixture-of-experts]
@@ -74,15 +77,23 @@ tokenizer = AutoTokenizer.from_pretrained("PATH")
 """
 
 
-def export(checkpoint: Path, out: Path, tokenizer: str | None = None, dtype: str = "fp32",
-           max_shard_size: str = "2GB", overwrite: bool = False) -> Path:
+def export(
+    checkpoint: Path,
+    out: Path,
+    tokenizer: str | None = None,
+    dtype: str = "fp32",
+    max_shard_size: str = "2GB",
+    overwrite: bool = False,
+) -> Path:
     checkpoint, out = Path(checkpoint), Path(out)
     folders.check_replaceable(out, "export", "OUT", overwrite)  # before any heavy work
     meta = read_meta(checkpoint)
     source = Path(tokenizer) if tokenizer else tokenizer_dir(checkpoint)
     if source is None or not (source / "tokenizer.json").is_file():
-        raise CheckpointError(f"{source or checkpoint}: no tokenizer.json; pass --tokenizer with the prepared data "
-                              f"folder the run trained on")
+        raise CheckpointError(
+            f"{source or checkpoint}: no tokenizer.json; pass --tokenizer with the prepared data "
+            f"folder the run trained on"
+        )
     config, weights = load_model_weights(checkpoint)
     with torch.device("meta"):
         model = GrokForCausalLM(config)
@@ -116,6 +127,7 @@ def main(argv=None) -> int:
     def work():
         out = export(args.checkpoint, args.out, args.tokenizer, args.dtype, args.max_shard_size, args.overwrite)
         print(f"exported {args.checkpoint} -> {out}")
+
     return run_main(work)
 
 

@@ -9,7 +9,7 @@ messages on these links.
 
 from dataclasses import dataclass
 
-from ..metrics import PEAK_BF16_FLOPS
+from train.metrics import PEAK_BF16_FLOPS
 
 GIB = 2**30
 # One figure for every GPU, not fitted per run: what large bf16 training GEMMs with their attention kernels and

@@ -55,7 +55,9 @@ class ModelSpec:
         if self.kv_lora_rank:
             qk = self.head_dim + self.qk_rope_dim
             q = h * self.q_lora_rank + self.q_lora_rank * self.heads * qk
-            kv = h * (self.kv_lora_rank + self.qk_rope_dim) + self.kv_lora_rank * self.heads * (self.head_dim + self.v_head_dim)
+            kv = h * (self.kv_lora_rank + self.qk_rope_dim) + self.kv_lora_rank * self.heads * (
+                self.head_dim + self.v_head_dim
+            )
             return q + kv + self.heads * self.v_head_dim * h
         return h * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
 
@@ -125,27 +127,65 @@ class ModelSpec:
 def from_config(name: str, config: GrokConfig) -> ModelSpec:
     moe = config.num_local_experts > 1
     return ModelSpec(
-        name=name, layers=config.num_hidden_layers, hidden=config.hidden_size, heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads, head_dim=config.head_dim, vocab=config.vocab_size,
-        ffn=0 if moe else config.intermediate_size, tied_embeddings=config.tie_word_embeddings,
-        experts=config.num_local_experts, top_k=config.num_experts_per_tok if moe else 1,
-        expert_ffn=config.intermediate_size if moe else 0, shared_ffn=config.shared_intermediate_size,
-        norms_per_layer=4, context=config.max_position_embeddings)
+        name=name,
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        vocab=config.vocab_size,
+        ffn=0 if moe else config.intermediate_size,
+        tied_embeddings=config.tie_word_embeddings,
+        experts=config.num_local_experts,
+        top_k=config.num_experts_per_tok if moe else 1,
+        expert_ffn=config.intermediate_size if moe else 0,
+        shared_ffn=config.shared_intermediate_size,
+        norms_per_layer=4,
+        context=config.max_position_embeddings,
+    )
 
 
 REFERENCES = {
     # Llama 3 405B (Dubey et al. 2024, table 3): dense, SwiGLU, GQA, untied output
-    "llama3-405b": ModelSpec("llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, head_dim=128,
-                             vocab=128256, ffn=53248),
+    "llama3-405b": ModelSpec(
+        "llama3-405b", layers=126, hidden=16384, heads=128, kv_heads=8, head_dim=128, vocab=128256, ffn=53248
+    ),
     # DeepSeek-V3 (DeepSeek-AI 2024): 61 layers, the first 3 dense; 256 routed experts top-8 + 1 shared;
     # MLA attention; routing limited to 4 nodes a token; one multi-token-prediction module.
-    "deepseek-v3": ModelSpec("deepseek-v3", layers=61, hidden=7168, heads=128, kv_heads=128, head_dim=128,
-                             vocab=129280, ffn=18432, experts=256, top_k=8, expert_ffn=2048, shared_ffn=2048,
-                             dense_layers=3, routing_node_limit=4, q_lora_rank=1536, kv_lora_rank=512,
-                             qk_rope_dim=64, v_head_dim=128, mtp_depth=1),
+    "deepseek-v3": ModelSpec(
+        "deepseek-v3",
+        layers=61,
+        hidden=7168,
+        heads=128,
+        kv_heads=128,
+        head_dim=128,
+        vocab=129280,
+        ffn=18432,
+        experts=256,
+        top_k=8,
+        expert_ffn=2048,
+        shared_ffn=2048,
+        dense_layers=3,
+        routing_node_limit=4,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_rope_dim=64,
+        v_head_dim=128,
+        mtp_depth=1,
+    ),
     # Megatron-LM's 1T GPT (Narayanan et al. 2021, table 1): GPT-3 style, 4h MLP, tied embedding
-    "megatron-1t": ModelSpec("megatron-1t", layers=128, hidden=25600, heads=160, kv_heads=160, head_dim=160,
-                             vocab=51200, ffn=4 * 25600, gated_ffn=False, tied_embeddings=True),
+    "megatron-1t": ModelSpec(
+        "megatron-1t",
+        layers=128,
+        hidden=25600,
+        heads=160,
+        kv_heads=160,
+        head_dim=160,
+        vocab=51200,
+        ffn=4 * 25600,
+        gated_ffn=False,
+        tied_embeddings=True,
+    ),
 }
 MODELS = (*PRESETS, *REFERENCES)
 

@@ -11,10 +11,9 @@ plots what it has, and a damaged file is one line naming it.
 import io
 from pathlib import Path
 
-from data.folders import write_durably
-
-from .cli import ArgumentParser, run_main
-from .metrics import MetricsError, read_metrics
+from groundwork.cli import ArgumentParser, run_main
+from groundwork.folders import write_durably
+from train.metrics import MetricsError, read_metrics
 
 PANELS = [  # (title, metric, y scale)
     ("loss (train: line, val: dots)", "loss", "log"),
@@ -47,6 +46,7 @@ def series(rows: list[dict], key: str) -> tuple[list, list]:
 
 def plot(runs: list[Path], out: Path) -> Path:
     import matplotlib  # here, not at import: choosing the Agg backend is this function's business alone
+
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
@@ -55,7 +55,7 @@ def plot(runs: list[Path], out: Path) -> Path:
     axes = axes.flatten()
     for run, rows in every_run:
         for ax, (_, key, _) in zip(axes, PANELS):
-            line, = ax.plot(*series(rows, key), label=run.name)
+            (line,) = ax.plot(*series(rows, key), label=run.name)
             if key == "loss":
                 ax.plot(*series(rows, "val_loss"), "o", color=line.get_color(), markersize=4)
     for ax, (title, _, scale) in zip(axes, PANELS):
@@ -76,6 +76,7 @@ def plot(runs: list[Path], out: Path) -> Path:
 def plot_scaling(curves: dict[str, list[tuple[int, float]]], title: str, out: Path) -> Path:
     """Predicted tokens/day against GPU count, one curve per label (the planner's best layout at each count)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -110,4 +111,5 @@ def main(argv=None) -> int:
 
     def work():
         print(f"plot: {plot(args.runs, out)}")
-    return run_main(work, (MetricsError,))
+
+    return run_main(work)

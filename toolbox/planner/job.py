@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from groundwork.errors import UserError
+
 from .hardware import Cluster
 from .spec import ModelSpec
 
@@ -23,8 +25,9 @@ class Layout:
     shard_size: int = 8  # hsdp: the GPUs a shard group spans (one node)
 
     def describe(self) -> str:
-        parts = [self.data_parallel] + [f"{name}{getattr(self, name)}" for name in ("tp", "pp", "ep", "cp")
-                                        if getattr(self, name) > 1]
+        parts = [self.data_parallel] + [
+            f"{name}{getattr(self, name)}" for name in ("tp", "pp", "ep", "cp") if getattr(self, name) > 1
+        ]
         if self.pp > 1:
             parts.append(self.schedule + (f"(v{self.virtual_stages})" if self.schedule == "interleaved" else ""))
         if self.checkpointing != "none":
@@ -45,5 +48,5 @@ class Job:
     sequence_parallel: bool = True  # the residual stream split over tp ranks between blocks
 
 
-class InvalidLayout(ValueError):
+class InvalidLayout(UserError, ValueError):
     """This layout cannot run this job: the message says which number does not divide which."""

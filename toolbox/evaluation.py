@@ -1,8 +1,6 @@
-"""Loss and bits per byte over fixed windows of a split: the trainer's periodic validation and
-scripts/evaluate.py (whose command line is at the end) compute them with this one function, so their
-numbers are the same numbers."""
+"""scripts/evaluate.py: loss, perplexity and bits per byte of a checkpoint or an export, computed by the
+trainer's own validation function (train/validation.py), so the numbers match the trainer's."""
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -14,37 +12,10 @@ from data.loader import ArrayStream, val_batches, window_batches
 from data.shards import DataError, TokenStream, check_tokenizer, read_manifest
 from data.tokenizer import load as load_tokenizer
 from data.tokenizer import token_byte_lengths
-
-from .cli import ArgumentParser, run_main
-from .parallel.precision import autocast
-from .weights import load_for_inference, read_model_config, tokenizer_hash, weights_kind
-
-
-@torch.no_grad()
-def loss_sums(model, batches, byte_lengths: torch.Tensor, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """[nats, tokens, UTF-8 bytes] summed over the batches' targets (-100 ignored), in float64, so that
-    sums from several ranks add up before the division."""
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=byte_lengths.device)
-    for inputs, targets in batches:
-        with autocast():
-            out = model(inputs, targets=targets)
-        valid = targets != -100
-        n_valid = valid.sum()
-        if n_valid == 0:  # a padding batch of a rank with fewer windows: it still ran the forward
-            continue
-        sums += torch.stack([out.lm_loss.double() * n_valid, n_valid.double(),
-                             byte_lengths[targets[valid]].sum().double()])
-    return sums
-
-
-def summarize(sums: torch.Tensor) -> dict:
-    """What the trainer logs: val_loss in nats per token, val_bpb in bits per byte, val_tokens."""
-    nats, tokens, n_bytes = sums.tolist()
-    return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / n_bytes, "val_tokens": int(tokens)}
-
-
-# --- scripts/evaluate.py ----------------------------------------------------------------------------
+from groundwork.cli import ArgumentParser, run_main
+from train.parallel.precision import autocast
+from train.validation import loss_sums, summarize
+from train.weights import load_for_inference, read_model_config, tokenizer_hash, weights_kind
 
 EVALUATE_HELP = """Evaluate a checkpoint or an exported model on a prepared split or a text file: loss, perplexity and
 bits per byte.
@@ -61,8 +32,16 @@ as the trainer's validation, so the numbers match.
 """
 
 
-def evaluate(model_path: Path, data: Path | None = None, split: str = "val", seq_len: int = 128, batch_size: int = 8,
-             max_sequences: int | None = None, device: str = "cpu", text: Path | None = None) -> dict:
+def evaluate(
+    model_path: Path,
+    data: Path | None = None,
+    split: str = "val",
+    seq_len: int = 128,
+    batch_size: int = 8,
+    max_sequences: int | None = None,
+    device: str = "cpu",
+    text: Path | None = None,
+) -> dict:
     if text is not None and not text.is_file():
         raise DataError(f"--text {text}: no such file")
     weights_kind(model_path, "MODEL")
@@ -72,16 +51,19 @@ def evaluate(model_path: Path, data: Path | None = None, split: str = "val", seq
     if text is None:  # bad data fails here, before the model loads
         manifest = read_manifest(data)
         if manifest["tokenizer"]["sha256"] != tokenizer_hash(model_path, "MODEL"):
-            raise DataError(f"--data {data}: made with another tokenizer than MODEL {model_path}'s; evaluate on data "
-                            f"prepared with the model's tokenizer, or use --text FILE")
+            raise DataError(
+                f"--data {data}: made with another tokenizer than MODEL {model_path}'s; evaluate on data "
+                f"prepared with the model's tokenizer, or use --text FILE"
+            )
         TokenStream(data, split)  # every shard of the split verified against its checksum
     model, tokenizer_dir = load_for_inference(model_path, "MODEL")
     model = model.to(device)
     if text is None:
         check_tokenizer(manifest, data, vocab_size=model.config.vocab_size)
         tokenizer = load_tokenizer(data)
-        batches = val_batches(data, seq_len, batch_size, device=device, max_windows=max_sequences, split=split,
-                              verify_checksums=False)
+        batches = val_batches(
+            data, seq_len, batch_size, device=device, max_windows=max_sequences, split=split, verify_checksums=False
+        )
     else:
         if tokenizer_dir is None:
             raise DataError(f"MODEL {model_path}: no tokenizer to read --text with; use an export or --data")
@@ -114,5 +96,19 @@ def main(argv=None) -> int:
         parser.error("--seq-len, --batch-size and --max-sequences must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu")
-    return run_main(lambda: print(json.dumps(evaluate(args.model, args.data, args.split, args.seq_len,
-                                                      args.batch_size, args.max_sequences, args.device, args.text))))
+    return run_main(
+        lambda: print(
+            json.dumps(
+                evaluate(
+                    args.model,
+                    args.data,
+                    args.split,
+                    args.seq_len,
+                    args.batch_size,
+                    args.max_sequences,
+                    args.device,
+                    args.text,
+                )
+            )
+        )
+    )

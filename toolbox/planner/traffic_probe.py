@@ -70,7 +70,11 @@ class CollectiveCounter(TorchDispatchMode):
             ranks = _resolve_process_group(names[-1]).size() if names else group_size(args)
             if ranks > 1:
                 op = name.removeprefix("_c10d_functional.").split(".")[0].replace("_into_tensor", "")
-                op = op.replace("all_gather", "allgather").replace("all_reduce", "allreduce").replace("all_to_all", "alltoall")
+                op = (
+                    op.replace("all_gather", "allgather")
+                    .replace("all_reduce", "allreduce")
+                    .replace("all_to_all", "alltoall")
+                )
                 # functional ops return their output: pass (None, input) so the input sits where c10d's does
                 self.by_collective[op] += sent_bytes(op, (args[0], args[0]), ranks)
         return func(*args, **(kwargs or {}))
@@ -94,7 +98,8 @@ def main(argv: list[str]) -> int:
     code = train_main(trainer_args)
     counted = dict(counter.by_collective)
     Path(f"{out}.rank{os.environ.get('RANK', 0)}").write_text(
-        json.dumps({"bytes": sum(counted.values()), "by_collective": counted}))
+        json.dumps({"bytes": sum(counted.values()), "by_collective": counted})
+    )
     return code
 
 

@@ -51,9 +51,15 @@ class PublishedRun:
         return max(results, key=lambda r: (r.fits, r.tokens_per_s))
 
     def job(self) -> Job:
-        return Job(REFERENCES[self.model], Cluster(GPUS[self.gpu], FABRICS[self.fabric]), self.gpus, self.seq_len,
-                   self.global_batch_tokens, fused_attention=self.fused_attention,
-                   sequence_parallel=self.sequence_parallel)
+        return Job(
+            REFERENCES[self.model],
+            Cluster(GPUS[self.gpu], FABRICS[self.fabric]),
+            self.gpus,
+            self.seq_len,
+            self.global_batch_tokens,
+            fused_attention=self.fused_attention,
+            sequence_parallel=self.sequence_parallel,
+        )
 
     def predicted(self, result: Estimate | None = None) -> float:
         result = result or self.estimate()
@@ -74,22 +80,77 @@ LLAMA_BATCH = 2048 * 8192  # 16M tokens
 # Llama 3 interleaves its pipeline without saying how deep; at 8K it states no activation checkpointing
 LLAMA_OPEN = ("micro_batch", "virtual_stages")
 RUNS = (
-    PublishedRun("Llama 3 405B, 8K GPUs", "llama3-405b", "h100", "roce400", 8192, 8192, LLAMA_BATCH,
-                 Layout("zero1", tp=8, pp=16, schedule="interleaved"), 430, "TFLOP/s per GPU",
-                 "Dubey et al. 2024, table 4", open=LLAMA_OPEN),
-    PublishedRun("Llama 3 405B, 16K GPUs", "llama3-405b", "h100", "roce400", 16384, 8192, LLAMA_BATCH,
-                 Layout("zero1", tp=8, pp=16, schedule="interleaved"), 400, "TFLOP/s per GPU",
-                 "Dubey et al. 2024, table 4", open=LLAMA_OPEN),
-    PublishedRun("Llama 3 405B, 16K GPUs, 128K context", "llama3-405b", "h100", "roce400", 16384, 131072,
-                 LLAMA_BATCH, Layout("zero1", tp=8, pp=16, cp=16, schedule="interleaved"), 380, "TFLOP/s per GPU",
-                 "Dubey et al. 2024, table 4", open=(*LLAMA_OPEN, "checkpointing")),
+    PublishedRun(
+        "Llama 3 405B, 8K GPUs",
+        "llama3-405b",
+        "h100",
+        "roce400",
+        8192,
+        8192,
+        LLAMA_BATCH,
+        Layout("zero1", tp=8, pp=16, schedule="interleaved"),
+        430,
+        "TFLOP/s per GPU",
+        "Dubey et al. 2024, table 4",
+        open=LLAMA_OPEN,
+    ),
+    PublishedRun(
+        "Llama 3 405B, 16K GPUs",
+        "llama3-405b",
+        "h100",
+        "roce400",
+        16384,
+        8192,
+        LLAMA_BATCH,
+        Layout("zero1", tp=8, pp=16, schedule="interleaved"),
+        400,
+        "TFLOP/s per GPU",
+        "Dubey et al. 2024, table 4",
+        open=LLAMA_OPEN,
+    ),
+    PublishedRun(
+        "Llama 3 405B, 16K GPUs, 128K context",
+        "llama3-405b",
+        "h100",
+        "roce400",
+        16384,
+        131072,
+        LLAMA_BATCH,
+        Layout("zero1", tp=8, pp=16, cp=16, schedule="interleaved"),
+        380,
+        "TFLOP/s per GPU",
+        "Dubey et al. 2024, table 4",
+        open=(*LLAMA_OPEN, "checkpointing"),
+    ),
     # DualPipe; it recomputes the norms and MLA's up-projections in the backward (selective checkpointing)
-    PublishedRun("DeepSeek-V3, 2,048 H800", "deepseek-v3", "h800", "ib-ndr", 2048, 4096, 15360 * 4096,
-                 Layout("zero1", pp=16, ep=64, schedule="dualpipe", checkpointing="selective"), 180e3,
-                 "GPU-hours per 1T tokens", "DeepSeek-AI 2024, sections 1 and 3.2"),
-    PublishedRun("Megatron-LM 1T GPT, 3,072 A100", "megatron-1t", "a100", "ib-hdr", 3072, 2048, 3072 * 2048,
-                 Layout("ddp", tp=8, pp=64, checkpointing="full"), 163, "TFLOP/s per GPU",
-                 "Narayanan et al. 2021, table 1",
-                 # Megatron-LM in 2021: no distributed optimizer, no flash attention, no sequence parallelism
-                 data_parallel=("ddp",), fused_attention=False, sequence_parallel=False),
+    PublishedRun(
+        "DeepSeek-V3, 2,048 H800",
+        "deepseek-v3",
+        "h800",
+        "ib-ndr",
+        2048,
+        4096,
+        15360 * 4096,
+        Layout("zero1", pp=16, ep=64, schedule="dualpipe", checkpointing="selective"),
+        180e3,
+        "GPU-hours per 1T tokens",
+        "DeepSeek-AI 2024, sections 1 and 3.2",
+    ),
+    PublishedRun(
+        "Megatron-LM 1T GPT, 3,072 A100",
+        "megatron-1t",
+        "a100",
+        "ib-hdr",
+        3072,
+        2048,
+        3072 * 2048,
+        Layout("ddp", tp=8, pp=64, checkpointing="full"),
+        163,
+        "TFLOP/s per GPU",
+        "Narayanan et al. 2021, table 1",
+        # Megatron-LM in 2021: no distributed optimizer, no flash attention, no sequence parallelism
+        data_parallel=("ddp",),
+        fused_attention=False,
+        sequence_parallel=False,
+    ),
 )

@@ -73,8 +73,12 @@ def adamw(model: nn.Module, lr: float, beta2: float = 0.99, weight_decay: float 
     """nanoGPT's optimizer: decay on matrices only, (0.9, beta2)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, beta2), foreach=True)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, beta2),
+        foreach=True,
+    )
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr: float) -> float:
@@ -86,6 +90,7 @@ def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr: float) -> f
 
 
 # --- nanoGPT's shakespeare_char recipe, scored in bits per byte ------------------------------------
+
 
 def char_splits(text: str, train_fraction: float = 0.9) -> tuple[torch.Tensor, torch.Tensor, int]:
     """nanoGPT's data/shakespeare_char/prepare.py: one id per distinct character, the first 90% to train on,
@@ -103,16 +108,27 @@ def bits_per_byte(model: NanoGPT, ids: torch.Tensor, context: int, batch: int = 
     character is one byte for ASCII text (the tiny Shakespeare file is ASCII)."""
     model.eval()
     windows = (len(ids) - 1) // context
-    inputs = ids[:windows * context].view(windows, context)
-    targets = ids[1:windows * context + 1].view(windows, context)
-    nats = sum(model(inputs[i:i + batch], targets[i:i + batch]).item() * len(inputs[i:i + batch])
-               for i in range(0, windows, batch))
+    inputs = ids[: windows * context].view(windows, context)
+    targets = ids[1 : windows * context + 1].view(windows, context)
+    nats = sum(
+        model(inputs[i : i + batch], targets[i : i + batch]).item() * len(inputs[i : i + batch])
+        for i in range(0, windows, batch)
+    )
     model.train()
     return nats / windows / math.log(2)
 
 
-def train_recipe(text: str, steps: int = 2000, batch: int = 12, context: int = 64, lr: float = 1e-3,
-                 warmup: int = 100, min_lr: float = 1e-4, grad_clip: float = 1.0, seed: int = 0) -> dict:
+def train_recipe(
+    text: str,
+    steps: int = 2000,
+    batch: int = 12,
+    context: int = 64,
+    lr: float = 1e-3,
+    warmup: int = 100,
+    min_lr: float = 1e-4,
+    grad_clip: float = 1.0,
+    seed: int = 0,
+) -> dict:
     """The recipe: 4 layers, 4 heads, width 128, AdamW (0.9, 0.99), warmup then cosine, gradients clipped at
     norm 1 (train.py's grad_clip); random windows as nanoGPT's get_batch draws them. Seconds count everything
     from the text to the held-out score."""
@@ -126,19 +142,23 @@ def train_recipe(text: str, steps: int = 2000, batch: int = 12, context: int = 6
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup, min_lr)
         starts = torch.randint(len(train_ids) - context - 1, (batch,))
-        window = torch.stack([train_ids[s:s + context + 1] for s in starts.tolist()])
+        window = torch.stack([train_ids[s : s + context + 1] for s in starts.tolist()])
         model(window[:, :-1], window[:, 1:]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     loop_seconds = time.perf_counter() - loop_start
     score = bits_per_byte(model, val_ids, context)
-    return {"val_bpb": round(score, 3), "seconds": round(time.perf_counter() - start, 1),
-            "train_tokens_per_s": round(steps * batch * context / loop_seconds)}
+    return {
+        "val_bpb": round(score, 3),
+        "seconds": round(time.perf_counter() - start, 1),
+        "train_tokens_per_s": round(steps * batch * context / loop_seconds),
+    }
 
 
 if __name__ == "__main__":  # python -m train.baseline TEXT STEPS: one recipe run, its figures as JSON
     import json
     import sys
     from pathlib import Path
+
     print(json.dumps(train_recipe(Path(sys.argv[1]).read_text(), steps=int(sys.argv[2]))))

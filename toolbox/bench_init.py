@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import load_config
+from train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +25,9 @@ def peak_rss_mib() -> float:
 
 def worker(argv: list[str]) -> None:
     """One rank (under torchrun): construct the trainer, report memory as one JSON line."""
-    from .trainer import Trainer, check_before_start
-    from .parallel import setup, teardown
+    from train.parallel import setup, teardown
+    from train.trainer import Trainer, check_before_start
+
     config_path, overrides = argv[0], argv[1:]
     config = load_config(config_path, overrides)
     check_before_start(config)
@@ -35,19 +36,42 @@ def worker(argv: list[str]) -> None:
     trainer = Trainer(config, env)
     after = peak_rss_mib()
     held = trainer.engine.memory_bytes()["params"] / 2**20
-    print(json.dumps({"rank": env.rank, "preset": config.model.preset, "params": trainer.params_total,
-                      "full_model_mib": round(trainer.params_total * 4 / 2**20, 1), "params_held_mib": round(held, 1),
-                      "rss_before_mib": round(before, 1), "rss_growth_mib": round(after - before, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "rank": env.rank,
+                "preset": config.model.preset,
+                "params": trainer.params_total,
+                "full_model_mib": round(trainer.params_total * 4 / 2**20, 1),
+                "params_held_mib": round(held, 1),
+                "rss_before_mib": round(before, 1),
+                "rss_growth_mib": round(after - before, 1),
+            }
+        ),
+        flush=True,
+    )
     teardown()
 
 
 def bench_init(config: str, data: Path, nproc: int, overrides: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "train.bench_init", config, f"--data.path={data}", f"--run.out_dir={out}",
-                   "--run.resume=never", *overrides]
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "train.bench_init",
+            config,
+            f"--data.path={data}",
+            f"--run.out_dir={out}",
+            "--run.resume=never",
+            *overrides,
+        ]
+        result = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or len(rows) != nproc:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
