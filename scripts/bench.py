@@ -1,4 +1,4 @@
-"""Benchmarks that print numbers, never timed tests: model, data, strategies (train/bench.py).
+"""Benchmarks that print numbers, never timed tests: model, data, strategies (toolbox/bench.py).
 
 python scripts/bench.py model|data|strategies [--json] ...   (--help for each)
 """

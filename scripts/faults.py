@@ -1,4 +1,4 @@
-"""Fault-tolerance report: break real training runs on purpose and check what survives (train/fault_report.py).
+"""Fault-tolerance report: break real training runs on purpose and check what survives (toolbox/fault_report.py).
 
 python scripts/faults.py [--work DIR] [--json]
 """

@@ -1,4 +1,4 @@
-"""The Colossus planner: will a model fit, and how long will its training take, on N GPUs? (train/plan.py)
+"""The Colossus planner: will a model fit, and how long will its training take, on N GPUs? (toolbox/plan.py)
 
 python scripts/plan.py --model PRESET --gpus N --gpu h100|h200|b200|a100|cpu --strategy S [--json] ...
 """

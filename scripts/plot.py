@@ -1,4 +1,4 @@
-"""Plot training runs from their metrics.jsonl: one PNG, several runs overlaid (train/plot.py).
+"""Plot training runs from their metrics.jsonl: one PNG, several runs overlaid (toolbox/plot.py).
 
 python scripts/plot.py RUN_DIR [RUN_DIR ...] [--out FILE.png]
 """

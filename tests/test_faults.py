@@ -1,4 +1,4 @@
-"""Reliability with real faults and real processes: the cases of scripts/faults.py (train/fault_report.py),
+"""Reliability with real faults and real processes: the cases of scripts/faults.py (toolbox/fault_report.py),
 each asserted, plus the guards (NaN, loss spikes), preemption, a full disk, and checkpoints that cannot be
 resumed."""
 

@@ -30,12 +30,12 @@ Targets on 2 CPU ranks: fsdp state <= 0.55x ddp's; ddp tokens/s >= 0.9x twice th
 (checkpoint.async_save) checkpoints: the median step time and how much longer a step with a save takes.
 
 `init`: each rank's memory growth while the trainer builds and initialises the model (meta device, split,
-then only its shards filled) against the whole fp32 model's bytes (train/bench_init.py).
+then only its shards filled) against the whole fp32 model's bytes (toolbox/bench_init.py).
 
 `baseline`: tokens/s at nanoGPT's shakespeare_char shape, a nanoGPT-style GPT against our model with the same
 FLOPs (configs/nanogpt-shape.toml): model steps interleaved in one process, then the trainer end to end
 against nanoGPT's training loop. `quality`: held-out bits per byte on the last 10% of tiny Shakespeare at
-equal wall time, nanoGPT's char-level recipe against configs/shakespeare.toml (train/bench_baseline.py).
+equal wall time, nanoGPT's char-level recipe against configs/shakespeare.toml (toolbox/bench_baseline.py).
 
 Numbers live here and not in tests: timings vary with the machine and its load, so a timed test would either
 flake or assert nothing.
@@ -58,7 +58,7 @@ from train.config import load_config
 from train.metrics import peak_flops, peak_memory_mib, read_metrics  # the trainer's MFU: same peak table
 from train.optim import build_optimizer
 from train.parallel import apply_block_options, autocast, compute_dtype, uses_cuda
-from train.trainer import build_model_config
+from train.startup import build_model_config
 
 from .bench_baseline import RECIPE_CONFIG, SHAPE_CONFIG, bench_baseline, bench_quality, run_python
 from .bench_init import bench_init

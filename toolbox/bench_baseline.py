@@ -1,4 +1,4 @@
-"""`scripts/bench.py baseline` and `quality`: us against a nanoGPT-style GPT (train/baseline.py).
+"""`scripts/bench.py baseline` and `quality`: us against a nanoGPT-style GPT (toolbox/baseline.py).
 
 baseline: throughput at nanoGPT's shakespeare_char shape (4 layers, 4 heads, width 128, context 64, batch
 12, fp32), our model dense with the same FLOPs (configs/nanogpt-shape.toml). Model-only steps (forward,
@@ -29,7 +29,7 @@ from train.config import load_config
 from train.metrics import read_metrics
 from train.optim import build_optimizer
 from train.parallel import apply_block_options
-from train.trainer import build_model_config
+from train.startup import build_model_config
 
 from .baseline import NanoGPT, adamw, train_recipe
 
@@ -152,7 +152,7 @@ def bench_baseline(
     data = prepared(text, data_root, ["--tokenizer", "byte"], "shakespeare-byte")
     end_to_end = {"nanoGPT-style": [], **{name: [] for name in TRAINER_VARIANTS}}
     for _ in range(trainer_rounds):
-        nano = run_python(["-m", "train.baseline", str(text), str(trainer_steps)], "the nanoGPT-style loop")
+        nano = run_python(["-m", "toolbox.baseline", str(text), str(trainer_steps)], "the nanoGPT-style loop")
         end_to_end["nanoGPT-style"].append(json.loads(nano.strip().splitlines()[-1])["train_tokens_per_s"])
         for name, overrides in TRAINER_VARIANTS.items():
             with tempfile.TemporaryDirectory() as out:

@@ -26,7 +26,8 @@ def peak_rss_mib() -> float:
 def worker(argv: list[str]) -> None:
     """One rank (under torchrun): construct the trainer, report memory as one JSON line."""
     from train.parallel import setup, teardown
-    from train.trainer import Trainer, check_before_start
+    from train.startup import check_before_start
+    from train.trainer import Trainer
 
     config_path, overrides = argv[0], argv[1:]
     config = load_config(config_path, overrides)
@@ -62,7 +63,7 @@ def bench_init(config: str, data: Path, nproc: int, overrides: list[str]) -> lis
             "--standalone",
             f"--nproc_per_node={nproc}",
             "-m",
-            "train.bench_init",
+            "toolbox.bench_init",
             config,
             f"--data.path={data}",
             f"--run.out_dir={out}",

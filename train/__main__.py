@@ -18,7 +18,7 @@ from .config import load_config  # noqa: E402
 from .trainer import PREEMPTED_EXIT, Preempted, run  # noqa: E402
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith("--local_rank=") and not a.startswith("--local-rank=")]

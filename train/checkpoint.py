@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from groundwork import folders
 from groundwork.errors import UserError
 from groundwork.hashing import hash_file
+from model import GrokConfig
 
-from .engine_api import DCP_ERRORS, StateLoadError, first_line
+from .engine_api import DCP_ERRORS, Engine, StateLoadError, first_line
 from .parallel import Env, barrier
 
 # DCP warns when it runs without a process group; one process is a supported case here.
@@ -100,7 +102,7 @@ def file_digest(path: Path) -> str:
     return hash_file(path, xxhash.xxh3_128())
 
 
-def _gather(local):
+def _gather(local: object):
     """Every rank's `local` (plain in-memory objects of our own processes), or [local] in one process."""
     if not dist.is_initialized():
         return [local]
@@ -183,50 +185,77 @@ def _rng_state(env: Env) -> dict[str, torch.Tensor]:
 
 
 class Checkpointer:
-    """Saves and loads this run's checkpoints. With `async_save`, `save` returns as soon as the shards are
-    staged in memory; the files are written in the background and the checkpoint is completed (digests,
-    COMPLETE, rename, prune) by `wait`, which the loop calls once every rank's write is done, and which
-    the next save and the end of the run wait for."""
+    """This run's checkpoints, built once with everything a checkpoint holds: the engine's model and
+    optimizer state, the trainer's resumable state (`trainer_state()`, read at save time), the model's
+    config and the tokenizer files. It owns its cadence (`due`). With `async_save`, `save` returns as soon
+    as the shards are staged in memory; the files are written in the background and the checkpoint is
+    completed (digests, COMPLETE, rename, prune) by `wait`, which the loop calls once every rank's write is
+    done, and which the next save and the end of the run wait for."""
 
-    def __init__(self, root: Path, env: Env, keep: int, async_save: bool = False):
-        self.root, self.env, self.keep = Path(root), env, keep
+    def __init__(
+        self,
+        root: Path,
+        env: Env,
+        engine: Engine,
+        *,
+        every: int,
+        keep: int,
+        async_save: bool,
+        model_config: GrokConfig,
+        tokenizer_folder: Path,
+        tokenizer_sha256: str,
+        trainer_state: Callable[[], dict],
+        shards_written: Callable[[int], None] = lambda step: None,
+    ):
+        self.root, self.env, self.engine = Path(root), env, engine
+        self.every, self.keep, self.async_save = every, keep, async_save
+        self.model_config, self.tokenizer_folder = model_config, Path(tokenizer_folder)
+        self.tokenizer_sha256, self.trainer_state = tokenizer_sha256, trainer_state
+        self.shards_written = shards_written  # between the shards and the marker: where fault tests kill a rank
         # DCP's background writer needs its own group: the training collectives keep the default one busy.
         self.async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
-        self.async_save = async_save
         self.pending = None  # (step, tmp folder, future) of a background save
 
-    def save(
-        self, step: int, engine, meta: dict, model_config, tokenizer_folder: Path, after_state=lambda: None
-    ) -> Path:
-        """Collective. `after_state` runs between the shards and the marker (where fault tests kill a rank)."""
+    def due(self, step: int, last: bool, preempted: bool) -> bool:
+        """Every `checkpoint.every` steps (0: never on a schedule), at the last step and when preempted."""
+        return bool(self.every and step % self.every == 0) or last or preempted
+
+    def save(self, step: int) -> Path:
+        """Collective: write the step-`step` checkpoint (in the background with async_save)."""
         self.wait()
         final = step_dir(self.root, step)
         tmp = final.with_name(final.name + ".tmp")
         if self.env.is_main:
-            folders.begin(final, "checkpoint", tmp_name=tmp.name)
-            (tmp / TRAINER_STATE).write_text(
-                json.dumps(
-                    {"step": step, "world_size": self.env.world_size, "format": engine.checkpoint_format, **meta},
-                    indent=2,
-                )
-            )
-            model_config.to_json_file(tmp / MODEL_CONFIG)
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_folder) / name).is_file():
-                    shutil.copy(Path(tokenizer_folder) / name, tmp / name)
+            self._write_small_files(tmp, final, step)
         barrier()
         save_file(_rng_state(self.env), tmp / f"rng_rank{self.env.rank}.safetensors")
         if self.async_save:
-            self.pending = (
-                step,
-                tmp,
-                self._guard(step, lambda: engine.save_state_async(tmp, self.async_group)),
-                after_state,
-            )
+            self.pending = (step, tmp, self._guard(step, lambda: self.engine.save_state_async(tmp, self.async_group)))
             return final
-        self._guard(step, lambda: engine.save_state(tmp))
-        after_state()
+        self._guard(step, lambda: self.engine.save_state(tmp))
+        self.shards_written(step)
         return self._complete(step, tmp)
+
+    def _write_small_files(self, tmp: Path, final: Path, step: int) -> None:
+        """Rank 0: the marked temporary folder, trainer.json, the model config and the tokenizer files."""
+        folders.begin(final, "checkpoint", tmp_name=tmp.name)
+        meta = {"step": step, "world_size": self.env.world_size, "format": self.engine.checkpoint_format}
+        (tmp / TRAINER_STATE).write_text(json.dumps({**meta, **self.trainer_state()}, indent=2))
+        self.model_config.to_json_file(tmp / MODEL_CONFIG)
+        for name in TOKENIZER_FILES:
+            if (self.tokenizer_folder / name).is_file():
+                shutil.copy(self.tokenizer_folder / name, tmp / name)
+
+    def resume(self, choice: str) -> tuple[Path, dict] | None:
+        """Collective, at start-up: clear what an interrupted save left, then load the checkpoint that
+        `run.resume` names ("auto": the latest complete one; "never": none). Returns (folder, trainer.json)."""
+        if self.env.is_main:
+            remove_partial(self.root)
+        barrier()
+        if choice == "never":
+            return None
+        path = latest_checkpoint(self.root) if choice == "auto" else Path(choice)
+        return (path, self.load(path)) if path is not None else None
 
     def local_done(self) -> float:
         """1.0 when this rank's background write has finished (what the loop's per-step all-reduce sums)."""
@@ -236,13 +265,13 @@ class Checkpointer:
         """Complete a background save (collective; every rank calls it at the same point)."""
         if self.pending is None:
             return None
-        step, tmp, future, after_state = self.pending
+        step, tmp, future = self.pending
         self.pending = None
         self._guard(step, future.result)
-        after_state()
+        self.shards_written(step)
         return self._complete(step, tmp)
 
-    def _guard(self, step: int, write):
+    def _guard(self, step: int, write: Callable[[], object]):
         try:
             return write()
         except DCP_ERRORS as error:  # DCP gathers every rank's write errors, so all ranks raise here together
@@ -269,26 +298,26 @@ class Checkpointer:
         barrier()
         return final
 
-    def load(self, path: Path, engine, tokenizer_sha256: str) -> dict:
+    def load(self, path: Path) -> dict:
         """Verify, then restore model and optimizer in place (resharding as the engine allows) and this
         rank's RNG; returns trainer.json for the trainer's own state."""
         path = Path(path)
         meta = read_meta(path)
-        if meta["format"] != engine.checkpoint_format:
+        if meta["format"] != self.engine.checkpoint_format:
             raise CheckpointError(
                 f"{path}: saved by parallel.strategy {meta['strategy']!r} ({meta['format']} format), which this "
                 f"run's strategy cannot read; resume with a strategy of the same engine ("
                 f"{'deepspeed' if meta['format'] == 'deepspeed' else 'none, ddp, fsdp or hsdp'}), or start from its "
                 f"weights: --model.init_from={path} --run.resume=never"
             )
-        if meta.get("tokenizer_sha256") != tokenizer_sha256:
+        if meta.get("tokenizer_sha256") != self.tokenizer_sha256:
             raise CheckpointError(
                 f"{path}: trained with tokenizer {str(meta.get('tokenizer_sha256'))[:12]}, but data.path's is "
-                f"{tokenizer_sha256[:12]}; resume on the data it was trained on, or start a new run.out_dir"
+                f"{self.tokenizer_sha256[:12]}; resume on the data it was trained on, or start a new run.out_dir"
             )
         verify(path, self.env)
         try:
-            engine.load_state(path)
+            self.engine.load_state(path)
         except StateLoadError as error:
             raise CheckpointError(f"{path}: {error}") from error
         rng_file = path / f"rng_rank{self.env.rank}.safetensors"

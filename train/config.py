@@ -213,7 +213,7 @@ class TrainConfig(Section):
         return "\n".join(lines)
 
 
-def _toml_value(value) -> str:
+def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

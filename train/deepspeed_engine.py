@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import deepspeed
@@ -89,7 +90,14 @@ def refused_pickles():
 class DeepSpeedEngine:
     checkpoint_format = "deepspeed"
 
-    def __init__(self, model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int, init_weights):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        env: Env,
+        grad_accumulation: int,
+        init_weights: Callable[[nn.Module], None],
+    ):
         self.env, self.stage = env, config.parallel.zero_stage
         init_weights(model)  # whole on every rank: DeepSpeed partitions it itself
         apply_block_options(model, config, env.device)

@@ -3,10 +3,12 @@ the model split by train/parallel, our AdamW, DCP for sharded state. The contrac
 DeepSpeed engine is engine_api.Engine."""
 
 import contextlib
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -26,7 +28,14 @@ class TorchEngine:
     # DCP files sit directly in the checkpoint folder, which any world size and strategy of this engine reads.
     checkpoint_format = "dcp"
 
-    def __init__(self, model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int, init_weights):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        env: Env,
+        grad_accumulation: int,
+        init_weights: Callable[[nn.Module], None],
+    ):
         self.env, self.grad_accumulation = env, grad_accumulation
         self.grad_clip = config.optim.grad_clip
         self.model = parallelize(model, config, env, init_weights)
@@ -78,7 +87,7 @@ class TorchEngine:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
 
-    def save_state_async(self, folder: Path, process_group) -> Future:
+    def save_state_async(self, folder: Path, process_group: dist.ProcessGroup | None) -> Future:
         """Stage a copy of the state in memory (the only part the step loop waits for), then write it from
         a background thread over `process_group`; the future completes when every file is written."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -134,7 +143,9 @@ def check_model_shapes(folder: Path, model_state: dict) -> None:
         )
 
 
-def build_engine(model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int, init_weights) -> Engine:
+def build_engine(
+    model: nn.Module, config: TrainConfig, env: Env, grad_accumulation: int, init_weights: Callable[[nn.Module], None]
+) -> Engine:
     """`model` is on the meta device; `init_weights(model)` allocates and fills it once it is split."""
     if config.parallel.strategy == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine  # deepspeed is an optional extra

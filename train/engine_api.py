@@ -12,6 +12,7 @@ atomic and completes with the loader state, RNG and step, so the loop has one sh
 """
 
 import contextlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -69,7 +70,7 @@ class StateLoadError(UserError, ValueError):
     """Saved model/optimizer state that this engine cannot restore; one line: what is wrong, what to do."""
 
 
-def tensor_bytes(tensors) -> int:
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes this rank holds for these tensors (a DTensor counts its local shard)."""
     local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)
     return sum(t.numel() * t.element_size() for t in local)

@@ -115,8 +115,9 @@ class MetricsLogger:
         start_step: int,
         progress: bool,
         tensorboard: bool,
+        every: int = 1,
     ):
-        self.enabled = enabled
+        self.enabled, self.every = enabled, every
         self.flops_per_token = flops_per_token
         self.peak = peak_flops(device)
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -134,6 +135,11 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
             self.tb = SummaryWriter(Path(out_dir) / "tensorboard")
+
+    def due(self, step: int, last: bool, forced: bool) -> bool:
+        """Every `log.every` steps, at the last step, and whenever `forced` (a validation or a skipped update
+        is always logged)."""
+        return step % self.every == 0 or last or forced
 
     def throughput(self, tokens_seen: int) -> dict:
         """tokens/s, FLOP/s and MFU since the previous call."""

@@ -2,6 +2,7 @@
 groups, and the learning-rate schedule as a pure function of step."""
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -60,11 +61,18 @@ class Muon(torch.optim.Optimizer):
     A sharded matrix (FSDP / TP / EP DTensor) is gathered whole for the orthogonalisation, which every rank
     computes, and each rank keeps its own shard of the result: the same numbers as one process."""
 
-    def __init__(self, groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95):
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        momentum: float = 0.95,
+    ):
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, muon=False))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None):
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
@@ -74,7 +82,7 @@ class Muon(torch.optim.Optimizer):
                 (self._muon if group["muon"] else self._adamw)(param, self.state[param], group)
 
     @staticmethod
-    def _muon(param, state, group):
+    def _muon(param: torch.Tensor, state: dict, group: dict):
         momentum = group["momentum"]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(param)
@@ -88,7 +96,7 @@ class Muon(torch.optim.Optimizer):
         param.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(rows, cols)))
 
     @staticmethod
-    def _adamw(param, state, group):
+    def _adamw(param: torch.Tensor, state: dict, group: dict):
         beta1, beta2 = group["betas"]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)

@@ -10,12 +10,13 @@ milliseconds.
 """
 
 import signal
+from types import FrameType
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []
 
 
-def _record(signum, frame) -> None:
+def _record(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
 
 

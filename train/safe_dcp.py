@@ -16,12 +16,15 @@ wrote (garbage, truncated) raises DamagedFileError; both one line, naming the fi
 """
 
 import io
+import os
 import pathlib
 import pickle
+from typing import IO
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import filesystem, metadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 
 from groundwork.errors import UserError
 
@@ -55,13 +58,13 @@ class DamagedFileError(UserError, ValueError):
     """A checkpoint file that is not what DCP wrote (garbage, truncated); names the file."""
 
 
-def refused(path, what: str) -> UnsafeFileError:
+def refused(path: str | os.PathLike, what: str) -> UnsafeFileError:
     return UnsafeFileError(
         f"{path}: holds {what}, which the weights-only loader refuses; use only checkpoints this project wrote"
     )
 
 
-def damaged(path, error: BaseException) -> DamagedFileError:
+def damaged(path: str | os.PathLike, error: BaseException) -> DamagedFileError:
     detail = " ".join(str(error).split())[:120]  # pickle/zip messages can span lines; ours must not
     return DamagedFileError(
         f"{path}: not what DCP writes ({type(error).__name__}: {detail}); the checkpoint "
@@ -70,7 +73,7 @@ def damaged(path, error: BaseException) -> DamagedFileError:
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file, path):
+    def __init__(self, file: IO[bytes], path: str | os.PathLike):
         super().__init__(file)
         self.path = path
 
@@ -84,7 +87,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise refused(self.path, f"{module}.{name}")
 
 
-def _unpickle_metadata(stream, path) -> metadata.Metadata:
+def _unpickle_metadata(stream: IO[bytes], path: str | os.PathLike) -> metadata.Metadata:
     try:
         loaded = _MetadataUnpickler(stream, path).load()
     except UnsafeFileError:
@@ -104,13 +107,13 @@ def _unpickle_metadata(stream, path) -> metadata.Metadata:
 class _WeightsOnlyBytes:
     """DCP's load planner, except that byte items reach it only after a weights-only load succeeded."""
 
-    def __init__(self, planner, reader: "SafeFileSystemReader"):
+    def __init__(self, planner: LoadPlanner, reader: "SafeFileSystemReader"):
         self._planner, self._reader = planner, reader
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str):
         return getattr(self._planner, name)
 
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         info = self._reader.storage_data[read_item.storage_index]
         where = f"{self._reader.fs.concat_path(self._reader.path, info.relative_path)} ({read_item.dest_index.fqn})"
         try:
@@ -138,7 +141,7 @@ def unsafe_globals(value: io.BytesIO) -> str:
 class SafeFileSystemReader(dcp.FileSystemReader):
     """dcp.load(state, storage_reader=SafeFileSystemReader(folder)): DCP's reader, never running pickled code."""
 
-    def read_metadata(self, *args, **kwargs) -> metadata.Metadata:
+    def read_metadata(self, *args: object, **kwargs: object) -> metadata.Metadata:
         # as FileSystemReader.read_metadata, with the pickle.load replaced
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
@@ -148,16 +151,16 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         loaded.storage_meta.load_id = self.load_id
         return loaded
 
-    def read_data(self, plan, planner):
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner):
         return super().read_data(plan, _WeightsOnlyBytes(planner, self))
 
 
-def read_metadata(folder) -> metadata.Metadata:
+def read_metadata(folder: str | os.PathLike) -> metadata.Metadata:
     """The checkpoint's metadata (what is saved, shapes, dtypes), read safely; no process group needed."""
     return SafeFileSystemReader(str(folder)).read_metadata()
 
 
-def load(state: dict, folder) -> None:
+def load(state: dict, folder: str | os.PathLike) -> None:
     """dcp.load(state) from `folder`, never running pickled code. The metadata is read first, alone, so that a
     refusal raises UnsafeFileError or DamagedFileError itself: inside dcp.load a reader's error is caught
     (torch 2.13 wraps it in a CheckpointException after logging a traceback; torch 2.11 drops it and fails on

@@ -3,12 +3,27 @@ scripts/evaluate.py both compute them with `loss_sums`, so their numbers are the
 
 import contextlib
 import math
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 
 import torch
+import torch.nn as nn
+
+from data.loader import val_batches
+from data.tokenizer import load as load_tokenizer
+from data.tokenizer import token_byte_lengths
+
+from .config import TrainConfig
+from .parallel import Env, all_reduce_sum
 
 
 @torch.no_grad()
-def loss_sums(model, batches, byte_lengths: torch.Tensor, autocast=contextlib.nullcontext) -> torch.Tensor:
+def loss_sums(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    byte_lengths: torch.Tensor,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
     """[nats, tokens, UTF-8 bytes] summed over the batches' targets (-100 ignored), in float64, so that
     sums from several ranks add up before the division."""
     model.eval()
@@ -30,3 +45,32 @@ def summarize(sums: torch.Tensor) -> dict:
     """What the trainer logs: val_loss in nats per token, val_bpb in bits per byte, val_tokens."""
     nats, tokens, n_bytes = sums.tolist()
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / n_bytes, "val_tokens": int(tokens)}
+
+
+class Validator:
+    """The trainer's periodic validation: fixed windows of the val split, each data-parallel rank its share,
+    summed over ranks. Owns its cadence (`due`)."""
+
+    def __init__(self, config: TrainConfig, env: Env, model: nn.Module, forward_context: Callable):
+        self.config, self.env, self.model, self.forward_context = config, env, model, forward_context
+        self.every = config.eval.every
+        self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(config.data.path))).to(env.device)
+
+    def due(self, step: int, last: bool) -> bool:
+        """Every `eval.every` steps (0: only at the end) and at the last step."""
+        return bool(self.every and step % self.every == 0) or last
+
+    def __call__(self) -> dict:
+        """Val loss (nats/token) and bits per byte over the val split, summed across ranks."""
+        config, env = self.config, self.env
+        batches = val_batches(
+            config.data.path,
+            config.data.seq_len,
+            config.eval.batch_size or config.batch.micro_batch_size,
+            env.dp_rank,
+            env.dp_size,
+            env.device,
+            config.eval.max_sequences,
+            verify_checksums=False,  # check_before_start verified the split
+        )
+        return summarize(all_reduce_sum(loss_sums(self.model, batches, self.byte_lengths, self.forward_context)))

@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import SafetensorError
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from data.tokenizer import tokenizer_sha256
 from model import GrokConfig, GrokForCausalLM
 
 from . import safe_dcp
 from .checkpoint import MARKER, MODEL_CONFIG, CheckpointError, read_meta, verify
+from .config import ConfigError
 from .engine_api import DCP_ERRORS, StateLoadError, dcp_cause, first_line
 from .safe_dcp import DamagedFileError, UnsafeFileError
 
@@ -102,7 +104,7 @@ def load_model_weights(path: Path, option: str = "CHECKPOINT") -> tuple[GrokConf
     return config, state
 
 
-def load_export(path: Path, option: str, dtype=torch.float32, **placement) -> GrokForCausalLM:
+def load_export(path: Path, option: str, dtype: torch.dtype = torch.float32, **placement: object) -> GrokForCausalLM:
     """An exported folder through transformers, safetensors only (never a pickle), with Accelerate's
     placement when asked (device_map="auto", max_memory, offload_folder)."""
     config = read_model_config(path, option)
@@ -122,7 +124,7 @@ def initial_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_export(path, "model.init_from").state_dict()
 
 
-def load_for_inference(path: Path, option: str, dtype=torch.float32, **placement):
+def load_for_inference(path: Path, option: str, dtype: torch.dtype = torch.float32, **placement: object):
     """(model in eval mode, folder of its tokenizer or None) from a checkpoint or an exported folder. An
     export can be spread by Accelerate over devices, the CPU and disk; a checkpoint loads whole."""
     path = Path(path)
@@ -138,3 +140,21 @@ def load_for_inference(path: Path, option: str, dtype=torch.float32, **placement
         model = GrokForCausalLM(config)
     model.load_state_dict(weights, strict=True, assign=True)
     return model.to(dtype).eval(), tokenizer_dir(path)
+
+
+def load_initial_weights(model: GrokForCausalLM, path: str) -> None:
+    """model.init_from's weights into a model that may be split over ranks (each keeps its slices)."""
+    state = initial_weights(Path(path))
+    ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    theirs = {key: tuple(value.shape) for key, value in state.items()}
+    differences = [
+        f"{key} {theirs.get(key, 'missing')} vs model {shape}"
+        for key, shape in ours.items()
+        if theirs.get(key) != shape
+    ] + [f"{key} not in this model" for key in theirs if key not in ours]
+    if differences:
+        raise ConfigError(
+            f"model.init_from {path}: its weights do not fit this model ({'; '.join(differences[:3])}); "
+            f"use the model preset and overrides it was trained with"
+        )
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))

@@ -12,6 +12,8 @@
 The same code runs with gloo on CPU and NCCL on GPU.
 """
 
+from collections.abc import Callable
+
 import torch.nn as nn
 
 from ..config import TrainConfig
@@ -35,7 +37,9 @@ from .process_group import (
 from .tensor import apply_tensor_parallel, forward_context
 
 
-def parallelize(model: nn.Module, config: TrainConfig, env: Env, init_weights) -> nn.Module:
+def parallelize(
+    model: nn.Module, config: TrainConfig, env: Env, init_weights: Callable[[nn.Module], None]
+) -> nn.Module:
     """Split a meta-device model: tensor and expert parallelism, activation checkpointing and compile (per
     block, or whole with one process), FSDP; then `init_weights(model)` allocates and fills this rank's
     shards; DDP last (it copies rank 0's weights). The order matters: the styles address modules by their

@@ -6,6 +6,8 @@ another mesh than the dense ones, and DTensor cannot sum norms across meshes. So
 the same, true norm.
 """
 
+from collections.abc import Iterable
+
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -35,7 +37,7 @@ def total_norm(groups: list[list[torch.nn.Parameter]]) -> torch.Tensor:
     return torch.stack(norms).pow(2).sum().sqrt()
 
 
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip by the norm of the global gradient; returns that norm (before clipping). max_norm 0 only measures."""
     groups = by_mesh(list(parameters))
     total = total_norm(groups)

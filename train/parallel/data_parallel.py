@@ -11,6 +11,7 @@ that routed tokens, the ep group included), both inside the block's unit.
 
 import contextlib
 
+import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -20,14 +21,14 @@ from .mesh import WorldMesh
 from .precision import fsdp_policy
 
 
-def apply_ddp(model: nn.Module, device) -> nn.Module:
+def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     # gradient_as_bucket_view: gradients live in the all-reduce buckets, saving a copy and memory
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
     )
 
 
-def apply_fsdp(model: nn.Module, mesh: WorldMesh, dtype, reshard_after_forward: bool) -> None:
+def apply_fsdp(model: nn.Module, mesh: WorldMesh, dtype: torch.dtype, reshard_after_forward: bool) -> None:
     options = dict(mp_policy=fsdp_policy(dtype), reshard_after_forward=reshard_after_forward)
     if mesh.expert is not None:
         for moe in moe_layers(model):

@@ -14,6 +14,7 @@ expert dimension over the mesh's "ep" dimension, so checkpoints reshard to any o
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.autograd.function import FunctionCtx
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -48,7 +49,7 @@ def chunk_counts(counts: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return (ends.clamp(max=stop) - (ends - counts).clamp(min=start)).clamp(min=0)
 
 
-def _gather_chunks(chunk: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+def _gather_chunks(chunk: torch.Tensor, sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:
     padded = chunk.new_zeros(max(sizes), *chunk.shape[1:])
     padded[: chunk.shape[0]] = chunk
     parts = [torch.empty_like(padded) for _ in sizes]
@@ -61,13 +62,13 @@ class _TakeChunk(torch.autograd.Function):
     rank only, so the backward gathers the chunks' gradients: the whole, identical on every rank."""
 
     @staticmethod
-    def forward(ctx, rows, sizes, rank, group):
+    def forward(ctx: FunctionCtx, rows: torch.Tensor, sizes: list[int], rank: int, group: dist.ProcessGroup):
         ctx.sizes, ctx.group = sizes, group
         start = sum(sizes[:rank])
         return rows[start : start + sizes[rank]]
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: FunctionCtx, grad: torch.Tensor):
         return _gather_chunks(grad.contiguous(), ctx.sizes, ctx.group), None, None, None
 
 
@@ -76,12 +77,12 @@ class _GatherChunks(torch.autograd.Function):
     of the group, so the output gradient arrives whole and alike: keep this rank's slice (no sum)."""
 
     @staticmethod
-    def forward(ctx, chunk, sizes, rank, group):
+    def forward(ctx: FunctionCtx, chunk: torch.Tensor, sizes: list[int], rank: int, group: dist.ProcessGroup):
         ctx.start, ctx.size = sum(sizes[:rank]), sizes[rank]
         return _gather_chunks(chunk.contiguous(), sizes, group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: FunctionCtx, grad: torch.Tensor):
         return grad[ctx.start : ctx.start + ctx.size], None, None, None
 
 
@@ -99,7 +100,9 @@ class ExpertParallelDispatch:
         self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
 
-    def __call__(self, routed: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
+    def __call__(
+        self, routed: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+    ) -> torch.Tensor:
         if self.tp == 1:
             return self.exchange(routed, counts, w_gate, w_up, w_down)
         sizes = chunk_sizes(routed.shape[0], self.tp)
@@ -108,7 +111,9 @@ class ExpertParallelDispatch:
         out = self.exchange(mine, chunk_counts(counts, start, start + sizes[self.tp_rank]), w_gate, w_up, w_down)
         return _GatherChunks.apply(out, sizes, self.tp_rank, self.tp_group)
 
-    def exchange(self, routed: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
+    def exchange(
+        self, routed: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+    ) -> torch.Tensor:
         # counts[e]: rows for expert e; experts are owned in order, so rank r gets experts [r*L, (r+1)*L).
         received_counts = torch.empty_like(counts)
         dist.all_to_all_single(received_counts, counts, group=self.group)  # not differentiable: sizes only

@@ -19,6 +19,8 @@ from enum import StrEnum
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from model import GrokConfig
+
 from ..config import ConfigError, TrainConfig
 
 
@@ -98,7 +100,7 @@ def layout_of(config: TrainConfig, world_size: int, local_world_size: int) -> La
     return Layout(replicate, shard, tp, ep)
 
 
-def check_model_fits(layout: Layout, model_config, seq_len: int) -> None:
+def check_model_fits(layout: Layout, model_config: GrokConfig, seq_len: int) -> None:
     """Sizes that the expert and tensor split must divide, named in one line."""
     if layout.ep > 1 and not model_config.is_moe:
         raise ConfigError("parallel.ep_size > 1 needs a mixture-of-experts model (num_local_experts > 1)")

@@ -143,7 +143,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_from_main(value):
+def broadcast_from_main(value: object):
     """Rank 0's value (a small plain object of our own) on every rank."""
     if not dist.is_initialized():
         return value

@@ -20,6 +20,7 @@ sequence shard of the result. For MoE layers, expert parallelism is the way to s
 
 import contextlib
 
+import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
@@ -40,12 +41,12 @@ from model.grok import next_token_loss
 class TiedEmbeddingParallel(ParallelStyle):
     """The embedding / output projection split over vocabulary rows (see the module's docstring)."""
 
-    def _partition(self, name, module, mesh):
+    def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh):
         weight = nn.Parameter(distribute_tensor(module.weight.data, mesh, [Shard(0)], src_data_rank=None))
         module.register_parameter("weight", weight)
 
     @staticmethod
-    def _prepare_input(module, inputs, mesh):
+    def _prepare_input(module: nn.Module, inputs: tuple, mesh: DeviceMesh):
         x, *rest = inputs
         if not isinstance(x, DTensor):  # token ids, the same on every rank of the group
             x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
@@ -54,7 +55,7 @@ class TiedEmbeddingParallel(ParallelStyle):
         return (x, *rest)
 
     @staticmethod
-    def _prepare_output(module, output, mesh):
+    def _prepare_output(module: nn.Module, output: DTensor, mesh: DeviceMesh):
         if any(placement.is_partial() for placement in output.placements):  # looked-up rows: sum and split
             return output.redistribute(placements=[Shard(1)]).to_local()
         return output  # logits sharded over the vocabulary, for loss_parallel
@@ -103,7 +104,7 @@ def block_plan(block: nn.Module) -> dict:
     return plan
 
 
-def vocab_parallel_loss(logits, targets):
+def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor):
     """The model's loss on vocabulary-split logits (under loss_parallel, see forward_context), returned as
     the plain tensor it is on every rank, so the router losses add to it as in one process."""
     loss = next_token_loss(logits, targets)
