@@ -45,13 +45,13 @@ class TrainLoader:
 
     def __init__(
         self,
-        folder,
+        folder: Path | str,
         seq_len: int,
         global_batch_size: int,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        device="cpu",
+        device: torch.device | str = "cpu",
         prefetch: int = 2,
         vocab_size: int | None = None,
         tokenizer_sha256: str | None = None,
@@ -150,12 +150,12 @@ class ArrayStream:
 
 
 def val_batches(
-    folder,
+    folder: Path | str,
     seq_len: int,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-    device="cpu",
+    device: torch.device | str = "cpu",
     max_windows: int | None = None,
     verify_checksums: bool = True,
     split: str = "val",
@@ -171,12 +171,12 @@ def val_batches(
 
 
 def window_batches(
-    stream,
+    stream: TokenStream | ArrayStream,
     seq_len: int,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-    device="cpu",
+    device: torch.device | str = "cpu",
     max_windows: int | None = None,
 ):
     """A token stream in order (or its first max_windows windows, the same at any world size), as

@@ -12,7 +12,9 @@ replaces only a folder this command made; any other existing, non-empty --out is
 import argparse
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +23,9 @@ from groundwork.cli import ArgumentParser, run_main
 
 from . import tokenizer as tok
 from .shards import FORMAT_VERSION, DataError, ShardWriter, read_manifest, token_dtype, write_manifest
+
+if TYPE_CHECKING:
+    import datasets  # only for annotations: imported where data is prepared
 
 
 def split_documents(
@@ -43,7 +48,7 @@ def split_documents(
 _worker_tokenizers: dict = {}
 
 
-def _encode_batch(batch, tokenizer_path: str):
+def _encode_batch(batch: Mapping[str, list[str]], tokenizer_path: str):
     """datasets.map worker: token ids of each document, EOS appended (the separator of the packed stream)."""
     if tokenizer_path not in _worker_tokenizers:
         _worker_tokenizers[tokenizer_path] = tok.Tokenizer.from_file(tokenizer_path)
@@ -51,7 +56,9 @@ def _encode_batch(batch, tokenizer_path: str):
     return {"ids": [e.ids + [tok.EOS_ID] for e in encodings]}
 
 
-def write_split(documents, folder: Path, split: str, dtype, shard_tokens: int, num_proc: int) -> dict:
+def write_split(
+    documents: "datasets.Dataset", folder: Path, split: str, dtype: np.dtype, shard_tokens: int, num_proc: int
+) -> dict:
     encoded = documents.map(
         _encode_batch,
         batched=True,
@@ -175,7 +182,7 @@ def _check_seq_len(manifest: dict, seq_len: int | None, out: Path) -> None:
             )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m data.prepare", description=__doc__)
     p.add_argument("--source", required=True, help="stdlib | a local file or folder | a hub dataset name")
     p.add_argument("--out", required=True, help="output folder (created atomically)")
@@ -216,7 +223,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import datasets  # quiet the library: the user gets one summary line, or one error line
 

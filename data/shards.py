@@ -92,7 +92,7 @@ def read_manifest(folder: Path) -> dict:
 def _check_fields(manifest: dict, path: Path) -> None:
     """The keys readers rely on, with their types: a hand-edited manifest fails here, in one line."""
 
-    def need(node, key, kind, where):
+    def need(node: object, key: str, kind: type, where: str):
         value = node.get(key) if isinstance(node, dict) else None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise DataError(

@@ -97,7 +97,7 @@ def load_hub(
     )
 
 
-def _text_column(ds: datasets.Dataset, text_field: str, where) -> datasets.Dataset:
+def _text_column(ds: datasets.Dataset, text_field: str, where: Path | str) -> datasets.Dataset:
     if text_field not in ds.column_names:
         raise DataError(f"{where}: no field {text_field!r} (fields: {ds.column_names}); pass --text-field NAME")
     ds = ds.select_columns([text_field])
@@ -113,7 +113,7 @@ def load_corpus(
     source: str,
     text_field: str = "text",
     sample_by: str = "paragraph",
-    hub_config=None,
+    hub_config: str | None = None,
     hub_split: str = "train",
     streaming: bool = False,
     max_documents: int | None = None,

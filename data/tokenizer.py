@@ -18,7 +18,7 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 BYTE_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 
 
-def _byte_level(model) -> Tokenizer:
+def _byte_level(model: models.Model) -> Tokenizer:
     tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -10,6 +10,8 @@ is one `--help` away). `run_main` turns every `UserError` into that same one lin
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from .errors import UserError
 
@@ -17,7 +19,7 @@ USER_ERROR_EXIT = 2
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
@@ -57,7 +59,7 @@ def positive_number(text: str) -> float:
     return value
 
 
-def run_main(work) -> int:
+def run_main(work: Callable[[], int | None]) -> int:
     """Run a command's body; a `UserError` becomes its one line on stderr and exit code 2."""
     try:
         result = work()

@@ -3,11 +3,20 @@ manifest publishes, xxh3-128 for checkpoint files (train/checkpoint.py)."""
 
 import hashlib
 from pathlib import Path
+from typing import Protocol
 
 CHUNK_BYTES = 1 << 24
 
 
-def hash_file(path: Path, digest, chunk_bytes: int = CHUNK_BYTES) -> str:
+class Digest(Protocol):
+    """What hash_file needs of a digest: hashlib's and xxhash's objects both have it."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def hash_file(path: Path, digest: Digest, chunk_bytes: int = CHUNK_BYTES) -> str:
     """`digest` (a hashlib or xxhash object) of a file's bytes, read in chunks."""
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):

@@ -40,7 +40,7 @@ def human(n: float) -> str:
     return str(int(n))
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
     parser.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from transformers import Cache
 
 from .config import GrokConfig
 
@@ -33,7 +35,7 @@ class RMSNormFunction(torch.autograd.Function):
     dw = sum_rows(dy * n); dx = r * (dy w - n * mean(dy w * n))."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float):
+    def forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, eps: float):
         rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, rstd, weight)
         if torch.compiler.is_compiling():
@@ -43,7 +45,7 @@ class RMSNormFunction(torch.autograd.Function):
         return (x * rstd).mul_(weight)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx: FunctionCtx, grad_y: torch.Tensor):
         x, rstd, weight = ctx.saved_tensors
         normed = x * rstd
         # summed over the leading dims in place, not flattened: a sequence-split DTensor cannot flatten its
@@ -86,7 +88,7 @@ def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tu
 if not hasattr(torch.ops.minicolossus, "rotary_tables"):
 
     @torch.library.register_fake(torch.library.custom_op("minicolossus::rotary_tables", rotary_tables, mutates_args=()))
-    def _rotary_tables_shapes(position_ids, head_dim, theta):
+    def _rotary_tables_shapes(position_ids: torch.Tensor, head_dim: int, theta: float):
         shape = (position_ids.shape[0], 1, position_ids.shape[1], head_dim)
         return position_ids.new_empty(shape, dtype=torch.float32), position_ids.new_empty(shape, dtype=torch.float32)
 
@@ -126,7 +128,7 @@ class AttentionInputs:
     logit_bias: torch.Tensor | None = None  # eager only: 0 where allowed, -inf elsewhere, [B|1, 1, q, k]
     logit_temperature: torch.Tensor | None = None  # Grok-2's per-query factor [B|1, 1, q, 1]; None when off
 
-    def to(self, device, non_blocking: bool = False) -> "AttentionInputs":
+    def to(self, device: torch.device | str | int, non_blocking: bool = False) -> "AttentionInputs":
         """These inputs on `device`: Accelerate calls this when a device_map puts blocks on several devices."""
         cos = self.cos.to(device, non_blocking=non_blocking)
         if cos is self.cos:  # already there (every block on one device)
@@ -152,7 +154,9 @@ class AttentionInputs:
         )
 
 
-def causal_allowed(query_len: int, key_len: int, key_keep: torch.Tensor | None, device) -> torch.Tensor:
+def causal_allowed(
+    query_len: int, key_len: int, key_keep: torch.Tensor | None, device: torch.device | str
+) -> torch.Tensor:
     """Bool mask [B|1, 1, query_len, key_len]: causal (bottom-right aligned) and not a padding key.
 
     Each query may always see itself, so a padding query never has an all-masked (NaN) row.
@@ -165,19 +169,21 @@ def causal_allowed(query_len: int, key_len: int, key_keep: torch.Tensor | None, 
     return allowed
 
 
-def flex_block_mask(allowed: torch.Tensor | None, query_len: int, key_len: int, device) -> BlockMask:
+def flex_block_mask(
+    allowed: torch.Tensor | None, query_len: int, key_len: int, device: torch.device | str
+) -> BlockMask:
     """flex_attention's block-sparse mask: causal as a function of positions, or read from `allowed`."""
     if allowed is None:
         offset = key_len - query_len
 
-        def mask_mod(b, h, q, kv):
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             return kv <= q + offset
 
         return create_block_mask(mask_mod, None, None, query_len, key_len, device=device)
 
     per_sequence = allowed.shape[0] > 1  # padding differs by sequence; else one mask for the batch
 
-    def mask_mod(b, h, q, kv):
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return allowed[b if per_sequence else 0, 0, q, kv]
 
     return create_block_mask(
@@ -185,7 +191,9 @@ def flex_block_mask(allowed: torch.Tensor | None, query_len: int, key_len: int, 
     )
 
 
-def eager_logit_bias(allowed: torch.Tensor | None, query_len: int, key_len: int, device) -> torch.Tensor:
+def eager_logit_bias(
+    allowed: torch.Tensor | None, query_len: int, key_len: int, device: torch.device | str
+) -> torch.Tensor:
     """0 where a query may attend, -inf elsewhere: added to the eager backend's logits."""
     keep = allowed if allowed is not None else causal_allowed(query_len, key_len, None, device)
     return torch.zeros(keep.shape, device=device).masked_fill_(~keep, float("-inf"))
@@ -201,7 +209,9 @@ def attention_temperature(position_ids: torch.Tensor, length: int) -> torch.Tens
     return factor[:, None, :, None]
 
 
-def make_attention_inputs(config: GrokConfig, position_ids, query_len, key_len, key_keep) -> AttentionInputs:
+def make_attention_inputs(
+    config: GrokConfig, position_ids: torch.Tensor, query_len: int, key_len: int, key_keep: torch.Tensor | None
+) -> AttentionInputs:
     cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
     device = position_ids.device
     needs_mask = key_keep is not None or (query_len != key_len and query_len > 1)
@@ -226,7 +236,15 @@ class SoftcappedAttention(torch.autograd.Function):
     of the tanh form in float64 (tests/test_model.py)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, logit_bias, cap: float, temperature):
+    def forward(
+        ctx: FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        logit_bias: torch.Tensor,
+        cap: float,
+        temperature: torch.Tensor | None,
+    ):
         # scores -> g = sigmoid(2 s / cap) with the cap, else s; the factor then multiplies g (or s)
         scale = (2.0 / cap if cap > 0 else 1.0) / math.sqrt(q.shape[-1])
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
@@ -243,7 +261,7 @@ class SoftcappedAttention(torch.autograd.Function):
         return probs.to(v.dtype) @ v
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor):
         q, k, v, scores, probs, factor = ctx.saved_tensors
         factor = ctx.factor if factor is None else factor
         grad_v = probs.to(v.dtype).transpose(-1, -2) @ grad_out
@@ -268,7 +286,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, d, bias=False)
         self.o_proj.is_residual_projection = True  # initialised with a depth-scaled std
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: Cache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # Head counts come from the projections' outputs: split over tensor-parallel ranks, each holds some heads.
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -282,7 +300,7 @@ class Attention(nn.Module):
         out = backend(q, k, v, inputs)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _eager(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
+    def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -294,15 +312,17 @@ class Attention(nn.Module):
                 q.float(), k.float(), v, bias, float(self.config.attn_logit_softcap), inputs.logit_temperature
             )
 
-    def _sdpa(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         is_causal = inputs.allowed is None and inputs.query_len > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.allowed, is_causal=is_causal, enable_gqa=True)
 
-    def _flex(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         cap = self.config.attn_logit_softcap
         temperature = inputs.logit_temperature
 
-        def score_mod(score, b, h, q_idx, kv_idx):
+        def score_mod(
+            score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+        ) -> torch.Tensor:
             score = cap * torch.tanh(score / cap) if cap > 0 else score
             if temperature is not None:
                 score = score * temperature[b if temperature.shape[0] > 1 else 0, 0, q_idx, 0]

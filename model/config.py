@@ -6,6 +6,7 @@ The Grok-specific knobs are named after what they do in xai-org/grok-1's model.p
 """
 
 import math
+from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -56,7 +57,7 @@ class GrokConfig(PreTrainedConfig):
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
 
-    def __post_init__(self, **kwargs):
+    def __post_init__(self, **kwargs: Any):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.embedding_multiplier is None:

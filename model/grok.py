@@ -5,16 +5,18 @@ from_pretrained (safetensors), and generates with the transformers KV cache.
 """
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .attention import Attention, RMSNorm, make_attention_inputs, softcap
+from .attention import Attention, AttentionInputs, RMSNorm, make_attention_inputs, softcap
 from .config import GrokConfig
 from .moe import FeedForward, MoE, RouterStats
 
@@ -50,7 +52,9 @@ class GrokBlock(nn.Module):
         self.ffn = FeedForward(config)
         self.ffn_norm_out = RMSNorm(config.hidden_size, eps)
 
-    def forward(self, h, attention_inputs, cache=None) -> tuple[torch.Tensor, RouterStats | None]:
+    def forward(
+        self, h: torch.Tensor, attention_inputs: AttentionInputs, cache: Cache | None = None
+    ) -> tuple[torch.Tensor, RouterStats | None]:
         h = h + self.attn_norm_out(self.attn(self.attn_norm_in(h), attention_inputs, cache))
         ffn_out, router_stats = self.ffn(self.ffn_norm_in(h))
         return h + self.ffn_norm_out(ffn_out), router_stats
@@ -101,7 +105,7 @@ class GrokPreTrainedModel(PreTrainedModel):
         raise TypeError(f"no initialisation rule for {type(module).__name__}.{name}")
 
     @torch.no_grad()
-    def _init_weights(self, module):
+    def _init_weights(self, module: nn.Module):
         for name, param in module.named_parameters(recurse=False):
             std = self.initial_std(module, name)
             if std is None:
@@ -123,18 +127,18 @@ class GrokModel(GrokPreTrainedModel):
     def get_input_embeddings(self):
         return self.embed_tokens
 
-    def set_input_embeddings(self, value):
+    def set_input_embeddings(self, value: nn.Module):
         self.embed_tokens = value
 
     def forward(
         self,
-        input_ids,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        use_cache=None,
-        cache=None,
-        **kwargs,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
     ) -> GrokModelOutput:
         batch, query_len = input_ids.shape
         cache = cache if cache is not None else past_key_values
@@ -179,7 +183,7 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def set_input_embeddings(self, value):
+    def set_input_embeddings(self, value: nn.Module):
         self.model.embed_tokens = value
 
     def get_output_embeddings(self):
@@ -187,16 +191,16 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        use_cache=None,
-        labels=None,
-        targets=None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        labels: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
         logits_to_keep: int = 0,
-        cache=None,
-        **kwargs,
+        cache: Cache | None = None,
+        **kwargs: Any,
     ) -> GrokCausalLMOutput:
         """`labels` follow transformers (same positions as input_ids, shifted here); `targets` are
         already aligned with the logits (nanoGPT style, what the trainer passes). -100 is ignored."""
@@ -229,10 +233,10 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
             )
         return result
 
-    def _attach_router_losses(self, result: GrokCausalLMOutput, router_stats: list[RouterStats], h):
+    def _attach_router_losses(self, result: GrokCausalLMOutput, router_stats: list[RouterStats], h: torch.Tensor):
         if router_stats:
             # Each layer's stats live where its block ran: one device, except under a multi-GPU device_map.
-            def gather(values):
+            def gather(values: Iterable[torch.Tensor]) -> torch.Tensor:
                 return torch.stack([v.to(h.device) for v in values])
 
             result.aux_loss = gather(s.aux_loss for s in router_stats).mean()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
 
 from .attention import full_precision, softcap
 from .config import GrokConfig
@@ -37,7 +38,7 @@ class GatedGelu(torch.autograd.Function):
     each fresh temporary of this size costs more in page faults than the arithmetic done in it."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx: FunctionCtx, gate: torch.Tensor, up: torch.Tensor):
         ctx.save_for_backward(gate, up)
         g = gate.to(at_least_fp32(gate))
         if torch.compiler.is_compiling():  # out of place, and no alias: see RMSNormFunction.forward
@@ -46,7 +47,7 @@ class GatedGelu(torch.autograd.Function):
         return gelu_sigmoid(g).mul_(g).mul_(up).to(up.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor):
         gate, up = ctx.saved_tensors
         g, grad = gate.to(at_least_fp32(gate)), grad_out.to(at_least_fp32(gate))
         s = gelu_sigmoid(g)
@@ -65,7 +66,7 @@ def gated_gelu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return GatedGelu.apply(gate, up)
 
 
-def geglu(x, w_gate, w_up, w_down):
+def geglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
     """grok-1's expert: W1(gelu_tanh(x W) * (x V)) with W=w_gate, V=w_up, W1=w_down."""
     return gated_gelu(x @ w_gate, x @ w_up) @ w_down
 
@@ -79,7 +80,9 @@ def _grouped_mm_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     )
 
 
-def grouped_geglu(x: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
+def grouped_geglu(
+    x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
     """Every expert's GeGLU on its slice of x: rows [0, counts[0]) go to expert 0, the next counts[1] rows to
     expert 1, and so on (counts may hold zeros). Bitwise equal to geglu() on each slice."""
     if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's list: cast as it would
@@ -95,7 +98,7 @@ def grouped_geglu(x: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -
     return _grouped_geglu(x, ends, w_gate, w_up, w_down)
 
 
-def _grouped_geglu(x, ends, w_gate, w_up, w_down):
+def _grouped_geglu(x: torch.Tensor, ends: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
     hidden = gated_gelu(F.grouped_mm(x, w_gate, offs=ends), F.grouped_mm(x, w_up, offs=ends))
     return F.grouped_mm(hidden, w_down, offs=ends)
 
@@ -105,7 +108,9 @@ def _grouped_geglu(x, ends, w_gate, w_up, w_down):
 _grouped_geglu_uncompiled = torch.compiler.disable(_grouped_geglu)
 
 
-def local_dispatch(routed: torch.Tensor, counts: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
+def local_dispatch(
+    routed: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
     """All experts live in this process: compute them where the tokens are."""
     return grouped_geglu(routed, counts, w_gate, w_up, w_down)
 

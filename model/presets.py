@@ -4,6 +4,8 @@ Each preset is a dict of GrokConfig fields; `preset_config(name, **overrides)` b
 Train configs select a preset by name and may override fields (e.g. vocab_size to match a tokenizer).
 """
 
+from typing import Any
+
 from .config import GrokConfig
 
 PRESETS: dict[str, dict] = {
@@ -115,7 +117,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_config(name: str, **overrides) -> GrokConfig:
+def preset_config(name: str, **overrides: Any) -> GrokConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
     return GrokConfig(**{**PRESETS[name], **overrides})

@@ -87,7 +87,7 @@ print(json.dumps({"versions": versions, "device": device}))
 class Check:
     """Runs the parts, keeps their results, and writes the report after each."""
 
-    def __init__(self, args):
+    def __init__(self, args: argparse.Namespace):
         self.args, self.out = args, Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + args.deadline_s
@@ -105,7 +105,7 @@ class Check:
     def budget(self, part: str) -> float:
         return min(BUDGETS[part][self.args.cpu], max(0.0, self.deadline - time.monotonic()))
 
-    def run(self, part: str, command: list[str], log: Path | None = None, **env) -> dict:
+    def run(self, part: str, command: list[str], log: Path | None = None, **env: str) -> dict:
         """One child process under the part's budget: exit code, seconds, and its output (to `log` if given)."""
         budget, start = self.budget(part), time.monotonic()
         if budget < 5:
@@ -284,7 +284,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/gpu_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -3,10 +3,10 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import ranks
 import torch
 
 from data.prepare import main as prepare_main
@@ -33,6 +33,13 @@ def small_config(**overrides) -> GrokConfig:
 def small_model(seed: int = 0, **overrides) -> GrokForCausalLM:
     torch.manual_seed(seed)
     return GrokForCausalLM(small_config(**overrides)).eval()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before the test's fixtures (a module's fixture may start the ranks): tests/ranks.py refuses to start
+    ranks for a test not marked `distributed`."""
+    ranks.unmarked_test = None if item.get_closest_marker("distributed") else item.nodeid
 
 
 @pytest.fixture(autouse=True)
@@ -121,11 +128,7 @@ def base_args(data_dir: Path, out: Path, steps: int = STEPS) -> list[str]:
 
 
 def train(data_dir, out, *overrides, nproc: int = 1, steps: int = STEPS) -> list[dict]:
-    launcher = (
-        [sys.executable, "-m", "train"]
-        if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
-    )
+    """The trainer's metrics rows: one process runs in this one, more under torchrun (tests/ranks.py)."""
     strategy = (
         []
         if any(o.startswith("--parallel.strategy") for o in overrides)
@@ -137,7 +140,7 @@ def train(data_dir, out, *overrides, nproc: int = 1, steps: int = STEPS) -> list
 
         result = in_process(train_main, *args)
     else:
-        result = subprocess.run(launcher + args, cwd=REPO, capture_output=True, text=True, timeout=300)
+        result = ranks.torchrun(["-m", "train", *args], nproc=nproc, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     return read_metrics(Path(out))
 

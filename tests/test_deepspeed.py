@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import ranks
 import torch
 from conftest import REPO, STEPS, Payload, base_args, losses, reseal, train
 from transformers import AutoModelForCausalLM
@@ -20,6 +21,7 @@ except ImportError:
 ZERO = ["--parallel.strategy=deepspeed"]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "stage, offload",
     [(1, False), pytest.param(2, False, marks=pytest.mark.compat), (3, False), (3, True)],
@@ -52,6 +54,7 @@ def zero3_run(data_dir, tmp_path_factory):
     ), out
 
 
+@pytest.mark.distributed
 def test_zero3_resume_is_bitwise_exact(data_dir, zero3_run, tmp_path):
     straight, straight_out = zero3_run
     shutil.copytree(straight_out / "checkpoints" / "step_00000006", tmp_path / "checkpoints" / "step_00000006")
@@ -63,6 +66,7 @@ def test_zero3_resume_is_bitwise_exact(data_dir, zero3_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.distributed  # (the ZeRO-3 run)
 def test_zero_checkpoint_on_another_world_size_says_how_to_continue(data_dir, reference, zero3_run, tmp_path):
     single, _ = reference
     checkpoint = zero3_run[1] / "checkpoints" / "step_00000012"
@@ -101,27 +105,20 @@ def hostile_zero3(zero3_run, tmp_path_factory):
     return checkpoint, marker
 
 
+@pytest.mark.distributed  # (the ZeRO-3 run, and resume's 2 ranks)
 @pytest.mark.parametrize("path", ["resume", "export", "init_from"])
 def test_deepspeed_state_is_read_without_running_pickled_code(data_dir, hostile_zero3, tmp_path, path):
     checkpoint, marker = hostile_zero3
     if path == "resume":
         shutil.copytree(checkpoint.parent, tmp_path / "checkpoints")
-        command = [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "train",
-            *base_args(data_dir, tmp_path),
-            *ZERO,
-            "--parallel.zero_stage=3",
-        ]
-    elif path == "export":
-        command = ["scripts/export_hf.py", str(checkpoint), str(tmp_path / "hf")]
+        program = ["-m", "train", *base_args(data_dir, tmp_path), *ZERO, "--parallel.zero_stage=3"]
+        result = ranks.torchrun(program, nproc=2, timeout=300, check=False)
     else:
-        command = ["-m", "train", *base_args(data_dir, tmp_path / "run"), f"--model.init_from={checkpoint}"]
-    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300)
+        if path == "export":
+            command = ["scripts/export_hf.py", str(checkpoint), str(tmp_path / "hf")]
+        else:
+            command = ["-m", "train", *base_args(data_dir, tmp_path / "run"), f"--model.init_from={checkpoint}"]
+        result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert not marker.exists()
     assert result.returncode != 0
     assert "which the weights-only loader refuses" in result.stderr
@@ -147,6 +144,7 @@ def test_a_dcp_checkpoint_cannot_be_resumed_by_deepspeed_and_says_so(data_dir, r
     )
 
 
+@pytest.mark.distributed  # (the ZeRO-3 run)
 def test_zero3_checkpoint_exports_to_hugging_face(reference, zero3_run, tmp_path):
     _, single_out = reference
     export = subprocess.run(

@@ -2,9 +2,9 @@
 training follows the single-process run, and its checkpoints resume and export on other layouts."""
 
 import pytest
+import ranks
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import REPO, STEPS, losses, small_config, train
 from safetensors.torch import load_file
 
@@ -37,8 +37,8 @@ def tokens_for(rank: int) -> torch.Tensor:
     return x.requires_grad_()
 
 
-def dispatch_worker(rank: int, store: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+def dispatch_worker(rank: int) -> None:
+    """One of 2 gloo ranks (tests/ranks.py starts them)."""
     x, upstream = tokens_for(rank), torch.randn(1, len(CHOICES[rank]), 32, generator=torch.Generator().manual_seed(9))
 
     local = routed_moe()
@@ -60,12 +60,12 @@ def dispatch_worker(rank: int, store: str) -> None:
     for weight, expected in zip((parallel.w_gate, parallel.w_up, parallel.w_down), summed):
         assert tuple(weight.shape) == tuple(expected.shape)  # global shape, as in checkpoints
         torch.testing.assert_close(weight.grad.to_local(), expected[2 * rank : 2 * rank + 2], rtol=1e-5, atol=1e-6)
-    dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 @pytest.mark.compat
-def test_dispatch_over_two_ranks_equals_local_experts_even_for_a_rank_that_receives_nothing(tmp_path):
-    mp.spawn(dispatch_worker, args=(str(tmp_path / "store"),), nprocs=2)
+def test_dispatch_over_two_ranks_equals_local_experts_even_for_a_rank_that_receives_nothing():
+    ranks.spawn(dispatch_worker, world_size=2)
 
 
 def test_arrivals_are_regrouped_by_expert_stably():
@@ -83,6 +83,7 @@ def expert_run(data_dir, tmp_path_factory):
     return train(data_dir, out, "--parallel.ep_size=2", "--checkpoint.every=6", "--checkpoint.keep=3", nproc=2), out
 
 
+@pytest.mark.distributed
 @pytest.mark.compat
 def test_ep2_follows_the_single_process_run_with_clipping_on_every_step(reference, expert_run):
     single, _ = reference
@@ -94,6 +95,7 @@ def test_ep2_follows_the_single_process_run_with_clipping_on_every_step(referenc
     assert max(abs(a - b) for a, b in zip(rows[-1]["expert_load_max"], single[-1]["expert_load_max"])) < 1e-6
 
 
+@pytest.mark.distributed  # (the ep2 run itself, and fsdp-x2)
 @pytest.mark.parametrize("layout", [[], ["--parallel.strategy=fsdp"]], ids=["one-process", "fsdp-x2"])
 def test_an_ep2_checkpoint_resumes_on_another_layout(data_dir, reference, expert_run, tmp_path, layout):
     single, _ = reference
@@ -105,6 +107,7 @@ def test_an_ep2_checkpoint_resumes_on_another_layout(data_dir, reference, expert
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single[6:]))) < 1e-5
 
 
+@pytest.mark.distributed  # (the ep2 run)
 def test_an_ep2_checkpoint_exports_the_weights_one_process_trained(reference, expert_run, tmp_path):
     _, single_out = reference
     _, out = expert_run
@@ -117,6 +120,7 @@ def test_an_ep2_checkpoint_exports_the_weights_one_process_trained(reference, ex
         torch.testing.assert_close(ep[key], single[key], rtol=0, atol=2e-4)
 
 
+@pytest.mark.distributed
 def test_ep2_with_two_data_parallel_shards_on_four_processes(data_dir, tmp_path):
     micro = ["--batch.micro_batch_size=2"]  # 4 ranks x 2 = the global batch of 8
     single = train(data_dir, tmp_path / "single", *micro, steps=6)

@@ -15,35 +15,45 @@ from toolbox import fault_report as report
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faults")
-    data = report.prepare(folder)
-    return data, folder, report.uninterrupted(data, folder)
+def fault_data(tmp_path_factory):
+    """The report's corpus, prepared (in its work folder, the data folder's parent)."""
+    return report.prepare(tmp_path_factory.mktemp("faults"))
 
 
+@pytest.fixture(scope="module")
+def work(fault_data):
+    """(data, work folder, the uninterrupted run every case is compared with: 2 ranks under torchrun)."""
+    return fault_data, fault_data.parent, report.uninterrupted(fault_data, fault_data.parent)
+
+
+@pytest.mark.distributed
 def test_killed_rank_is_restarted_by_torchrun_and_finishes_exactly(work):
     row = report.killed_rank(*work)
     # killed as step 8 began; the restart resumed from step 6, so step 7 was computed twice
     assert row["survived"] and row["steps_lost"] == 1 and row["losses_equal"] and row["weights_equal"], row
 
 
+@pytest.mark.distributed
 def test_crash_during_save_falls_back_to_the_previous_checkpoint(work):
     row = report.crash_during_save(*work)
     # the step-6 save never completed: resumed from step 3, steps 4-6 computed twice, the partial one removed
     assert row["survived"] and row["steps_lost"] == 3 and row["losses_equal"] and row["weights_equal"], row
 
 
+@pytest.mark.distributed
 @pytest.mark.compat
 def test_preemption_checkpoints_the_current_step_and_resumes_exactly(work):
     row = report.preemption(*work)
     assert row["survived"] and row["steps_lost"] == 0 and row["losses_equal"] and row["weights_equal"], row
 
 
+@pytest.mark.distributed
 def test_a_hung_rank_is_detected_by_the_collective_timeout(work):
     row = report.hang(*work)
     assert row["survived"] and row["detected_s"] < 60 and row["losses_equal"] and row["weights_equal"], row
 
 
+@pytest.mark.distributed
 def test_a_nan_loss_skips_one_update_and_training_goes_on(work):
     row = report.nan_loss(*work)
     assert row["survived"] and row["skipped_steps"] == 1 and not row["weights_equal"], row
@@ -52,8 +62,7 @@ def test_a_nan_loss_skips_one_update_and_training_goes_on(work):
     assert all(r["loss"] == r["loss"] for r in logged[5:])
 
 
-def train_one_process(work, out, *overrides, fault=None, timeout=120):
-    data = work[0]
+def train_one_process(data, out, *overrides, fault=None, timeout=120):
     argv = [sys.executable, "-m", "train", *report.train_args(data, out, *overrides), "--parallel.strategy=none"]
     return report.launch(argv, fault=fault, timeout=timeout)
 
@@ -65,28 +74,27 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-def test_too_many_skipped_updates_stop_and_keep_the_last_good_checkpoint(work, tmp_path):
-    error = one_line_error(train_one_process(work, tmp_path, "--run.max_skipped_steps=1", fault="nan:step=5"))
+def test_too_many_skipped_updates_stop_and_keep_the_last_good_checkpoint(fault_data, tmp_path):
+    error = one_line_error(train_one_process(fault_data, tmp_path, "--run.max_skipped_steps=1", fault="nan:step=5"))
     assert "1 updates in a row skipped" in error and "step_00000003" in error
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000003"]
 
 
-def test_loss_spike_guard_skips_updates(work, tmp_path):
+def test_loss_spike_guard_skips_updates(fault_data, tmp_path):
     # a factor below 1 makes every loss after the first a "spike": steps 2-4 are skipped, then it stops
     error = one_line_error(
-        train_one_process(work, tmp_path, "--run.loss_spike_factor=0.5", "--run.max_skipped_steps=3")
+        train_one_process(fault_data, tmp_path, "--run.loss_spike_factor=0.5", "--run.max_skipped_steps=3")
     )
     assert "3 updates in a row skipped" in error and "up to step 4" in error
     assert [r["skipped_steps"] for r in report.rows(tmp_path)] == [0, 1, 2, 3]
 
 
-def test_sigterm_to_a_single_process_exits_with_the_preemption_code(work, tmp_path):
-    data = work[0]
+def test_sigterm_to_a_single_process_exits_with_the_preemption_code(fault_data, tmp_path):
     argv = [
         sys.executable,
         "-m",
         "train",
-        *report.train_args(data, tmp_path),
+        *report.train_args(fault_data, tmp_path),
         "--parallel.strategy=none",
         "--run.max_steps=200",
     ]
@@ -111,7 +119,7 @@ def catches(pid: int, signum: int) -> bool:
     return bool(int(caught, 16) >> (signum - 1) & 1)
 
 
-def test_a_signal_during_start_up_is_acted_on_after_the_first_step(work, tmp_path):
+def test_a_signal_during_start_up_is_acted_on_after_the_first_step(fault_data, tmp_path):
     # SIGUSR1 as soon as `python -m train` records it: seconds before torch is even imported. The default
     # action would kill the rank (exit 138, no checkpoint, no requeue); it must checkpoint step 1 and exit 75.
     if not sys.platform.startswith("linux"):
@@ -120,7 +128,7 @@ def test_a_signal_during_start_up_is_acted_on_after_the_first_step(work, tmp_pat
         sys.executable,
         "-m",
         "train",
-        *report.train_args(work[0], tmp_path),
+        *report.train_args(fault_data, tmp_path),
         "--parallel.strategy=none",
         "--run.max_steps=200",
     ]
@@ -134,7 +142,7 @@ def test_a_signal_during_start_up_is_acted_on_after_the_first_step(work, tmp_pat
     assert (tmp_path / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
 
 
-def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(work, tmp_path):
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(fault_data, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], capture_output=True)
@@ -142,7 +150,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(work, tmp_path):
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
     try:  # one checkpoint of this run takes ~17 MB: the step-3 one fits, the step-6 one does not
         error = one_line_error(
-            train_one_process(work, tmp_path / "run", f"--checkpoint.dir={small}", "--run.max_steps=6")
+            train_one_process(fault_data, tmp_path / "run", f"--checkpoint.dir={small}", "--run.max_steps=6")
         )
         assert "writing the step-6 checkpoint failed" in error and "MiB left" in error
         assert "step_00000003) is intact" in error
@@ -152,30 +160,32 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(work, tmp_path):
         subprocess.run(["umount", str(small)], check=True)
 
 
+@pytest.mark.distributed  # (the uninterrupted 2-rank run's checkpoint)
 def test_resuming_a_checkpoint_of_another_model_shape_names_the_parameters(work, tmp_path):
     checkpoint = work[2] / "checkpoints" / "step_00000012"
     error = one_line_error(
-        train_one_process(work, tmp_path, f"--run.resume={checkpoint}", "--model.overrides.intermediate_size=64")
+        train_one_process(work[0], tmp_path, f"--run.resume={checkpoint}", "--model.overrides.intermediate_size=64")
     )
     assert (
         "another shape" in error and "model.layers.0.ffn.moe.w_gate saved [8, 128, 96] vs model [8, 128, 64]" in error
     )
 
 
+@pytest.mark.distributed  # (the uninterrupted 2-rank run's checkpoint)
 @pytest.mark.compat
 def test_resuming_a_corrupted_checkpoint_is_one_line(work, tmp_path):
     checkpoint = tmp_path / "checkpoints" / "step_00000012"
     shutil.copytree(work[2] / "checkpoints" / "step_00000012", checkpoint)
     shard = next(checkpoint.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
-    error = one_line_error(train_one_process(work, tmp_path, f"--run.resume={checkpoint}"))
+    error = one_line_error(train_one_process(work[0], tmp_path, f"--run.resume={checkpoint}"))
     assert str(shard) in error and "damaged or edited" in error  # the digest check names the file
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupted"])
-def test_a_damaged_shard_is_named_before_training(work, tmp_path, damage):
+def test_a_damaged_shard_is_named_before_training(fault_data, tmp_path, damage):
     data = tmp_path / "data"
-    shutil.copytree(work[0], data)
+    shutil.copytree(fault_data, data)
     shard = data / "train_000.bin"
     content = bytearray(shard.read_bytes())
     if damage == "truncated":
@@ -192,7 +202,7 @@ def test_a_damaged_shard_is_named_before_training(work, tmp_path, damage):
     assert "re-run data.prepare" in error and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_malformed_fault_spec_is_rejected_before_training(work, tmp_path):
-    error = one_line_error(train_one_process(work, tmp_path, fault="explode:step=3"))
+def test_a_malformed_fault_spec_is_rejected_before_training(fault_data, tmp_path):
+    error = one_line_error(train_one_process(fault_data, tmp_path, fault="explode:step=3"))
     assert "MINICOLOSSUS_FAULT='explode:step=3'" in error and "kill:rank=N:step=N" in error
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -254,6 +254,7 @@ def test_async_save_trains_the_same_run_and_completes_every_checkpoint(data_dir,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.distributed
 def test_async_save_on_two_processes_matches_one(data_dir, reference, tmp_path):
     single, _ = reference
     rows = train(data_dir, tmp_path / "fsdp", "--checkpoint.async_save=true", "--checkpoint.every=4", nproc=2)

@@ -9,13 +9,12 @@ object a line), and the check copies them into its report.
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import ranks
 import torch
-from conftest import REPO, base_args, losses, train
+from conftest import base_args, losses, train
 
 from model import GrokForCausalLM, preset_config
 from model.attention import Attention, make_attention_inputs
@@ -69,18 +68,9 @@ def device_bf16(data_dir, tmp_path_factory):
 
 def one_process_group(data_dir, out: Path, *overrides, steps: int = STEPS) -> list[dict]:
     """The trainer under torchrun with one rank: NCCL on a GPU (gloo on the CPU rehearsal)."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=1",
-        "-m",
-        "train",
-        *base_args(data_dir, out, steps),
-        *overrides,
-    ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = ranks.torchrun(
+        ["-m", "train", *base_args(data_dir, out, steps), *overrides], nproc=1, timeout=600, check=False
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     from train.metrics import read_metrics
 
@@ -95,6 +85,7 @@ def test_bf16_autocast_step_follows_fp32_on_the_cpu(cpu_fp32, device_bf16):
     assert device_bf16[-1]["loss"] < device_bf16[0]["loss"] - 0.5  # it learns
 
 
+@pytest.mark.distributed  # (torchrun: an agent and its rank)
 def test_fsdp2_with_its_bf16_policy_on_one_rank_follows_fp32(data_dir, cpu_fp32, tmp_path):
     rows = cpu_fp32
     sharded = one_process_group(data_dir, tmp_path, *ON_DEVICE, "--parallel.strategy=fsdp")
@@ -110,7 +101,9 @@ def test_activation_checkpointing_recomputes_the_same_step(data_dir, device_bf16
     assert difference < SAME_RUN_TOLERANCE
 
 
-@pytest.mark.parametrize("strategy", ["none", "fsdp"], ids=["whole-model", "per-block"])
+@pytest.mark.parametrize(
+    "strategy", ["none", pytest.param("fsdp", marks=pytest.mark.distributed)], ids=["whole-model", "per-block"]
+)
 def test_compiled_training_follows_the_eager_run(data_dir, device_bf16, tmp_path, strategy):
     """`none` compiles the whole model as one graph, FSDP each block. A compiled model that stops learning
     after its first step (as torch 2.11 did with in-place outputs) fails here."""
@@ -241,6 +234,7 @@ def test_the_1b_moe_trains_a_few_steps():
     assert step_losses[-1] < step_losses[0]
 
 
+@pytest.mark.distributed  # (torchrun: an agent and its rank)
 def test_deepspeed_zero2_on_one_rank_follows_fp32(data_dir, cpu_fp32, tmp_path):
     pytest.importorskip("deepspeed", reason="the DeepSpeed wheel did not travel")
     rows = cpu_fp32
@@ -252,6 +246,7 @@ def test_deepspeed_zero2_on_one_rank_follows_fp32(data_dir, cpu_fp32, tmp_path):
     assert difference < 2 * BF16_LOSS_TOLERANCE  # DeepSpeed holds the weights themselves in bf16
 
 
+@pytest.mark.distributed  # (torchrun: an agent and its rank)
 def test_a_device_checkpoint_resumes_on_the_cpu_and_exports(data_dir, tmp_path):
     from toolbox.export import main as export_main
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ranks
 import yaml
 from conftest import REPO, STEPS, base_args, losses, train
 from torch.distributed.run import get_args_parser
@@ -44,9 +45,10 @@ def run(command, timeout=300, **kwargs):
     return result
 
 
+@pytest.mark.distributed
 @pytest.mark.compat
 def test_accelerate_launch(data_dir, reference, tmp_path):
-    run(
+    ranks.launch(
         [
             str(BIN / "accelerate"),
             "launch",
@@ -64,10 +66,11 @@ def test_accelerate_launch(data_dir, reference, tmp_path):
     assert_same_curve(metrics(tmp_path), reference[0])
 
 
+@pytest.mark.distributed
 def test_deepspeed_launcher(data_dir, reference, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install -e '.[deepspeed]'")
     # the launcher appends --local_rank=N to the trainer's arguments
-    run(
+    ranks.launch(
         [
             str(BIN / "deepspeed"),
             "--num_gpus=2",
@@ -84,42 +87,24 @@ def test_deepspeed_launcher(data_dir, reference, tmp_path):
 
 def two_nodes(data_dir, out, nproc_per_node, *overrides, rdzv_timeout=60):
     """Two torchrun agents, node ranks 0 and 1, meeting at a c10d rendezvous on 127.0.0.1."""
-    port = free_port()
+    endpoint = f"127.0.0.1:{free_port()}"
+    program = ["-m", "train", *base_args(data_dir, out), *overrides]
     agents = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--nproc_per_node={nproc_per_node}",
-                f"--node_rank={rank}",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{port}",
-                "--rdzv-id=test",
-                f"--rdzv-conf=join_timeout={rdzv_timeout}",
-                "-m",
-                "train",
-                *base_args(data_dir, out),
-                *overrides,
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        ranks.torchrun_argv(
+            program, nproc=nproc_per_node, nnodes=2, node_rank=rank, endpoint=endpoint, join_timeout=rdzv_timeout
         )
         for rank in (0, 1)
     ]
-    for agent in agents:
-        _, err = agent.communicate(timeout=300)
-        assert agent.returncode == 0, err[-4000:]
+    ranks.launch_all(agents, timeout=300)
     return metrics(out)
 
 
+@pytest.mark.distributed
 def test_two_nodes_fsdp(data_dir, reference, tmp_path):
     assert_same_curve(two_nodes(data_dir, tmp_path, 1, "--parallel.strategy=fsdp"), reference[0])
 
 
+@pytest.mark.distributed
 def test_two_nodes_of_two_processes_hsdp(data_dir, tmp_path):
     # 4 ranks: replicate across the 2 nodes x shard over each node's 2 processes (from LOCAL_WORLD_SIZE).
     # One micro-batch of 2 sequences per rank; the single process accumulates 4 of the same size.
@@ -128,29 +113,19 @@ def test_two_nodes_of_two_processes_hsdp(data_dir, tmp_path):
     assert_same_curve(rows, single)
 
 
+@pytest.mark.distributed
 def test_a_node_that_never_joins_fails_within_the_rendezvous_timeout(data_dir, tmp_path):
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes=2",
-            "--nproc_per_node=1",
-            "--node_rank=0",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-            "--rdzv-id=lonely",
-            "--rdzv-conf=join_timeout=3",
-            "-m",
-            "train",
-            *base_args(data_dir, tmp_path),
-            "--parallel.strategy=fsdp",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    result = ranks.torchrun(
+        ["-m", "train", *base_args(data_dir, tmp_path), "--parallel.strategy=fsdp"],
+        nproc=1,
+        nnodes=2,
+        node_rank=0,
+        endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_id="lonely",
+        join_timeout=3,
         timeout=120,
+        check=False,
     )
     assert result.returncode != 0 and time.monotonic() - started < 60
     assert "RendezvousTimeoutError" in result.stderr
@@ -190,13 +165,12 @@ def test_a_rank_that_never_joins_gives_a_one_line_error(data_dir, tmp_path):
     )
 
 
+@pytest.mark.distributed
 def test_two_hosts_in_network_namespaces(data_dir, reference, tmp_path):
-    result = subprocess.run(
+    result = ranks.launch(
         ["bash", "scripts/multinode_local.sh", *base_args(data_dir, tmp_path), "--parallel.strategy=fsdp"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
+        check=False,
         env={**os.environ, "PYTHON": sys.executable, "PORT": str(free_port())},
     )
     if result.returncode == 77:

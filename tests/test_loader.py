@@ -1,11 +1,11 @@
 """The loader's order contract: disjoint ranks, exact resume, resharded resume, full validation."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import ranks
 import torch
+import torch.distributed as dist
 from test_data import paragraphs
 
 from data.loader import TrainLoader, val_batches
@@ -143,7 +143,7 @@ def test_validation_covers_the_whole_split_once(prepared, world_size):
     for rank in range(world_size):
         batches = list(val_batches(prepared, SEQ_LEN, 4, rank, world_size))
         batch_counts.append(len(batches))
-        for inputs, targets in batches:
+        for _inputs, targets in batches:
             seen += [tuple(t.tolist()) for t in targets if (t != -100).any()]
     assert sorted(seen) == expected
     assert len(set(batch_counts)) == 1  # same number of forward passes on every rank
@@ -162,45 +162,23 @@ def test_too_long_seq_len_is_rejected(prepared):
         TrainLoader(prepared, SEQ_LEN, 6, world_size=4)
 
 
-DISTRIBUTED_CHECK = """
-import sys, torch, torch.distributed as dist
-from data.loader import TrainLoader
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-folder = sys.argv[1]
-ranked = TrainLoader(folder, 16, 6, rank=rank, world_size=world)
-single = TrainLoader(folder, 16, 6)
-for step in range(10):
-    inputs, _ = next(ranked)
-    gathered = [torch.empty_like(inputs) for _ in range(world)]
-    dist.all_gather(gathered, inputs)
-    expected, _ = next(single)
-    assert torch.equal(torch.cat(gathered), expected), f"step {step}"
-    assert not set(map(tuple, gathered[0].tolist())) & set(map(tuple, gathered[1].tolist()))
-if rank == 0:
-    print("LOADER-OK", ranked.state_dict()["samples_consumed"])
-dist.destroy_process_group()
-"""
+def gather_ranked_batches(rank: int, folder: Path) -> int:
+    """One of 2 gloo ranks (tests/ranks.py starts them): 10 steps of its loader, gathered, are the single
+    loader's batches and disjoint; returns its samples_consumed."""
+    world = dist.get_world_size()
+    ranked = TrainLoader(folder, 16, 6, rank=rank, world_size=world)
+    single = TrainLoader(folder, 16, 6)
+    for step in range(10):
+        inputs, _ = next(ranked)
+        gathered = [torch.empty_like(inputs) for _ in range(world)]
+        dist.all_gather(gathered, inputs)
+        expected, _ = next(single)
+        assert torch.equal(torch.cat(gathered), expected), f"step {step}"
+        assert not set(map(tuple, gathered[0].tolist())) & set(map(tuple, gathered[1].tolist()))
+    return ranked.state_dict()["samples_consumed"]
 
 
+@pytest.mark.distributed
 @pytest.mark.compat
-def test_two_real_processes_with_torchrun(prepared, tmp_path):
-    script = tmp_path / "check.py"
-    script.write_text(DISTRIBUTED_CHECK)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(prepared),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "LOADER-OK 60" in result.stdout
+def test_two_real_processes_gather_the_global_batch(prepared):
+    assert ranks.spawn(gather_ranked_batches, prepared, world_size=2, timeout=120) == [60, 60]

@@ -12,29 +12,30 @@ from conftest import REPO, base_args, in_process
 from model import preset_config
 from toolbox import plan
 from toolbox.planner.hardware import FABRICS, GPUS, Cluster
-from toolbox.planner.job import InvalidLayout, Job, Layout
-from toolbox.planner.layout import estimate, forward_flops_per_token, sharded_traffic, work_flops_per_token
+from toolbox.planner.job import InvalidParallelism, Job, Parallelism
+from toolbox.planner.layout import estimate, forward_flops_per_token, work_flops_per_token
 from toolbox.planner.pipeline import bubble, slowest_stage
 from toolbox.planner.published import RUNS
 from toolbox.planner.search import search
 from toolbox.planner.spec import REFERENCES, from_config, model_spec
+from toolbox.planner.traffic import sharded_traffic
 from train.metrics import read_metrics
 
-STRATEGY_RUNS = {  # name -> (processes, trainer overrides, the planner's layout at the trainer's micro-batch)
-    "ddp": (2, ["--parallel.strategy=ddp"], Layout("ddp", micro_batch=4)),
-    "fsdp": (2, ["--parallel.strategy=fsdp"], Layout("fsdp", micro_batch=4)),
+STRATEGY_RUNS = {  # name -> (processes, trainer overrides, the planner's parallelism at the trainer's micro-batch)
+    "ddp": (2, ["--parallel.strategy=ddp"], Parallelism("ddp", micro_batch=4)),
+    "fsdp": (2, ["--parallel.strategy=fsdp"], Parallelism("fsdp", micro_batch=4)),
     "hsdp": (
         2,
         ["--parallel.strategy=hsdp", "--parallel.replicate_size=1", "--parallel.shard_size=2"],
-        Layout("hsdp", shard_size=2, micro_batch=4),
+        Parallelism("hsdp", shard_size=2, micro_batch=4),
     ),
-    "tp2": (2, ["--parallel.strategy=fsdp", "--parallel.tp_size=2"], Layout("fsdp", tp=2, micro_batch=4)),
-    "ep2": (2, ["--parallel.strategy=fsdp", "--parallel.ep_size=2"], Layout("fsdp", ep=2, micro_batch=4)),
-    "zero1": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=1"], Layout("zero1", micro_batch=4)),
-    "zero2": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=2"], Layout("zero2", micro_batch=4)),
-    "zero3": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3"], Layout("zero3", micro_batch=4)),
-    "ddp-4": (4, ["--parallel.strategy=ddp", "--batch.micro_batch_size=2"], Layout("ddp", micro_batch=2)),
-    "fsdp-4": (4, ["--parallel.strategy=fsdp", "--batch.micro_batch_size=2"], Layout("fsdp", micro_batch=2)),
+    "tp2": (2, ["--parallel.strategy=fsdp", "--parallel.tp_size=2"], Parallelism("fsdp", tp=2, micro_batch=4)),
+    "ep2": (2, ["--parallel.strategy=fsdp", "--parallel.ep_size=2"], Parallelism("fsdp", ep=2, micro_batch=4)),
+    "zero1": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=1"], Parallelism("zero1", micro_batch=4)),
+    "zero2": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=2"], Parallelism("zero2", micro_batch=4)),
+    "zero3": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3"], Parallelism("zero3", micro_batch=4)),
+    "ddp-4": (4, ["--parallel.strategy=ddp", "--batch.micro_batch_size=2"], Parallelism("ddp", micro_batch=2)),
+    "fsdp-4": (4, ["--parallel.strategy=fsdp", "--batch.micro_batch_size=2"], Parallelism("fsdp", micro_batch=2)),
     "hsdp-2x2": (
         4,
         [
@@ -43,13 +44,13 @@ STRATEGY_RUNS = {  # name -> (processes, trainer overrides, the planner's layout
             "--parallel.shard_size=2",
             "--batch.micro_batch_size=2",
         ],
-        Layout("hsdp", shard_size=2, micro_batch=2),
+        Parallelism("hsdp", shard_size=2, micro_batch=2),
     ),
 }
 
 
 def measured_run(data_dir, out, preset, processes, overrides) -> dict:
-    """Memory the trainer logs and bytes its second step sends (rank 0), counted by train/planner/traffic_probe."""
+    """Memory the trainer logs and bytes its second step sends (rank 0), counted by toolbox/planner/traffic_probe."""
     command = [
         sys.executable,
         "-m",
@@ -70,6 +71,7 @@ def measured_run(data_dir, out, preset, processes, overrides) -> dict:
     return {"params": row["param_mib"], "state": row["state_mib"], "bytes": sent["bytes"]}
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("preset", ["small"])  # one preset: every strategy is a run of its own
 def test_predicted_memory_and_traffic_per_rank_match_real_runs_within_10_percent(data_dir, tmp_path, preset):
     names = list(STRATEGY_RUNS)
@@ -78,7 +80,7 @@ def test_predicted_memory_and_traffic_per_rank_match_real_runs_within_10_percent
     except ImportError:
         names = [name for name in names if not name.startswith("zero")]
     for name in names:
-        processes, overrides, layout = STRATEGY_RUNS[name]
+        processes, overrides, parallelism = STRATEGY_RUNS[name]
         measured = measured_run(data_dir, tmp_path / name, preset, processes, overrides)
         # the trainer's CPU runs: fp32, the test corpus's byte vocabulary, 8 sequences of 64 a step
         job = Job(
@@ -89,7 +91,7 @@ def test_predicted_memory_and_traffic_per_rank_match_real_runs_within_10_percent
             global_batch_tokens=8 * 64,
             model_bytes=4,
         )
-        predicted = estimate(job, layout)
+        predicted = estimate(job, parallelism)
         state = (
             predicted.memory_gib["params"] + predicted.memory_gib["grads"] + predicted.memory_gib["optimizer"]
         ) * 1024
@@ -124,27 +126,27 @@ def test_published_runs_are_predicted_within_20_percent(run):
 
 
 @pytest.mark.parametrize("run", RUNS, ids=[run.name for run in RUNS])
-def test_search_ranks_the_published_layout_within_15_percent_of_its_best(run):
+def test_search_ranks_the_published_parallelism_within_15_percent_of_its_best(run):
     published = run.estimate()
     best = search(run.job(), top=1, data_parallel=run.data_parallel)[0]
-    assert published.tokens_per_s >= 0.85 * best.tokens_per_s, (run.name, best.layout.describe())
+    assert published.tokens_per_s >= 0.85 * best.tokens_per_s, (run.name, best.parallelism.describe())
 
 
-def test_a_published_layout_keeps_what_its_paper_states_and_fills_in_only_what_it_leaves_open():
+def test_a_published_parallelism_keeps_what_its_paper_states_and_fills_in_only_what_it_leaves_open():
     llama, deepseek = RUNS[0], RUNS[3]
-    filled = llama.estimate().layout
+    filled = llama.estimate().parallelism
     assert (filled.tp, filled.pp, filled.schedule, filled.checkpointing) == (8, 16, "interleaved", "none")
-    assert filled.virtual_stages in (2, 4) and filled.virtual_stages != llama.layout.virtual_stages
-    stated = deepseek.estimate().layout
+    assert filled.virtual_stages in (2, 4) and filled.virtual_stages != llama.parallelism.virtual_stages
+    stated = deepseek.estimate().parallelism
     assert (stated.pp, stated.ep, stated.schedule, stated.checkpointing) == (16, 64, "dualpipe", "selective")
     # the search finds what DeepSeek-V3 found: with DualPipe, experts spread over many nodes pay
-    best = search(deepseek.job(), top=1)[0].layout
+    best = search(deepseek.job(), top=1)[0].parallelism
     assert best.schedule == "dualpipe" and best.ep >= 64
 
 
 def test_dualpipe_hides_the_all_to_all_behind_the_other_micro_batch_at_twice_the_parameters():
     deepseek = RUNS[3]
-    job, dualpipe = deepseek.job(), deepseek.layout
+    job, dualpipe = deepseek.job(), deepseek.parallelism
     one_f_one_b = estimate(job, replace(dualpipe, schedule="1f1b"))
     two = estimate(job, dualpipe)
     by_name = {t.name: t for t in two.traffic}
@@ -165,7 +167,9 @@ def test_dualpipe_hides_the_all_to_all_behind_the_other_micro_batch_at_twice_the
     assert idle == pytest.approx(7 * (1 + (1 - forward) - 3 * weights))
     assert bubble(16, "1f1b", 1, forward, weights) == 15 and 0 < idle < 0.5 * 15
     assert two.bubble_s == pytest.approx(idle * two.compute_s / two.micro_batches)  # nothing exposed per micro-batch
-    with pytest.raises(InvalidLayout, match="dualpipe"):  # 120 sequences per dp rank in micro-batches of 4: 30 < 2 x pp
+    with pytest.raises(
+        InvalidParallelism, match="dualpipe"
+    ):  # 120 sequences per dp rank in micro-batches of 4: 30 < 2 x pp
         estimate(job, replace(dualpipe, micro_batch=4))
 
 
@@ -188,7 +192,9 @@ def test_the_search_pipelines_llama3_as_meta_did(run):
     # ZeRO-3 without a pipeline looks as fast only if its gathers could hide behind the whole step's compute;
     # phase by phase, a forward's gathers have only the forward to hide behind
     best = search(run.job(), top=1, data_parallel=run.data_parallel)[0]
-    assert (best.layout.tp, best.layout.pp, best.layout.data_parallel) == (8, 16, "zero1"), best.layout.describe()
+    assert (best.parallelism.tp, best.parallelism.pp, best.parallelism.data_parallel) == (8, 16, "zero1"), (
+        best.parallelism.describe()
+    )
 
 
 def test_sharded_gathers_hide_only_behind_their_own_phase():
@@ -196,7 +202,7 @@ def test_sharded_gathers_hide_only_behind_their_own_phase():
     # step. The forward's gather of a tp rank's 50.6B bf16 weights takes ~2.4 s on 40 GB/s but its compute
     # ~1.3 s: ~1.1 s of it is exposed however long the backward that follows.
     job = Job(REFERENCES["llama3-405b"], Cluster(GPUS["h100"], FABRICS["roce400"]), 128, 8192, 16 * 8192)
-    result = estimate(job, Layout("zero3", tp=8, checkpointing="selective"))
+    result = estimate(job, Parallelism("zero3", tp=8, checkpointing="selective"))
     gather = next(t for t in result.traffic if t.name.startswith("dp all-gather"))
     forward = (
         result.compute_s * forward_flops_per_token(job.spec, 8192) / work_flops_per_token(job.spec, 8192, "selective")
@@ -211,7 +217,7 @@ def test_fsdp_reduces_in_the_last_backward_only_and_later_collectives_get_what_i
     # The dense group's 2 s reduce-scatter runs in the last backward only (after its 0.5 s re-gather), so the
     # experts' re-gathers hide in every backward but their 1 s reduce-scatter finds the last one used up.
     windows = {"forward": 1.0, "backward": 3.0, "last backward": 3.0}
-    fsdp = Layout("fsdp")
+    fsdp = Parallelism("fsdp")
     dense = sharded_traffic(fsdp, "dense", "fabric", 4, (0.5, 1.0), (2.0, 1.0), windows, 10, 1e9)
     experts = sharded_traffic(fsdp, "experts", "fabric", 4, (0.5, 1.0), (1.0, 1.0), windows, 10, 1e9)
     assert [t.seconds for t in dense] == [4.0, 2.0]  # a gather for each forward and each backward; one reduce
@@ -220,7 +226,7 @@ def test_fsdp_reduces_in_the_last_backward_only_and_later_collectives_get_what_i
     assert windows == pytest.approx({"forward": 0.0, "backward": 2.0, "last backward": 0.0})
     # ZeRO-3 reduces in every backward and, within its reuse distance, gathers once a micro-batch
     windows = {"forward": 1.0, "backward": 3.0, "last backward": 3.0}
-    zero3 = sharded_traffic(Layout("zero3"), "dense", "fabric", 4, (0.5, 1.0), (2.0, 1.0), windows, 10, 1e9)
+    zero3 = sharded_traffic(Parallelism("zero3"), "dense", "fabric", 4, (0.5, 1.0), (2.0, 1.0), windows, 10, 1e9)
     assert [t.seconds for t in zero3] == [2.0, 8.0] and [t.exposed_s for t in zero3] == pytest.approx([0.05, 0.2])
 
 
@@ -228,14 +234,14 @@ def test_fsdp_over_the_whole_of_colossus_is_bound_by_its_all_gathers():
     # Every GPU gathers Grok-1's 631 GB of bf16 weights for each forward and again for each backward through a
     # ~50 GB/s NIC: ~25 s of traffic against ~8 s of compute (one 8K sequence per GPU, 819M tokens a step).
     job = Job(model_spec("grok-1"), Cluster(GPUS["h100"], FABRICS["roce400"]), 100_000, 8192, 100_000 * 8192)
-    fsdp = estimate(job, Layout("fsdp", checkpointing="full"))
+    fsdp = estimate(job, Parallelism("fsdp", checkpointing="full"))
     gathers = sum(t.bytes_per_step for t in fsdp.traffic if "all-gather" in t.name)
     assert gathers == pytest.approx(2 * 2 * model_spec("grok-1").params_total, rel=0.01)
     assert fsdp.fits and fsdp.exposed_comm_s > 3 * fsdp.compute_s and fsdp.mfu < 0.15
-    ddp = estimate(job, Layout("ddp", checkpointing="full"))
+    ddp = estimate(job, Parallelism("ddp", checkpointing="full"))
     assert not ddp.fits and ddp.memory_gib["optimizer"] > 2000  # 8 bytes of AdamW state x 315.7B on every GPU
     best = search(job, top=1)[0]  # expert parallelism keeps each GPU's gathers to its own experts
-    assert best.layout.ep > 1 and best.mfu > 0.4 and best.exposed_comm_s < 0.1 * best.step_s
+    assert best.parallelism.ep > 1 and best.mfu > 0.4 and best.exposed_comm_s < 0.1 * best.step_s
 
 
 @pytest.mark.compat

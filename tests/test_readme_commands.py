@@ -5,6 +5,7 @@ or flag.)"""
 
 import contextlib
 import io
+import os
 import re
 import runpy
 import sys
@@ -15,7 +16,10 @@ import pytest
 from train.config import TrainConfig
 
 # runpy warns when it re-runs a module the test process has already imported: expected here
-pytestmark = [pytest.mark.compat, pytest.mark.filterwarnings("ignore:.*found in sys.modules after import:RuntimeWarning")]
+pytestmark = [
+    pytest.mark.compat,
+    pytest.mark.filterwarnings("ignore:.*found in sys.modules after import:RuntimeWarning"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -42,7 +46,18 @@ def help_text(entry: str, *args: str) -> str:
     """`entry --help` run in this process (scripts by path, as `python scripts/X.py` runs them)."""
     out = io.StringIO()
     argv = [entry, *args, "--help"]
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:
+
+    def leave(code: int) -> None:
+        raise SystemExit(code)
+
+    # python -m train leaves by os._exit once DeepSpeed is imported (train/__main__.py exit_now), and an
+    # earlier test may have imported it into this process: that would end pytest itself, silently
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(out),
+        pytest.raises(SystemExit) as stop,
+    ):
+        patch.setattr(os, "_exit", leave)
         old, sys.argv = sys.argv, argv
         try:
             if entry.startswith("-m "):

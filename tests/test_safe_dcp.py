@@ -8,10 +8,9 @@ import pickle
 import shlex
 
 import pytest
+import ranks
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -143,8 +142,8 @@ def test_hostile_byte_item_is_refused_before_it_runs(tmp_path):
     assert marker.exists()
 
 
-def save_sharded(rank: int, folder: str, store: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+def save_sharded(rank: int, folder: str) -> None:
+    """One of 2 gloo ranks (tests/ranks.py starts them, and waits for both before the group is torn down)."""
     from torch.distributed.fsdp import fully_shard
 
     model = tiny()  # same seed on both ranks: the same start, then FSDP2 shards it
@@ -159,13 +158,12 @@ def save_sharded(rank: int, folder: str, store: str) -> None:
     full = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(full, os.path.join(folder, "full.pt"))
-    dist.barrier()  # neither rank tears gloo down while the other still works (a SIGABRT in one CI run)
-    dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_fsdp2_checkpoint_from_two_ranks_loads_in_one_process(tmp_path):
     folder = tmp_path / "ckpt"
-    mp.spawn(save_sharded, args=(str(folder), str(tmp_path / "store")), nprocs=2)
+    ranks.spawn(save_sharded, str(folder), world_size=2)
     full_model, full_optim = torch.load(folder / "full.pt", weights_only=True)
     assert {path.name for path in folder.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
 

@@ -16,6 +16,8 @@ from conftest import REPO, base_args, losses, train
 
 from train.metrics import read_metrics
 
+pytestmark = pytest.mark.distributed  # every job runs 2 ranks (and the runs it is compared with, torchrun)
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
 
 

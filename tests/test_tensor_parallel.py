@@ -35,11 +35,13 @@ def tp_run(data_dir, tmp_path_factory):
     return checkpointed_run(data_dir, tmp_path_factory, "tp2", "--parallel.tp_size=2", nproc=2)
 
 
+@pytest.mark.distributed
 @pytest.mark.compat
 def test_tp2_follows_the_single_process_run(single_kv2, tp_run):
     assert_same_run(tp_run[0], single_kv2[0])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "ffn",
     [
@@ -58,6 +60,7 @@ def test_tp2_splits_the_dense_and_shared_ffn(data_dir, tmp_path, ffn):
     assert_same_run(train(data_dir, tmp_path / "tp", *KV2, *ffn, "--parallel.tp_size=2", nproc=2, steps=4), single)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "layout",
     [
@@ -72,6 +75,7 @@ def test_tp2_with_two_data_parallel_ranks_on_four_processes(data_dir, single_kv2
     assert_same_run(rows, single_kv2[0])
 
 
+@pytest.mark.distributed  # (the tp2 run itself, and fsdp-x2)
 @pytest.mark.parametrize("layout", [[], ["--parallel.strategy=fsdp"]], ids=["one-process", "fsdp-x2"])
 def test_a_tp2_checkpoint_resumes_on_another_layout(data_dir, single_kv2, tp_run, tmp_path, layout):
     rows = train(
@@ -86,6 +90,7 @@ def test_a_tp2_checkpoint_resumes_on_another_layout(data_dir, single_kv2, tp_run
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single_kv2[0][6:]))) < 1e-5
 
 
+@pytest.mark.distributed  # (the tp2 run)
 @pytest.mark.compat
 def test_a_tp2_checkpoint_exports_the_weights_one_process_trained(single_kv2, tp_run, tmp_path):
     for name, run in (("tp", tp_run[1]), ("single", single_kv2[1])):
@@ -104,16 +109,19 @@ def tp_ep_run(data_dir, tmp_path_factory):
     )
 
 
+@pytest.mark.distributed
 @pytest.mark.compat
 def test_ep2_borrowing_the_tp2_ranks_follows_the_single_process_run(single_kv2, tp_ep_run):
     assert_same_run(tp_ep_run[0], single_kv2[0])
 
 
+@pytest.mark.distributed  # (the tp2-ep2 run)
 def test_a_tp2_ep2_checkpoint_resumes_on_one_process(data_dir, single_kv2, tp_ep_run, tmp_path):
     rows = train(data_dir, tmp_path, *KV2, f"--run.resume={tp_ep_run[1] / 'checkpoints' / 'step_00000006'}")
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single_kv2[0][6:]))) < 1e-5
 
 
+@pytest.mark.distributed
 def test_ep4_across_tp2_and_two_data_parallel_ranks_on_four_processes(data_dir, single_kv2, tmp_path):
     rows = train(data_dir, tmp_path, *KV2, "--parallel.tp_size=2", "--parallel.ep_size=4", nproc=4)
     assert_same_run(rows, single_kv2[0])

@@ -21,7 +21,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -37,7 +37,7 @@ class Block(nn.Module):
         self.fc = nn.Linear(width, 4 * width, bias=False)
         self.fc_proj = nn.Linear(4 * width, width, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor):
         x = x + self.attn(self.ln_1(x))
         return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x))))
 
@@ -56,11 +56,11 @@ class NanoGPT(nn.Module):
                 nn.init.normal_(proj.weight, 0.0, 0.02 / math.sqrt(2 * layers))
 
     @staticmethod
-    def _init(module):
+    def _init(module: nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, 0.0, 0.02)
 
-    def forward(self, idx, targets):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor):
         positions = torch.arange(idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(positions)
         for block in self.blocks:

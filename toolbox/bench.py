@@ -41,11 +41,13 @@ Numbers live here and not in tests: timings vary with the machine and its load, 
 flake or assert nothing.
 """
 
+import argparse
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,7 +72,7 @@ class BenchError(UserError, RuntimeError):
     """A benchmark run that failed: the message names the run and the trainer's last line."""
 
 
-def bench_model(args, overrides: list[str]) -> dict:
+def bench_model(args: argparse.Namespace, overrides: list[str]) -> dict:
     """The config's training step on one device, as `parallel.strategy=none` runs it."""
     shorthands = [f"--model.preset={args.preset}"] if args.preset else []
     shorthands += [f"--batch.micro_batch_size={args.batch}"] if args.batch else []
@@ -137,7 +139,7 @@ def bench_model(args, overrides: list[str]) -> dict:
     }
 
 
-def write_profile(step, device: torch.device, path: Path, steps: int = 3) -> None:
+def write_profile(step: Callable[[], None], device: torch.device, path: Path, steps: int = 3) -> None:
     """torch.profiler over a few more steps: the kernels (or CPU ops) that took the most time, as a table."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -154,7 +156,7 @@ def write_profile(step, device: torch.device, path: Path, steps: int = 3) -> Non
     )
 
 
-def bench_data(args) -> dict:
+def bench_data(args: argparse.Namespace) -> dict:
     import datasets
 
     from data import tokenizer as tok
@@ -248,7 +250,7 @@ def preset_data(preset: str, data_root: str) -> tuple[str, Path]:
     return config, data
 
 
-def bench_strategies(args) -> list[dict]:
+def bench_strategies(args: argparse.Namespace) -> list[dict]:
     results = []
     for preset in args.presets:
         config, data = preset_data(preset, args.data_root)
@@ -316,7 +318,7 @@ def bench_strategies(args) -> list[dict]:
     return results
 
 
-def bench_checkpoint(args) -> list[dict]:
+def bench_checkpoint(args: argparse.Namespace) -> list[dict]:
     """The step-loop stall of a checkpoint, sync vs async: the real trainer saves every --every steps; a step's
     interval that includes a save, minus the median interval of the steps that do not, is that save's stall."""
     config, data = preset_data(args.preset, args.data_root)
@@ -389,7 +391,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="scripts/bench.py", description=__doc__)
     sub = parser.add_subparsers(dest="section", required=True)
     m = sub.add_parser("model", help="a config's train step on one device (strategy none)")
@@ -465,7 +467,7 @@ def main(argv=None) -> int:
     return run_main(lambda: run(args, overrides))
 
 
-def run(args, overrides: list[str]) -> None:
+def run(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.section in ("baseline", "quality"):
         if args.section == "baseline":
             rows = bench_baseline(

@@ -80,7 +80,7 @@ def evaluate(
     return {**row, "perplexity": math.exp(row["val_loss"]), "split": split, "seq_len": seq_len}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="scripts/evaluate.py", description=EVALUATE_HELP)
     parser.add_argument("model", type=Path, help="checkpoint folder or exported Hugging Face folder")
     source = parser.add_mutually_exclusive_group(required=True)

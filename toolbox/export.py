@@ -110,7 +110,7 @@ def export(
     return out
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="scripts/export_hf.py", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="a complete checkpoint folder (runs/NAME/checkpoints/step_N)")
     parser.add_argument("out", type=Path, help="the Hugging Face folder to write")

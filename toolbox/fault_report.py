@@ -116,7 +116,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_model_weights(latest_checkpoint(out / "checkpoints"))[1]
 
 
-def compare(case: str, out: Path, reference: Path, survived: bool, **extra) -> dict:
+def compare(case: str, out: Path, reference: Path, survived: bool, **extra: int | float | None) -> dict:
     """The report row: steps logged twice were computed twice (lost); the last row per step is what stands."""
     logged, straight = rows(out), {r["step"]: r["loss"] for r in rows(reference)}
     by_step = {r["step"]: r["loss"] for r in logged}
@@ -240,7 +240,7 @@ def table(report: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="scripts/faults.py", description=__doc__)
     parser.add_argument(
         "--work", type=Path, default=REPO / "runs" / "faults", help="scratch folder (deleted and made again)"

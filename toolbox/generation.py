@@ -5,7 +5,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from transformers import TextStreamer
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, TextStreamer
 
 from data.tokenizer import load as load_tokenizer
 from groundwork.cli import ArgumentParser, run_main
@@ -63,7 +63,7 @@ def load(model_path: Path, device: str, max_memory: dict | None = None, offload_
     return model, tokenizer
 
 
-def input_device(model) -> torch.device:
+def input_device(model: PreTrainedModel) -> torch.device:
     """Where the prompt goes. Under a device_map, Accelerate runs CPU- and disk-offloaded blocks on its main
     device, the first GPU in the map (the CPU if none); model.device would name the first weight's, maybe meta."""
     placed = getattr(model, "hf_device_map", None)
@@ -74,8 +74,8 @@ def input_device(model) -> torch.device:
 
 
 def generate(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
     prompt: str,
     max_new_tokens: int,
     greedy: bool,
@@ -106,7 +106,7 @@ def generate(
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="scripts/generate.py", description=GENERATE_HELP)
     parser.add_argument("model", type=Path, help="checkpoint folder or exported Hugging Face folder")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")

@@ -12,16 +12,17 @@ data-parallel kind: ddp, zero1-3, fsdp, hsdp) with --tp/--pp/--ep/--cp; data par
 --gpus. --search ranks every layout that fits by predicted throughput instead. --published prints the
 published runs the planner is checked against. --scaling prints (and with --plot draws) the best layout's
 tokens/day of each model at each GPU count, for the same global batch. The model behind the numbers is in
-train/planner/.
+toolbox/planner/.
 """
 
+import argparse
 import json
 from pathlib import Path
 
 from groundwork.cli import ArgumentParser, integer, positive_number, run_main
 
 from .planner.hardware import FABRICS, GPUS, Cluster
-from .planner.job import CHECKPOINTING, DATA_PARALLEL, InvalidLayout, Job, Layout
+from .planner.job import CHECKPOINTING, DATA_PARALLEL, InvalidParallelism, Job, Parallelism
 from .planner.layout import Estimate, estimate
 from .planner.pipeline import SCHEDULES
 from .planner.published import RUNS
@@ -32,23 +33,23 @@ from .plot import plot_scaling
 
 
 def as_dict(result: Estimate, token_budget: float | None = None) -> dict:
-    job, layout = result.job, result.layout
+    job, parallelism = result.job, result.parallelism
     row = {
         "model": job.spec.name,
         "gpus": job.gpus,
         "gpu": job.cluster.gpu.name,
         "fabric": job.cluster.fabric.name,
-        "layout": layout.describe(),
-        "strategy": layout.data_parallel,
+        "layout": parallelism.describe(),
+        "strategy": parallelism.data_parallel,
         "dp": result.dp,
-        "tp": layout.tp,
-        "pp": layout.pp,
-        "ep": layout.ep,
-        "cp": layout.cp,
-        "schedule": layout.schedule,
-        "virtual_stages": layout.virtual_stages,
-        "checkpointing": layout.checkpointing,
-        "micro_batch": layout.micro_batch,
+        "tp": parallelism.tp,
+        "pp": parallelism.pp,
+        "ep": parallelism.ep,
+        "cp": parallelism.cp,
+        "schedule": parallelism.schedule,
+        "virtual_stages": parallelism.virtual_stages,
+        "checkpointing": parallelism.checkpointing,
+        "micro_batch": parallelism.micro_batch,
         "micro_batches": result.micro_batches,
         "seq_len": job.seq_len,
         "global_batch_tokens": result.batch_tokens,
@@ -80,25 +81,26 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def report(r: dict) -> str:
+def report(row: dict) -> str:
     lines = [
-        f"{r['model']}: {human(r['params_total'])} params ({human(r['params_active'])} active) on {r['gpus']:,} x "
-        f"{r['gpu']}, {r['fabric']}",
-        f"  layout {r['layout']}: dp {r['dp']:,} x tp {r['tp']} x pp {r['pp']} x cp {r['cp']}"
-        + (f" (ep {r['ep']} over dp x cp x tp)" if r["ep"] > 1 else "")
-        + f", {r['micro_batches']} micro-batch(es) of {r['micro_batch']} x {r['seq_len']} per rank "
-        f"= {human(r['global_batch_tokens'])} tokens a step",
+        f"{row['model']}: {human(row['params_total'])} params ({human(row['params_active'])} active) "
+        f"on {row['gpus']:,} x {row['gpu']}, {row['fabric']}",
+        f"  layout {row['layout']}: dp {row['dp']:,} x tp {row['tp']} x pp {row['pp']} x cp {row['cp']}"
+        + (f" (ep {row['ep']} over dp x cp x tp)" if row["ep"] > 1 else "")
+        + f", {row['micro_batches']} micro-batch(es) of {row['micro_batch']} x {row['seq_len']} per rank "
+        f"= {human(row['global_batch_tokens'])} tokens a step",
         "  per GPU: "
-        + " + ".join(f"{name} {gib:.1f}" for name, gib in r["memory_gib"].items())
-        + f" = {r['mem_gib']:.1f} GiB: "
-        + ("fits" if r["fits"] else "DOES NOT FIT")
-        + f" in {r['gpu_memory_gib']:.0f} GiB usable",
-        f"  step {r['step_s']:.2f} s = compute {r['compute_s']:.2f} + pipeline bubble {r['bubble_s']:.2f} + "
-        f"exposed communication {r['exposed_comm_s']:.2f}",
-        f"  {r['tflops_per_gpu']:.0f} TFLOP/s per GPU ({r['mfu']:.0%} MFU), {human(r['tokens_per_day'])} tokens/day"
-        + (f", {r['days']:.1f} days for {human(r['token_budget'])} tokens" if "days" in r else ""),
+        + " + ".join(f"{name} {gib:.1f}" for name, gib in row["memory_gib"].items())
+        + f" = {row['mem_gib']:.1f} GiB: "
+        + ("fits" if row["fits"] else "DOES NOT FIT")
+        + f" in {row['gpu_memory_gib']:.0f} GiB usable",
+        f"  step {row['step_s']:.2f} s = compute {row['compute_s']:.2f} + pipeline bubble {row['bubble_s']:.2f} + "
+        f"exposed communication {row['exposed_comm_s']:.2f}",
+        f"  {row['tflops_per_gpu']:.0f} TFLOP/s per GPU ({row['mfu']:.0%} MFU), "
+        f"{human(row['tokens_per_day'])} tokens/day"
+        + (f", {row['days']:.1f} days for {human(row['token_budget'])} tokens" if "days" in row else ""),
     ]
-    for t in r["traffic"]:
+    for t in row["traffic"]:
         lines.append(
             f"    {t['name']:<40} {t['link']:<6} {t['bytes_per_step'] / 2**30:9.2f} GiB sent/step "
             f"{t['seconds']:8.3f} s, exposed {t['exposed_s']:.3f} s"
@@ -112,11 +114,11 @@ def ranking(rows: list[dict]) -> str:
         f"{'tokens/day':>11}" + (f" {'days':>7}" if rows and "days" in rows[0] else "")
     )
     lines = [header]
-    for i, r in enumerate(rows, 1):
+    for rank, row in enumerate(rows, 1):
         lines.append(
-            f"{i:>3}  {r['layout']:<44} {r['mem_gib']:>8.1f} {r['step_s']:>8.2f} {r['exposed_comm_s']:>9.2f} "
-            f"{r['tflops_per_gpu']:>8.0f} {r['mfu']:>5.0%} {human(r['tokens_per_day']):>11}"
-            + (f" {r['days']:>7.1f}" if "days" in r else "")
+            f"{rank:>3}  {row['layout']:<44} {row['mem_gib']:>8.1f} {row['step_s']:>8.2f} "
+            f"{row['exposed_comm_s']:>9.2f} {row['tflops_per_gpu']:>8.0f} {row['mfu']:>5.0%} {human(row['tokens_per_day']):>11}"
+            + (f" {row['days']:>7.1f}" if "days" in row else "")
         )
     return "\n".join(lines)
 
@@ -129,20 +131,20 @@ def published_rows() -> list[dict]:
         rows.append(
             {
                 "run": run.name,
-                "layout": result.layout.describe(),
+                "layout": result.parallelism.describe(),
                 "unit": run.unit,
                 "published": run.figure,
                 "predicted": run.predicted(result),
                 "fits": result.fits,
                 "source": run.source,
                 "vs_best": result.tokens_per_s / best[0].tokens_per_s if best else None,
-                "best_layout": best[0].layout.describe() if best else None,
+                "best_layout": best[0].parallelism.describe() if best else None,
             }
         )
     return rows
 
 
-def print_scaling(models: list[str], gpu_counts: list[int], args) -> int:
+def print_scaling(models: list[str], gpu_counts: list[int], args: argparse.Namespace) -> int:
     curves = {}
     for name in models:
         points = []
@@ -173,7 +175,7 @@ def print_scaling(models: list[str], gpu_counts: list[int], args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="scripts/plan.py", description=__doc__)
     parser.add_argument("--model", choices=MODELS)
     parser.add_argument("--gpus", type=integer(1))
@@ -229,16 +231,16 @@ def main(argv=None) -> int:
             spec, Cluster(GPUS[args.gpu], FABRICS[args.fabric]), args.gpus, seq_len, int(args.global_batch_tokens)
         )
         if args.search:
-            rows = [as_dict(r, args.token_budget) for r in search(job, top=args.top)]
+            rows = [as_dict(result, args.token_budget) for result in search(job, top=args.top)]
             if not rows:
-                raise InvalidLayout(
+                raise InvalidParallelism(
                     f"no layout of {args.model} fits on {args.gpus:,} x {args.gpu} with a "
                     f"{human(job.global_batch_tokens)}-token batch: add GPUs or raise --global-batch-tokens"
                 )
-            print("\n".join(json.dumps(r) for r in rows) if args.json else ranking(rows))
+            print("\n".join(json.dumps(row) for row in rows) if args.json else ranking(rows))
             return 0
         virtual = args.virtual_stages or (2 if args.schedule == "interleaved" else 1)
-        layout = Layout(
+        parallelism = Parallelism(
             args.strategy,
             tp=args.tp,
             pp=args.pp,
@@ -250,7 +252,7 @@ def main(argv=None) -> int:
             checkpointing=args.checkpointing,
             shard_size=args.shard_size,
         )
-        row = as_dict(estimate(job, layout), args.token_budget)
+        row = as_dict(estimate(job, parallelism), args.token_budget)
         print(json.dumps(row) if args.json else report(row))
         return 0 if row["fits"] else 1
 

@@ -98,7 +98,7 @@ def plot_scaling(curves: dict[str, list[tuple[int, float]]], title: str, out: Pa
     return out
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="scripts/plot.py", description=__doc__)
     parser.add_argument("runs", type=Path, nargs="+", help="run folders (each with metrics.jsonl)")
     parser.add_argument("--out", type=Path, help="PNG to write (default: FIRST_RUN/metrics.png)")

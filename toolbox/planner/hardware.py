@@ -61,12 +61,13 @@ class Cluster:
     fabric: Fabric
     gpus_per_node: int = 8  # joined by NVLink / NVSwitch
 
-    def link(self, group_size: int, stride: int) -> tuple[float, float]:
-        """(bytes/s per GPU, latency per hop) of the slowest link a group of `group_size` ranks crosses, whose
-        members are `stride` ranks apart in the job's rank order (nodes hold consecutive ranks)."""
+    def link(self, group_size: int, stride: int) -> tuple[str, float, float]:
+        """("nvlink" or "fabric", bytes/s per GPU, latency per hop) of the slowest link a group of `group_size`
+        ranks crosses, whose members are `stride` ranks apart in the job's rank order (nodes hold consecutive
+        ranks)."""
         if self.in_node(group_size, stride):
-            return self.gpu.nvlink_bytes_per_s * BUS_EFFICIENCY, NVLINK_LATENCY_S
-        return self.fabric.bytes_per_s * BUS_EFFICIENCY, self.fabric.latency_s
+            return "nvlink", self.gpu.nvlink_bytes_per_s * BUS_EFFICIENCY, NVLINK_LATENCY_S
+        return "fabric", self.fabric.bytes_per_s * BUS_EFFICIENCY, self.fabric.latency_s
 
     def in_node(self, group_size: int, stride: int) -> bool:
         return group_size <= 1 or group_size * stride <= self.gpus_per_node

@@ -1,4 +1,5 @@
-"""What the planner plans: a job (a model on a cluster, its batch and sequence) and a layout for it."""
+"""What the planner plans: a job (a model on a cluster, its batch and sequence) and the parallelism that splits it
+over the cluster's GPUs."""
 
 from dataclasses import dataclass
 
@@ -12,7 +13,11 @@ CHECKPOINTING = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
-class Layout:
+class Parallelism:
+    """How a planned job is split: its parallel degrees (data parallelism takes the GPUs they leave), the
+    data-parallel kind, the pipeline schedule, the micro-batch and activation checkpointing. A plan only: the
+    process groups of a job that runs are the trainer's (train/parallel/mesh.py)."""
+
     data_parallel: str = "fsdp"
     tp: int = 1
     pp: int = 1
@@ -48,5 +53,5 @@ class Job:
     sequence_parallel: bool = True  # the residual stream split over tp ranks between blocks
 
 
-class InvalidLayout(UserError, ValueError):
-    """This layout cannot run this job: the message says which number does not divide which."""
+class InvalidParallelism(UserError, ValueError):
+    """This parallelism cannot run this job: the message says which number does not divide which."""

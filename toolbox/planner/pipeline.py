@@ -42,22 +42,22 @@ def bubble(pp: int, schedule: str, virtual_stages: int, forward: float, weights:
     return (pp - 1) / (virtual_stages if schedule == "interleaved" else 1)
 
 
-def slowest_stage(s: ModelSpec, pp: int, schedule: str, seq_len: int) -> float:
+def slowest_stage(spec: ModelSpec, pp: int, schedule: str, seq_len: int) -> float:
     """How much longer the busiest pipeline rank computes than the average: layers are whole, and the output
     matrix (with any multi-token-prediction modules) sits on the last stage as a block of its own. Layers
     are placed to minimise the busiest rank (Llama 3 takes one layer off its first and last stages);
     DualPipe's ranks each hold a stage from each end, so it balances over pp / 2 pairs."""
     if pp == 1:
         return 1.0
-    layer_attention = s.attention_flops(seq_len, causal=True) / s.layers
-    layer = 6 * s.layer_params_active + layer_attention
-    end = (6 * (s.vocab * s.hidden + s.mtp_params_active) + s.mtp_depth * layer_attention) / layer
+    layer_attention = spec.attention_flops(seq_len, causal=True) / spec.layers
+    layer = 6 * spec.layer_params_active + layer_attention
+    end = (6 * (spec.vocab * spec.hidden + spec.mtp_params_active) + spec.mtp_depth * layer_attention) / layer
     ranks = pp // stages_per_rank(schedule)
 
     def places_every_layer(load: float) -> bool:  # the rank with the end block, and the others
-        return load >= end and (ranks - 1) * math.floor(load + 1e-9) + math.floor(load - end + 1e-9) >= s.layers
+        return load >= end and (ranks - 1) * math.floor(load + 1e-9) + math.floor(load - end + 1e-9) >= spec.layers
 
     # the busiest rank holds n whole layers, or the end block and n layers: the least such load that works
-    loads = sorted({float(n) for n in range(1, s.layers + 1)} | {n + end for n in range(s.layers + 1)})
+    loads = sorted({float(n) for n in range(1, spec.layers + 1)} | {n + end for n in range(spec.layers + 1)})
     busiest = next(load for load in loads if places_every_layer(load))
-    return busiest / ((s.layers + end) / ranks)
+    return busiest / ((spec.layers + end) / ranks)

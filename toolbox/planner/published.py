@@ -1,6 +1,6 @@
-"""Published training runs, each with its layout and figure, against which the planner is checked.
+"""Published training runs, each with its parallelism and figure, against which the planner is checked.
 
-A publication gives a layout's parallel degrees and some of its knobs; what it leaves open (an interleaved
+A publication gives its parallel degrees and some of its knobs; what it leaves open (an interleaved
 schedule's depth, the micro-batch, checkpointing where it says nothing) the planner fills in as it would for
 a plan of its own: the fastest choice that fits, or the fastest if none does (`PublishedRun.open`).
 
@@ -14,7 +14,7 @@ import itertools
 from dataclasses import dataclass, replace
 
 from .hardware import FABRICS, GPUS, Cluster
-from .job import CHECKPOINTING, DATA_PARALLEL, InvalidLayout, Job, Layout
+from .job import CHECKPOINTING, DATA_PARALLEL, InvalidParallelism, Job, Parallelism
 from .layout import Estimate, estimate
 from .search import MICRO_BATCHES, VIRTUAL_STAGES
 from .spec import REFERENCES, ModelSpec
@@ -29,26 +29,26 @@ class PublishedRun:
     gpus: int
     seq_len: int
     global_batch_tokens: int
-    layout: Layout
+    parallelism: Parallelism
     figure: float
     unit: str  # "TFLOP/s per GPU" or "GPU-hours per 1T tokens"
     source: str
     # what the run's software offered: the search is ranked among the same choices
-    data_parallel: tuple = DATA_PARALLEL
+    data_parallel: tuple[str, ...] = DATA_PARALLEL
     fused_attention: bool = True
     sequence_parallel: bool = True
-    open: tuple = ("micro_batch",)  # the layout's knobs the publication does not state
+    open: tuple[str, ...] = ("micro_batch",)  # the knobs of its parallelism the publication does not state
 
     def estimate(self) -> Estimate:
-        """The published layout, its open knobs filled in as the search would fill them."""
+        """The published parallelism, its open knobs filled in as the search would fill them."""
         choices = {"micro_batch": MICRO_BATCHES, "virtual_stages": VIRTUAL_STAGES, "checkpointing": CHECKPOINTING}
         job, results = self.job(), []
         for values in itertools.product(*(choices[knob] for knob in self.open)):
             try:
-                results.append(estimate(job, replace(self.layout, **dict(zip(self.open, values)))))
-            except InvalidLayout:
+                results.append(estimate(job, replace(self.parallelism, **dict(zip(self.open, values)))))
+            except InvalidParallelism:
                 continue
-        return max(results, key=lambda r: (r.fits, r.tokens_per_s))
+        return max(results, key=lambda result: (result.fits, result.tokens_per_s))
 
     def job(self) -> Job:
         return Job(
@@ -88,7 +88,7 @@ RUNS = (
         8192,
         8192,
         LLAMA_BATCH,
-        Layout("zero1", tp=8, pp=16, schedule="interleaved"),
+        Parallelism("zero1", tp=8, pp=16, schedule="interleaved"),
         430,
         "TFLOP/s per GPU",
         "Dubey et al. 2024, table 4",
@@ -102,7 +102,7 @@ RUNS = (
         16384,
         8192,
         LLAMA_BATCH,
-        Layout("zero1", tp=8, pp=16, schedule="interleaved"),
+        Parallelism("zero1", tp=8, pp=16, schedule="interleaved"),
         400,
         "TFLOP/s per GPU",
         "Dubey et al. 2024, table 4",
@@ -116,7 +116,7 @@ RUNS = (
         16384,
         131072,
         LLAMA_BATCH,
-        Layout("zero1", tp=8, pp=16, cp=16, schedule="interleaved"),
+        Parallelism("zero1", tp=8, pp=16, cp=16, schedule="interleaved"),
         380,
         "TFLOP/s per GPU",
         "Dubey et al. 2024, table 4",
@@ -131,7 +131,7 @@ RUNS = (
         2048,
         4096,
         15360 * 4096,
-        Layout("zero1", pp=16, ep=64, schedule="dualpipe", checkpointing="selective"),
+        Parallelism("zero1", pp=16, ep=64, schedule="dualpipe", checkpointing="selective"),
         180e3,
         "GPU-hours per 1T tokens",
         "DeepSeek-AI 2024, sections 1 and 3.2",
@@ -144,7 +144,7 @@ RUNS = (
         3072,
         2048,
         3072 * 2048,
-        Layout("ddp", tp=8, pp=64, checkpointing="full"),
+        Parallelism("ddp", tp=8, pp=64, checkpointing="full"),
         163,
         "TFLOP/s per GPU",
         "Narayanan et al. 2021, table 1",

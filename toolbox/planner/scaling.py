@@ -1,4 +1,4 @@
-"""Where scaling stops paying: the best layout's throughput for one model at growing GPU counts."""
+"""Where scaling stops paying: the best parallelism's throughput for one model at growing GPU counts."""
 
 from .hardware import FABRICS, GPUS, Cluster
 from .job import Job
@@ -15,7 +15,7 @@ def scaling(
     seq_len: int = 8192,
     global_batch_tokens: int = 16 * 2**20,
 ) -> list[tuple[int, Estimate | None]]:
-    """(GPU count, the fastest layout that fits or None) for each count, at a fixed global batch."""
+    """(GPU count, the fastest parallelism that fits or None) for each count, at a fixed global batch."""
     spec = model_spec(model)
     cluster = Cluster(GPUS[gpu], FABRICS[fabric])
     rows = []

@@ -1,9 +1,9 @@
 """Count what a real training step sends, to check the planner against: the trainer's second step runs under a
 dispatch mode that sees every collective the step issues (DDP's reducer, FSDP's gathers and reductions,
 DeepSpeed's, tp's and ep's alike), with its tensors and its process group, and turns each into the bytes this
-rank sends by the ring formulas the planner uses (train/planner/collectives.py). Run under torchrun:
+rank sends by the ring formulas the planner uses (toolbox/planner/collectives.py). Run under torchrun:
 
-    python -m torch.distributed.run --nproc_per_node=2 -m train.planner.traffic_probe OUT.json <trainer args>
+    python -m torch.distributed.run --nproc_per_node=2 -m toolbox.planner.traffic_probe OUT.json <trainer args>
 
 Each rank writes OUT.json.rankN: {"bytes": total, "by_collective": {op: bytes}}. What is counted is the collective
 the code asks for, not how gloo carries it out (gloo has no reduce-scatter of its own and runs an all-reduce).
@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,22 +22,22 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def tensor_bytes(value) -> int:
+def tensor_bytes(value: object) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
+        return sum(tensor_bytes(item) for item in value)
     return 0
 
 
-def group_size(args) -> int:
+def group_size(args: Sequence[object]) -> int:
     for arg in args:
         if isinstance(arg, torch.ScriptObject) and "ProcessGroup" in str(arg._type()):
             return dist.ProcessGroup.unbox(arg).size()
     return dist.get_world_size()
 
 
-def sent_bytes(op: str, args, ranks: int) -> float:
+def sent_bytes(op: str, args: Sequence[object], ranks: int) -> float:
     """What one rank sends for the collective `op` (c10d's op name) over a ring of `ranks`."""
     share = (ranks - 1) / ranks
     if op.startswith("allreduce"):
@@ -54,11 +55,17 @@ COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all", "broa
 
 
 class CollectiveCounter(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.by_collective = defaultdict(float)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: Sequence[type],
+        args: Sequence[object] = (),
+        kwargs: dict[str, object] | None = None,
+    ) -> object:
         name = str(func)
         if name.startswith("c10d."):  # what torch.distributed, DDP and FSDP call: (outputs, inputs, group, ...)
             ranks = group_size(args)
@@ -88,7 +95,7 @@ def main(argv: list[str]) -> int:
     counter = CollectiveCounter()
     original = trainer_module.Trainer.train_step
 
-    def probed(self):
+    def probed(self: trainer_module.Trainer) -> dict:
         if self.step != 1:  # the second step: the first builds buckets and lazy state
             return original(self)
         with counter:
