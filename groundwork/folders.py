@@ -6,7 +6,11 @@ with the kind they expect; anything else is refused with one line naming the pat
 New folders appear atomically: written under a temporary name (itself marked, so an interrupted write is
 recognisably ours), fsynced, then renamed into place; replacing a finished folder moves the old one aside
 first and removes it only after the new one is in. A run holds a lock in its folder (`RunLock`) so that
-two runs never share one.
+two runs never share one; a tool writing one output holds a lock beside it (`OutputLock`).
+
+No symlink is followed when writing, replacing or deleting: a symlinked folder or file where the project
+would write is refused in one line. A single file a tool writes outside its own folders (a plot, say) is
+created new, or replaced only if the project wrote it (`write_file`).
 """
 
 import contextlib
@@ -15,6 +19,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
@@ -25,6 +30,12 @@ KINDS = ("run", "checkpoints", "checkpoint", "data", "export")
 
 class FolderError(UserError, ValueError):
     """A folder the project will not touch, or a run already holding it; one line: the path and the way on."""
+
+
+def refuse_symlink(path: Path, what: str) -> None:
+    """Nothing is written, replaced or deleted through a symlink: it may point at anything of the user's."""
+    if Path(path).is_symlink():
+        raise FolderError(f"{what} {path}: is a symlink; give the real path (nothing is written through a symlink)")
 
 
 def fsync_file(path: Path) -> None:
@@ -42,15 +53,43 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_durably(path: Path, content: str | bytes) -> None:
-    """Write a small file whole or not at all: temp file, fsync, rename."""
+    """Write a small file whole or not at all: temp file, fsync, rename. The rename replaces a symlink at
+    `path` itself, never what it points to; the temporary file is created new (O_EXCL), so a planted link
+    at its name is refused by the kernel instead of followed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with contextlib.suppress(FileNotFoundError):
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink()  # our own leftover of a killed write (a pid's temporary name), or a planted link
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
+
+
+def check_file_writable(path: Path, what: str, ours: Callable[[Path], bool]) -> None:
+    """What `write_file` refuses, checkable before any heavy work: a symlink, a folder, or a file the
+    project did not write (`ours(path)` says whether it did)."""
+    path = Path(path)
+    refuse_symlink(path, what)
+    if path.is_dir():
+        raise FolderError(f"{what} {path}: is a folder; give a file name")
+    if path.exists() and not ours(path):
+        raise FolderError(f"{what} {path}: exists and minicolossus did not write it; choose a new file name")
+
+
+def write_file(path: Path, content: str | bytes, what: str, ours: Callable[[Path], bool]) -> None:
+    """Create `path` whole, or replace it if the project wrote it; never through a symlink."""
+    check_file_writable(path, what, ours)
+    write_durably(path, content)
 
 
 def mark(folder: Path, kind: str) -> None:
@@ -60,8 +99,13 @@ def mark(folder: Path, kind: str) -> None:
 
 def kind_of(folder: Path) -> str | None:
     """The kind this project marked the folder with; None for anything it did not make."""
+    folder = Path(folder)
+    marker = folder / MARKER
+    if folder.is_symlink() or marker.is_symlink() or not marker.is_file():
+        return None  # a link to one of ours is not ours (deleting through it would delete the target)
     try:
-        kind = json.loads((Path(folder) / MARKER).read_text()).get("kind")
+        with open(marker, "rb") as f:
+            kind = json.loads(f.read(4096)).get("kind")  # a marker is a few bytes: a big file is not one
     except (OSError, ValueError, AttributeError):
         return None
     return kind if kind in KINDS else None
@@ -94,6 +138,7 @@ def claim(folder: Path, kind: str, what: str, create: bool = True) -> Path:
     project made; accept it if it already carries that marker; refuse anything else. `create=False` only
     checks (ranks other than 0)."""
     folder = Path(folder)
+    refuse_symlink(folder, what)
     if folder.exists() and not folder.is_dir():
         raise FolderError(f"{what} {folder}: is a file, not a folder; choose another path")
     if folder.is_dir() and not _is_empty(folder):
@@ -115,7 +160,7 @@ def claim(folder: Path, kind: str, what: str, create: bool = True) -> Path:
 def remove(folder: Path, kind: str) -> None:
     """Delete a folder, but only one this project marked as `kind`."""
     folder = Path(folder)
-    if kind_of(folder) != kind:
+    if folder.is_symlink() or kind_of(folder) != kind:
         raise FolderError(f"{folder}: not a minicolossus {kind} folder (no {MARKER} of that kind); left in place")
     shutil.rmtree(folder)
 
@@ -123,6 +168,7 @@ def remove(folder: Path, kind: str) -> None:
 def check_replaceable(final: Path, kind: str, what: str, overwrite: bool) -> None:
     """What `begin` refuses, checkable before any heavy work."""
     final = Path(final)
+    refuse_symlink(final, what)
     if not final.exists() or (final.is_dir() and _is_empty(final)):
         return
     found = kind_of(final) if final.is_dir() else None
@@ -180,6 +226,8 @@ def remove_leftovers(parent: Path, name: str, kind: str) -> None:
     parent = Path(parent)
     if parent.is_dir():
         for path in parent.glob(f".{name}.*-*"):
+            if path.is_symlink():
+                continue
             if path.name.startswith((f".{name}.tmp-", f".{name}.old-")) and kind_of(path) == kind:
                 shutil.rmtree(path, ignore_errors=True)
             elif path.name.startswith(f".{name}.new-") and _only_marker_files(path):  # killed while marking
@@ -232,8 +280,10 @@ class RunLock:
     line naming the holder; a lock left by a dead process on this host, or by an earlier attempt of the
     same torchrun job (same TORCHELASTIC_RUN_ID), is taken over."""
 
+    user = "run"
+
     def __init__(self, folder: Path, what: str):
-        self.path, self.what = Path(folder) / LOCK, what
+        self.target, self.path, self.what = Path(folder), Path(folder) / LOCK, what
         self.held = False
 
     def _mine(self) -> dict:
@@ -255,20 +305,15 @@ class RunLock:
     def acquire(self) -> None:
         for _ in range(5):  # a few rounds: another process may be taking over the same stale lock
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
             except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    holder = {}
-                if not isinstance(holder, dict):
-                    holder = {}
-                if not holder and time.time() - self.path.stat().st_mtime < 2:
+                holder = _read_holder(self.path)
+                if not holder and self.path.exists() and time.time() - self.path.lstat().st_mtime < 2:
                     time.sleep(0.2)  # maybe a lock being written this instant: look again
                     continue
                 if holder and not self._stale(holder):
                     raise FolderError(
-                        f"{self.what} {self.path.parent}: in use by another run (pid {holder.get('pid')} on "
+                        f"{self.what} {self.target}: in use by another {self.user} (pid {holder.get('pid')} on "
                         f"{holder.get('host')}, since {holder.get('started')}); wait for it, stop it, or choose "
                         f"another {self.what}"
                     ) from None
@@ -285,14 +330,43 @@ class RunLock:
                 os.fsync(f.fileno())
             self.held = True
             return
-        raise FolderError(f"{self.what} {self.path.parent}: could not take its lock {self.path}; retry")
+        raise FolderError(f"{self.what} {self.target}: could not take its lock {self.path}; retry")
 
     def release(self) -> None:
         if not self.held:
             return
         self.held = False
-        try:
-            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+        if _read_holder(self.path).get("pid") == os.getpid():
+            with contextlib.suppress(OSError):
                 self.path.unlink()
-        except (OSError, ValueError):
-            pass
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class OutputLock(RunLock):
+    """`.{name}.lock` beside one output a tool writes (an export, a prepared data folder): a second tool
+    writing the same output stops in one line naming the first, instead of both reporting success."""
+
+    user = "process"
+
+    def __init__(self, final: Path, what: str):
+        final = Path(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.target, self.path, self.what = final, final.with_name(f".{final.name}{LOCK}"), what
+        self.held = False
+
+
+def _read_holder(path: Path) -> dict:
+    """A lock file's holder; {} for anything that is not one (a link, a FIFO, a big or damaged file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            holder = json.loads(f.read(4096)) if os.fstat(f.fileno()).st_size <= 4096 else {}
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
