@@ -121,15 +121,22 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["seq_len"] != self.seq_len or state["seed"] != self.seed:
+        """A checkpoint's loader state (a file anyone can edit): a count that is not a whole number >= 0 would
+        only fail at the first batch, or silently replay samples."""
+        samples = state.get("samples_consumed") if isinstance(state, dict) else None
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples < 2**62:
             raise DataError(
-                f"loader state is for seq_len {state['seq_len']} / seed {state['seed']}, this run uses "
+                f"loader state: samples_consumed {samples!r} is not a whole number >= 0; resume from another checkpoint"
+            )
+        if state.get("seq_len") != self.seq_len or state.get("seed") != self.seed:
+            raise DataError(
+                f"loader state is for seq_len {state.get('seq_len')} / seed {state.get('seed')}, this run uses "
                 f"seq_len {self.seq_len} / seed {self.seed}; keep them fixed when resuming"
             )
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
-        self.samples_consumed = int(state["samples_consumed"])
+        self.samples_consumed = samples
 
     def close(self) -> None:
         if self._executor is not None:

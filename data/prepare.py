@@ -4,12 +4,18 @@ SRC is `stdlib` (the running Python's standard library, offline, the default cor
 folder (.txt, .txt.gz, .jsonl(.gz), .parquet), or a Hugging Face hub dataset name (needs network).
 Documents are split into train/val whole (seeded), the tokenizer is trained on train only, and both
 splits are tokenised with EOS after every document into flat binary shards plus manifest.json.
-The output appears atomically: everything is written to a temporary folder renamed at the end. Re-running
-with the same arguments reuses the finished folder; identical inputs give identical bytes. --overwrite
-replaces only a folder this command made; any other existing, non-empty --out is refused.
+Documents are read one at a time and tokenised in bounded pieces, so memory follows the bytes however
+long a line is. The output appears atomically: everything (the `datasets` cache included, deleted before
+the end) is written to a temporary folder renamed at the end, while a lock beside --out stops a second
+prepare of it. Re-running the same command reuses the finished folder only if the source's content is
+unchanged (its sha256 is in the manifest); identical inputs give identical bytes. --overwrite replaces
+only a folder this command made, and only if it holds nothing else; any other existing, non-empty --out
+is refused.
 """
 
 import argparse
+import re
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -20,12 +26,21 @@ import numpy as np
 
 from groundwork import folders
 from groundwork.cli import ArgumentParser, run_main
+from groundwork.errors import UserError
 
 from . import tokenizer as tok
-from .shards import FORMAT_VERSION, DataError, ShardWriter, read_manifest, token_dtype, write_manifest
+from .shards import FORMAT_VERSION, MANIFEST, DataError, ShardWriter, read_manifest, token_dtype, write_manifest
 
 if TYPE_CHECKING:
     import datasets  # only for annotations: imported where data is prepared
+
+ENCODE_BATCH = 64  # pieces per tokenizer call: at most 64 * sources.PIECE_CHARS characters held encoded
+# What a prepared folder holds (and --overwrite may delete): its marker, manifest, tokenizer files and shards,
+# and the temporary name of a marker or manifest whose write was killed.
+OWN_FILE = re.compile(
+    r"(\.minicolossus\.json|manifest\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json"
+    r"|[a-z]+_\d{3,}\.bin|\.(\.minicolossus|manifest)\.json\.tmp-\d+)"
+)
 
 
 def split_documents(
@@ -33,7 +48,7 @@ def split_documents(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train and val document indices (each sorted): a seeded choice of whole documents, or (val_from "end")
     the last ones in corpus order, e.g. the end of a single text split into paragraphs."""
-    n_val = max(1, round(val_fraction * n_documents)) if val_fraction > 0 else 0
+    n_val = max(1, round(val_fraction * n_documents))  # never an empty val split: training validates on it
     if n_val >= n_documents:
         raise DataError(
             f"--val-fraction {val_fraction}: {n_documents} document(s) leave an empty train split; "
@@ -48,33 +63,44 @@ def split_documents(
 _worker_tokenizers: dict = {}
 
 
-def _encode_batch(batch: Mapping[str, list[str]], tokenizer_path: str):
-    """datasets.map worker: token ids of each document, EOS appended (the separator of the packed stream)."""
+def _encode_batch(batch: Mapping[str, list], tokenizer_path: str, dtype: str) -> dict:
+    """datasets.map worker: token ids of each piece, EOS appended where a document ends (the separator of the
+    packed stream); arrays of the shard dtype, so the cache holds what the shard will."""
     if tokenizer_path not in _worker_tokenizers:
         _worker_tokenizers[tokenizer_path] = tok.Tokenizer.from_file(tokenizer_path)
-    encodings = _worker_tokenizers[tokenizer_path].encode_batch(batch["text"], add_special_tokens=False)
-    return {"ids": [e.ids + [tok.EOS_ID] for e in encodings]}
+    encodings = _worker_tokenizers[tokenizer_path].encode_batch_fast(batch["text"], add_special_tokens=False)
+    return {
+        "ids": [
+            np.array(e.ids + [tok.EOS_ID] if last else e.ids, dtype=dtype) for e, last in zip(encodings, batch["last"])
+        ]
+    }
 
 
 def write_split(
-    documents: "datasets.Dataset", folder: Path, split: str, dtype: np.dtype, shard_tokens: int, num_proc: int
+    pieces: "datasets.Dataset",
+    documents: int,
+    folder: Path,
+    split: str,
+    dtype: np.dtype,
+    shard_tokens: int,
+    num_proc: int,
 ) -> dict:
-    encoded = documents.map(
+    encoded = pieces.map(
         _encode_batch,
         batched=True,
-        batch_size=256,
-        num_proc=num_proc if num_proc > 1 else None,
-        fn_kwargs={"tokenizer_path": str(folder / "tokenizer.json")},
-        remove_columns=["text"],
+        batch_size=ENCODE_BATCH,
+        writer_batch_size=256,
+        num_proc=num_proc if num_proc > 1 and len(pieces) > 1 else None,
+        fn_kwargs={"tokenizer_path": str(folder / "tokenizer.json"), "dtype": dtype.name},
+        remove_columns=["text", "last"],
         desc=f"tokenising {split}",
     )
     writer = ShardWriter(folder, split, dtype, shard_tokens)
-    for start in range(0, len(encoded), 4096):
-        ids = encoded[start : start + 4096]["ids"]
-        writer.write(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]))
+    for table in encoded.with_format("arrow").iter(batch_size=1024):  # bounded: pieces are bounded
+        writer.write(table.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False))
     shards = writer.close()
     return {
-        "documents": len(documents),
+        "documents": documents,
         "tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
         "max_token_id": writer.max_token_id,
@@ -82,9 +108,11 @@ def write_split(
 
 
 def prepare(args: argparse.Namespace) -> dict:
-    from .sources import load_corpus  # imports `datasets`: only where data is prepared
+    from . import sources  # imports `datasets`: only where data is prepared
 
     out = Path(args.out)
+    folders.refuse_symlink(out, "--out")
+    files = sources.source_files(args.source)  # a missing or unreadable source stops here, before any writing
     settings = {
         k: getattr(args, k)
         for k in (
@@ -103,66 +131,129 @@ def prepare(args: argparse.Namespace) -> dict:
     }
     if args.val_from != "random":  # recorded only when set, so folders prepared before the option still match
         settings["val_from"] = args.val_from
-    if (out / "manifest.json").exists() and not args.overwrite:
-        manifest = read_manifest(out)
-        if manifest["settings"] != settings:
-            raise DataError(f"{out}: already prepared with other settings; pass --overwrite or choose another --out")
-        _check_seq_len(manifest, args.seq_len, out)
-        print(f"{out}: already prepared with these settings, reusing it", file=sys.stderr)
-        return manifest
-    folders.check_replaceable(out, "data", "--out", args.overwrite)  # before the corpus is read
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    try:
+        source_sha256 = sources.source_sha256(args.source, files) if files is not None else None
+        with folders.OutputLock(out, "--out"):  # a second prepare of this --out stops here, naming this one
+            reused = _reuse(out, args, settings, source_sha256)
+            if reused is not None:
+                return reused
+            folders.check_replaceable(out, "data", "--out", args.overwrite)  # before the corpus is read
+            _refuse_foreign_files(out, args.overwrite)
+            folders.remove_leftovers(out.parent, out.name, "data")  # what an interrupted run left
+            with folders.atomic_folder(out, "data", "--out", args.overwrite) as tmp:
+                manifest = _build(args, tmp, settings, source_sha256)
+                _refuse_foreign_files(out, args.overwrite)  # again: a file put there meanwhile is not deleted
+            return manifest
+    except Exception as error:
+        for folder in made:  # parents this run created, if it left them empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        full = sources.disk_full(error)
+        if full is not None:
+            reason = sources.DISK_FULL.get(full.errno, str(full).splitlines()[0][:120])
+            raise DataError(
+                f"--out {out}: writing failed, {reason} ({full.filename or 'a file of the run'}); nothing was "
+                f"kept: free space or choose another --out"
+            ) from None
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            raise DataError(
+                f"{error.filename or out}: {error.strerror or error}; --source must be readable and --out "
+                f"{out} writable"
+            ) from None
+        raise
+
+
+def _reuse(out: Path, args: argparse.Namespace, settings: dict, source_sha256: str | None) -> dict | None:
+    """The finished folder of the same command on the same source content, or None to prepare anew."""
+    if args.overwrite or folders.kind_of(out) != "data" or not (out / MANIFEST).exists():
+        return None
+    manifest = read_manifest(out)
+    if manifest.get("settings") != settings:
+        raise DataError(f"{out}: already prepared with other settings; pass --overwrite or choose another --out")
+    if source_sha256 is not None and manifest.get("source_sha256") != source_sha256:
+        what = "differs from what it was prepared from" if "source_sha256" in manifest else "is not recorded in it"
+        raise DataError(
+            f"--source {args.source}: its content {what} ({out}); pass --overwrite to prepare it again, or "
+            f"choose another --out"
+        )
+    _check_seq_len(manifest, args.seq_len, out)
+    print(f"{out}: already prepared with these settings from the same source content, reusing it", file=sys.stderr)
+    return manifest
+
+
+def _refuse_foreign_files(out: Path, overwrite: bool) -> None:
+    """--overwrite deletes the old folder: it must hold only what prepare writes, or a user's file goes with it."""
+    if not overwrite or folders.kind_of(out) != "data":
+        return
+    for entry in sorted(out.iterdir()):
+        if entry.is_symlink() or not entry.is_file() or not OWN_FILE.fullmatch(entry.name):
+            raise DataError(
+                f"--out {out}: holds {entry.name}, which data.prepare did not write; move it out first "
+                f"(--overwrite would delete it) or choose another --out"
+            )
+
+
+def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: str | None) -> dict:
+    """Everything of a prepared folder, written into `tmp`; `datasets`' cache lives in tmp/cache meanwhile."""
+    from . import sources
 
     started = time.perf_counter()
-    corpus = load_corpus(
-        args.source,
-        args.text_field,
-        args.sample_by,
-        args.hub_config,
-        args.hub_split,
-        args.streaming,
-        args.max_documents,
-    )
-    train_idx, val_idx = split_documents(len(corpus.documents), args.val_fraction, args.seed, args.val_from)
-    splits = {"train": corpus.documents.select(train_idx), "val": corpus.documents.select(val_idx)}
-
-    folders.remove_leftovers(out.parent, out.name, "data")  # what an interrupted run left
-    with folders.atomic_folder(out, "data", "--out", args.overwrite) as tmp:
+    cache = tmp / "cache"
+    try:
+        corpus = sources.load_corpus(
+            args.source,
+            args.text_field,
+            args.sample_by,
+            args.hub_config,
+            args.hub_split,
+            args.streaming,
+            args.max_documents,
+            cache_dir=cache,
+        )
+        is_val = np.zeros(corpus.count, dtype=bool)
+        is_val[split_documents(corpus.count, args.val_fraction, args.seed, args.val_from)[1]] = True
+        cache.mkdir(exist_ok=True)
+        splits = sources.write_pieces(corpus.documents, is_val, cache)
         if args.tokenizer == "bpe":
-            texts = (splits["train"][i : i + 1000]["text"] for i in range(0, len(splits["train"]), 1000))
-            tokenizer = tok.train_bpe(texts, args.vocab_size)
+            tokenizer = tok.train_bpe(sources.texts(splits["train"][0]), args.vocab_size)
         else:
             tokenizer = tok.byte_tokenizer()
         tokenizer_hash = tok.save(tokenizer, tmp)
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         dtype = token_dtype(vocab_size)
         written = {
-            name: write_split(docs, tmp, name, dtype, args.shard_tokens, args.num_proc) for name, docs in splits.items()
+            name: write_split(pieces, documents, tmp, name, dtype, args.shard_tokens, args.num_proc)
+            for name, (pieces, documents) in splits.items()
         }
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "source": corpus.description,
-            "settings": settings,
-            "tokenizer": {
-                "kind": args.tokenizer,
-                "vocab_size": vocab_size,
-                "sha256": tokenizer_hash,
-                "pad_id": tok.PAD_ID,
-                "bos_id": tok.BOS_ID,
-                "eos_id": tok.EOS_ID,
-                "unk_id": tok.UNK_ID,
-            },
-            "dtype": dtype.name,
-            "max_token_id": max(s["max_token_id"] for s in written.values()),
-            "replaced_characters": corpus.replaced_characters,
-            "splits": written,
-        }
-        _check_seq_len(manifest, args.seq_len, out)
-        write_manifest(tmp, manifest)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": corpus.description,
+        "source_sha256": source_sha256,
+        "settings": settings,
+        "tokenizer": {
+            "kind": args.tokenizer,
+            "vocab_size": vocab_size,
+            "sha256": tokenizer_hash,
+            "pad_id": tok.PAD_ID,
+            "bos_id": tok.BOS_ID,
+            "eos_id": tok.EOS_ID,
+            "unk_id": tok.UNK_ID,
+        },
+        "dtype": dtype.name,
+        "max_token_id": max(s["max_token_id"] for s in written.values()),
+        "replaced_characters": corpus.replaced_characters,
+        "splits": written,
+    }
+    _check_seq_len(manifest, args.seq_len, Path(args.out))
+    write_manifest(tmp, manifest)
 
     seconds = time.perf_counter() - started
     total = sum(s["tokens"] for s in written.values())
     print(
-        f"{out}: {corpus.description}; {vocab_size}-token {args.tokenizer} tokenizer; "
+        f"{args.out}: {corpus.description}; {vocab_size}-token {args.tokenizer} tokenizer; "
         + ", ".join(f"{name} {s['documents']} docs / {s['tokens']:,} tokens" for name, s in written.items())
         + f"; {total / seconds:,.0f} tokens/s end to end"
         + (f"; {corpus.replaced_characters} undecodable bytes replaced" if corpus.replaced_characters else ""),
@@ -212,10 +303,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-documents", type=int, help="use only the first N documents of a hub dataset")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
     args = p.parse_args(argv)
-    if not 0 <= args.val_fraction < 1:
-        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if not 0 < args.val_fraction < 1:
+        p.error(
+            f"--val-fraction must be above 0 (training validates on the val split) and below 1, got {args.val_fraction}"
+        )
     if args.num_proc < 1 or args.shard_tokens < 1 or (args.seq_len is not None and args.seq_len < 1):
         p.error("--num-proc, --shard-tokens and --seq-len must be positive")
+    if args.seed < 0 or (args.max_documents is not None and args.max_documents < 1):
+        p.error("--seed must be 0 or more, and --max-documents positive")
     if args.tokenizer == "bpe" and args.vocab_size < tok.BYTE_VOCAB_SIZE:
         p.error(f"--vocab-size {args.vocab_size} is below the {tok.BYTE_VOCAB_SIZE} byte-level base vocabulary")
     if args.vocab_size > 2**32:
@@ -227,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import datasets  # quiet the library: the user gets one summary line, or one error line
 
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error logs would be a second line
     datasets.disable_progress_bars()
     return run_main(lambda: prepare(args) and None)
 

@@ -43,6 +43,8 @@ flake or assert nothing.
 
 import argparse
 import json
+import os
+import stat
 import statistics
 import sys
 import tempfile
@@ -55,6 +57,7 @@ import torch
 from data.tokenizer import BYTE_VOCAB_SIZE
 from groundwork.cli import ArgumentParser, integer, run_main
 from groundwork.errors import UserError
+from groundwork.folders import check_file_writable, write_file
 from model import GrokForCausalLM, count_parameters, flops_per_token, preset_config
 from train.config import load_config
 from train.metrics import peak_flops, peak_memory_mib, read_metrics  # the trainer's MFU: same peak table
@@ -139,6 +142,19 @@ def bench_model(args: argparse.Namespace, overrides: list[str]) -> dict:
     }
 
 
+PROFILE_HEADER = "minicolossus bench profile: "  # the first line of a profile, so a re-run may replace it
+
+
+def our_profile(path: Path) -> bool:
+    """A profile this command wrote (a regular file starting with its header), never a user's file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            return stat.S_ISREG(os.fstat(f.fileno()).st_mode) and f.read(len(PROFILE_HEADER)) == PROFILE_HEADER.encode()
+    except OSError:
+        return False
+
+
 def write_profile(step: Callable[[], None], device: torch.device, path: Path, steps: int = 3) -> None:
     """torch.profiler over a few more steps: the kernels (or CPU ops) that took the most time, as a table."""
     from torch.profiler import ProfilerActivity, profile
@@ -150,31 +166,30 @@ def write_profile(step: Callable[[], None], device: torch.device, path: Path, st
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        f"{steps} steps, sorted by {sort_by}\n" + profiler.key_averages().table(sort_by=sort_by, row_limit=30)
-    )
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=30)
+    write_file(path, f"{PROFILE_HEADER}{steps} steps, sorted by {sort_by}\n{table}", "--profile", our_profile)
 
 
 def bench_data(args: argparse.Namespace) -> dict:
     import datasets
 
+    from data import sources
     from data import tokenizer as tok
     from data.loader import TrainLoader
     from data.prepare import main as prepare_main
-    from data.sources import load_corpus
 
     datasets.disable_progress_bars()
-    corpus = load_corpus(args.source)
-    texts = corpus.documents["text"]
-    start = time.perf_counter()
-    tokenizer = tok.train_bpe(texts, args.vocab_size)
-    bpe_train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    n_tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
-    encode_s = time.perf_counter() - start
-
     with tempfile.TemporaryDirectory() as tmp:
+        # the corpus's datasets cache in the temporary folder too: nothing left in ~/.cache afterwards
+        corpus = sources.load_corpus(args.source, cache_dir=Path(tmp) / "cache")
+        texts = list(sources.texts(corpus.documents))  # the non-empty documents, as prepare reads them
+        start = time.perf_counter()
+        tokenizer = tok.train_bpe(texts, args.vocab_size)
+        bpe_train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        n_tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+        encode_s = time.perf_counter() - start
+
         folder = Path(tmp) / "prepared"
         prepare_main(["--source", args.source, "--out", str(folder), "--vocab-size", str(args.vocab_size)])
         unprefetched = TrainLoader(folder, args.seq_len, args.batch, prefetch=0)
@@ -468,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> None:
+    if getattr(args, "profile", None):  # before the benchmark: a refused file costs nothing
+        check_file_writable(Path(args.profile), "--profile", our_profile)
+        if not Path(args.profile).parent.is_dir():
+            raise BenchError(f"--profile {args.profile}: {Path(args.profile).parent} is not a folder; create it")
     if args.section in ("baseline", "quality"):
         if args.section == "baseline":
             rows = bench_baseline(

@@ -12,10 +12,18 @@ from data.loader import ArrayStream, val_batches, window_batches
 from data.shards import DataError, TokenStream, check_tokenizer, read_manifest
 from data.tokenizer import load as load_tokenizer
 from data.tokenizer import token_byte_lengths
-from groundwork.cli import ArgumentParser, run_main
+from groundwork.cli import ArgumentParser, integer, run_main
+from groundwork.untrusted import regular_file
 from train.parallel.precision import autocast
 from train.validation import loss_sums, summarize
-from train.weights import load_for_inference, read_model_config, tokenizer_hash, weights_kind
+from train.weights import (
+    load_for_inference,
+    read_model_config,
+    tokenizer_dir,
+    tokenizer_for,
+    tokenizer_hash,
+    weights_kind,
+)
 
 EVALUATE_HELP = """Evaluate a checkpoint or an exported model on a prepared split or a text file: loss, perplexity and
 bits per byte.
@@ -42,36 +50,42 @@ def evaluate(
     device: str = "cpu",
     text: Path | None = None,
 ) -> dict:
-    if text is not None and not text.is_file():
-        raise DataError(f"--text {text}: no such file")
+    if text is not None:  # a regular file: a FIFO would block, a link may point anywhere
+        regular_file(text, "--text", "give a UTF-8 text file")
     weights_kind(model_path, "MODEL")
-    context = read_model_config(model_path, "MODEL").max_position_embeddings
+    config = read_model_config(model_path, "MODEL")
+    context = config.max_position_embeddings
     if seq_len > context:
         raise DataError(f"--seq-len {seq_len} exceeds the model's context {context}; use at most {context}")
-    if text is None:  # bad data fails here, before the model loads
+    # bad data, and a tokenizer that does not fit the model, fail here, before the model loads
+    if text is None:
         manifest = read_manifest(data)
         if manifest["tokenizer"]["sha256"] != tokenizer_hash(model_path, "MODEL"):
             raise DataError(
                 f"--data {data}: made with another tokenizer than MODEL {model_path}'s; evaluate on data "
                 f"prepared with the model's tokenizer, or use --text FILE"
             )
-        TokenStream(data, split)  # every shard of the split verified against its checksum
-    model, tokenizer_dir = load_for_inference(model_path, "MODEL")
-    model = model.to(device)
-    if text is None:
-        check_tokenizer(manifest, data, vocab_size=model.config.vocab_size)
+        check_tokenizer(manifest, data, vocab_size=config.vocab_size)
+        stream = TokenStream(data, split)  # every shard of the split verified against its checksum
         tokenizer = load_tokenizer(data)
-        batches = val_batches(
-            data, seq_len, batch_size, device=device, max_windows=max_sequences, split=split, verify_checksums=False
-        )
     else:
-        if tokenizer_dir is None:
+        if tokenizer_dir(model_path) is None:
             raise DataError(f"MODEL {model_path}: no tokenizer to read --text with; use an export or --data")
-        tokenizer = load_tokenizer(tokenizer_dir)
+        tokenizer = tokenizer_for(model_path, config, "MODEL")
         ids = tokenizer(text.read_bytes().decode("utf-8", errors="replace"), add_special_tokens=False).input_ids
         stream = ArrayStream(np.array(ids + [tokenizer.eos_token_id]))
         if len(stream) < seq_len + 1:
             raise DataError(f"--text {text}: {len(stream)} tokens, fewer than --seq-len + 1 = {seq_len + 1}")
+    # a batch is allocated whole: never larger than the windows there are (padding rows count for nothing)
+    windows = min((len(stream) - 1) // seq_len, max_sequences or len(stream))
+    batch_size = max(1, min(batch_size, windows))
+    model, _ = load_for_inference(model_path, "MODEL")
+    model = model.to(device)
+    if text is None:
+        batches = val_batches(
+            data, seq_len, batch_size, device=device, max_windows=max_sequences, split=split, verify_checksums=False
+        )
+    else:
         batches = window_batches(stream, seq_len, batch_size, device=device, max_windows=max_sequences)
         split = f"text:{text}"
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)).to(device)
@@ -87,13 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--data", type=Path, help="a folder made by python -m data.prepare")
     source.add_argument("--text", type=Path, help="a UTF-8 text file")
     parser.add_argument("--split", default="val", choices=("val", "train"))
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-sequences", type=int, help="only the first N windows (default: all)")
+    parser.add_argument("--seq-len", type=integer(1), default=128)
+    parser.add_argument("--batch-size", type=integer(1), default=8)
+    parser.add_argument("--max-sequences", type=integer(1), help="only the first N windows (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
-    if args.seq_len < 1 or args.batch_size < 1 or (args.max_sequences is not None and args.max_sequences < 1):
-        parser.error("--seq-len, --batch-size and --max-sequences must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu")
     return run_main(

@@ -29,7 +29,9 @@ from .planner.published import RUNS
 from .planner.scaling import scaling
 from .planner.search import search
 from .planner.spec import MODELS, model_spec
-from .plot import plot_scaling
+from .plot import check_png_out, plot_scaling
+
+LARGEST_BATCH_TOKENS = 2**40  # 1.1T tokens a step, 65,000 times Llama 3's: beyond it the numbers mean nothing
 
 
 def as_dict(result: Estimate, token_budget: float | None = None) -> dict:
@@ -165,11 +167,17 @@ def print_scaling(models: list[str], gpu_counts: list[int], args: argparse.Names
             if best:
                 points.append((gpus, row["tokens_per_day"]))
         curves[name] = points
+    if args.plot and not any(curves.values()):
+        raise InvalidParallelism(
+            f"--plot {args.plot}: no layout fits at any of --gpu-counts, so there is nothing to draw; add GPUs "
+            f"or raise --global-batch-tokens"
+        )
     if args.plot:
         plot_scaling(
             curves,
             f"best layout per GPU count, {human(int(args.global_batch_tokens))}-token batches, {args.gpu}",
             Path(args.plot),
+            "--plot",
         )
         print(f"plot: {args.plot}")
     return 0
@@ -197,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--published", action="store_true", help="the published runs, predicted vs published")
     parser.add_argument("--scaling", help="comma-separated models: best layout at each of --gpu-counts")
     parser.add_argument("--gpu-counts", default="1024,2048,4096,8192,16384,32768,65536,100000,200000")
-    parser.add_argument("--plot", help="--scaling: write the curves to this PNG")
+    parser.add_argument(
+        "--plot", type=Path, help="--scaling: write the curves to this PNG (new, or a plot of this project)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line, one per layout")
     args = parser.parse_args(argv)
     if not (args.published or args.scaling) and (args.model is None or args.gpus is None):
@@ -209,9 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gpu_counts = [int(n) for n in args.gpu_counts.split(",")]
     except ValueError:
-        parser.error(f"argument --gpu-counts: {args.gpu_counts!r} is not a comma-separated list of integers")
+        gpu_counts = [0]
+    if min(gpu_counts) < 1:
+        parser.error(f"argument --gpu-counts: {args.gpu_counts!r} is not a comma-separated list of integers >= 1")
+    if args.global_batch_tokens > LARGEST_BATCH_TOKENS:
+        parser.error(f"argument --global-batch-tokens: {args.global_batch_tokens:g} is above {LARGEST_BATCH_TOKENS:,}")
+    if args.plot and not scaling_models:
+        parser.error("argument --plot: draws the --scaling curves; pass --scaling too")
 
     def work() -> int:
+        if args.plot:
+            check_png_out(args.plot, "--plot")  # before the search: a refused file costs nothing
         if args.published:
             rows = published_rows()
             for row in rows:

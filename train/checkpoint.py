@@ -11,11 +11,12 @@ Layout of one checkpoint, `{checkpoint.dir}/step_00000100/`:
   COMPLETE         written last: the step and an xxh3-128 digest of every other file
 A checkpoint is written to a marked `step_N.tmp/` and renamed when COMPLETE is in, so a crash mid-save
 never leaves a folder that looks like a checkpoint; loading verifies every digest first. Only folders
-marked as checkpoints are pruned or cleaned up, and only inside a folder marked as a checkpoint folder.
+marked as checkpoints are pruned or cleaned up, only inside a folder marked as a checkpoint folder, and never
+through a symlink (one where the run writes is refused at start-up). Reading a checkpoint back (COMPLETE,
+trainer.json, RNG), which anyone may have edited, is train/checkpoint_files.py.
 """
 
 import json
-import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -23,32 +24,32 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import xxhash
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from groundwork import folders
-from groundwork.errors import UserError
-from groundwork.hashing import hash_file
+from groundwork import folders, untrusted
 from model import GrokConfig
 
+from .checkpoint_files import (
+    HASH,
+    MARKER,
+    MODEL_CONFIG,
+    STEP_DIR,
+    TRAINER_STATE,
+    CheckpointError,
+    file_digest,
+    gather,
+    read_meta,
+    restore_rng,
+    verify,
+)
 from .engine_api import DCP_ERRORS, Engine, StateLoadError, first_line
 from .parallel import Env, barrier
 
 # DCP warns when it runs without a process group; one process is a supported case here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-MARKER = "COMPLETE"
-MODEL_CONFIG = "config.json"
-TRAINER_STATE = "trainer.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-STEP_DIR = re.compile(r"step_(\d{8})")
-HASH = "xxh3_128"  # ~18 GB/s on one core here: verifying a checkpoint costs far less than reading it
-META_KEYS = {"step": int, "tokens_seen": int, "world_size": int, "strategy": str, "format": str, "loader": dict}
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used; the message names the folder or file and what to do."""
+TOKENIZER_BYTES = 1 << 30  # the largest tokenizer.json files are tens of MB
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -63,7 +64,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
     found = [
         p
         for p in root.iterdir()
-        if STEP_DIR.fullmatch(p.name) and (p / MARKER).is_file() and folders.kind_of(p) == "checkpoint"
+        if STEP_DIR.fullmatch(p.name)
+        and not p.is_symlink()  # a link to a checkpoint is not ours: never resumed from, pruned or followed
+        and (p / MARKER).is_file()
+        and folders.kind_of(p) == "checkpoint"
     ]
     return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
 
@@ -73,9 +77,22 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def ours_by_name(name: str) -> bool:
+    """A name the run writes in its checkpoint folder: step_N, step_N.tmp, .step_N.* (moved aside, staging)."""
+    return bool(STEP_DIR.fullmatch(name.removesuffix(".tmp"))) or name.startswith(".step_")
+
+
 def check_root(root: Path, resume: str, create: bool) -> None:
-    """checkpoint.dir must be ours (or new); `run.resume = "never"` must not write over a finished run."""
+    """checkpoint.dir must be ours (or new) with no symlink where checkpoints are written; `run.resume =
+    "never"` must not write over a finished run."""
     folders.claim(root, "checkpoints", "checkpoint.dir", create=create)
+    for path in sorted(root.iterdir()) if root.is_dir() else ():
+        if path.is_symlink() and (ours_by_name(path.name) or path.name == folders.LOCK):
+            raise CheckpointError(
+                f"checkpoint.dir {root}: {path.name} is a symlink where the run writes its own files (nothing is "
+                f"written, resumed or deleted through a link); remove the link, and resume from a checkpoint "
+                f"elsewhere with run.resume=PATH"
+            )
     found = complete_checkpoints(root)
     if resume == "never" and found:
         raise CheckpointError(
@@ -94,87 +111,25 @@ def remove_partial(root: Path) -> None:
         unfinished = STEP_DIR.fullmatch(path.name.removesuffix(".tmp")) and (
             path.name.endswith(".tmp") or not (path / MARKER).is_file()
         )
-        if (moved_aside or unfinished) and folders.kind_of(path) == "checkpoint":
+        if (moved_aside or unfinished) and not path.is_symlink() and folders.kind_of(path) == "checkpoint":
             shutil.rmtree(path, ignore_errors=True)
 
 
-def file_digest(path: Path) -> str:
-    return hash_file(path, xxhash.xxh3_128())
-
-
-def _gather(local: object):
-    """Every rank's `local` (plain in-memory objects of our own processes), or [local] in one process."""
-    if not dist.is_initialized():
-        return [local]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    return gathered
+def prune(root: Path, keep: int) -> None:
+    """Remove all but the newest `keep` complete checkpoints (rank 0, after a save). Only marked folders, never
+    through a link; one that cannot be removed is kept and named on the console: the step's save succeeded."""
+    for old in complete_checkpoints(root)[:-keep]:
+        try:
+            folders.remove(old, "checkpoint")
+        except (folders.FolderError, OSError) as error:
+            print(f"warning: kept {old} ({' '.join(str(error).split())[:200]})", flush=True)
 
 
 def _digests(folder: Path, env: Env) -> dict[str, str]:
     """Collective: digest of every file of the folder; each rank hashes its share of the files."""
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
     mine = {name: file_digest(folder / name) for name in names[env.rank :: env.world_size]}
-    return {name: digest for part in _gather(mine) for name, digest in part.items()}
-
-
-def verify(folder: Path, env: Env | None = None) -> None:
-    """Every file that COMPLETE lists has its recorded digest (collective when env is given)."""
-    folder = Path(folder)
-    recorded = read_marker(folder)["files"]
-    rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
-    problems = []
-    for name in sorted(recorded)[rank::world]:
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif file_digest(path) != recorded[name]:
-            problems.append(f"{path}: contents differ from the digest in {MARKER} (damaged or edited)")
-    problems = [p for part in (_gather(problems) if env is not None else [problems]) for p in part]
-    if problems:
-        raise CheckpointError(
-            f"{problems[0]}; resume from another checkpoint, or start over with another "
-            f"run.out_dir" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
-        )
-
-
-def read_marker(folder: Path) -> dict:
-    path = Path(folder) / MARKER
-    if not path.is_file():
-        raise CheckpointError(
-            f"{folder}: not a complete checkpoint (no {MARKER} marker); pass run.resume=auto to "
-            f"use the latest complete one, or run.resume=never"
-        )
-    try:
-        marker = json.loads(path.read_text())
-        assert isinstance(marker, dict) and marker.get("hash") == HASH and isinstance(marker.get("files"), dict)
-    except (OSError, ValueError, AssertionError):
-        raise CheckpointError(
-            f"{path}: no file digests in it (damaged, or written before checkpoints recorded "
-            f"them), so the checkpoint cannot be verified; use another checkpoint"
-        ) from None
-    return marker
-
-
-def read_meta(folder: Path) -> dict:
-    """trainer.json of a complete checkpoint, its keys checked."""
-    folder = Path(folder)
-    read_marker(folder)
-    path = folder / TRAINER_STATE
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(
-            f"{path}: unreadable ({error}); resume from another checkpoint or with run.resume=never"
-        ) from error
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: not a JSON object; resume from another checkpoint")
-    for key, kind in META_KEYS.items():
-        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise CheckpointError(
-                f"{path}: key {key!r} is missing or not a {kind.__name__}; resume from another checkpoint"
-            )
-    return meta
+    return {name: digest for part in gather(mine) for name, digest in part.items()}
 
 
 def _rng_state(env: Env) -> dict[str, torch.Tensor]:
@@ -187,7 +142,8 @@ def _rng_state(env: Env) -> dict[str, torch.Tensor]:
 class Checkpointer:
     """This run's checkpoints, built once with everything a checkpoint holds: the engine's model and
     optimizer state, the trainer's resumable state (`trainer_state()`, read at save time), the model's
-    config and the tokenizer files. It owns its cadence (`due`). With `async_save`, `save` returns as soon
+    config and the tokenizer files; `check_state(folder, trainer.json)` says whether this run can resume from
+    a checkpoint (raising CheckpointError if not), before its files are hashed or loaded. It owns its cadence (`due`). With `async_save`, `save` returns as soon
     as the shards are staged in memory; the files are written in the background and the checkpoint is
     completed (digests, COMPLETE, rename, prune) by `wait`, which the loop calls once every rank's write is
     done, and which the next save and the end of the run wait for."""
@@ -203,14 +159,14 @@ class Checkpointer:
         async_save: bool,
         model_config: GrokConfig,
         tokenizer_folder: Path,
-        tokenizer_sha256: str,
         trainer_state: Callable[[], dict],
+        check_state: Callable[[Path, dict], None],
         shards_written: Callable[[int], None] = lambda step: None,
     ):
         self.root, self.env, self.engine = Path(root), env, engine
         self.every, self.keep, self.async_save = every, keep, async_save
         self.model_config, self.tokenizer_folder = model_config, Path(tokenizer_folder)
-        self.tokenizer_sha256, self.trainer_state = tokenizer_sha256, trainer_state
+        self.trainer_state, self.check_state = trainer_state, check_state
         self.shards_written = shards_written  # between the shards and the marker: where fault tests kill a rank
         # DCP's background writer needs its own group: the training collectives keep the default one busy.
         self.async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
@@ -242,9 +198,11 @@ class Checkpointer:
         meta = {"step": step, "world_size": self.env.world_size, "format": self.engine.checkpoint_format}
         (tmp / TRAINER_STATE).write_text(json.dumps({**meta, **self.trainer_state()}, indent=2))
         self.model_config.to_json_file(tmp / MODEL_CONFIG)
-        for name in TOKENIZER_FILES:
-            if (self.tokenizer_folder / name).is_file():
-                shutil.copy(self.tokenizer_folder / name, tmp / name)
+        for name in TOKENIZER_FILES:  # read as files, never through a link: a link could ship any file
+            source = self.tokenizer_folder / name
+            if source.exists() or source.is_symlink():
+                fix = "prepare the data again (data.prepare writes the tokenizer files itself)"
+                (tmp / name).write_bytes(untrusted.read_bytes(source, "tokenizer file", fix, TOKENIZER_BYTES))
 
     def resume(self, choice: str) -> tuple[Path, dict] | None:
         """Collective, at start-up: clear what an interrupted save left, then load the checkpoint that
@@ -293,42 +251,20 @@ class Checkpointer:
         if self.env.is_main:
             folders.write_durably(tmp / MARKER, json.dumps({"step": step, "hash": HASH, "files": digests}, indent=1))
             folders.commit(tmp, final, "checkpoint")  # an earlier attempt's checkpoint of this step is replaced
-            for old in complete_checkpoints(self.root)[: -self.keep]:
-                folders.remove(old, "checkpoint")
+            prune(self.root, self.keep)
         barrier()
         return final
 
     def load(self, path: Path) -> dict:
-        """Verify, then restore model and optimizer in place (resharding as the engine allows) and this
-        rank's RNG; returns trainer.json for the trainer's own state."""
+        """Verify, then restore model and optimizer in place (resharding as the engine allows) and every rank's
+        RNG; returns trainer.json for the trainer's own state. Every check gives every rank the same verdict."""
         path = Path(path)
         meta = read_meta(path)
-        if meta["format"] != self.engine.checkpoint_format:
-            raise CheckpointError(
-                f"{path}: saved by parallel.strategy {meta['strategy']!r} ({meta['format']} format), which this "
-                f"run's strategy cannot read; resume with a strategy of the same engine ("
-                f"{'deepspeed' if meta['format'] == 'deepspeed' else 'none, ddp, fsdp or hsdp'}), or start from its "
-                f"weights: --model.init_from={path} --run.resume=never"
-            )
-        if meta.get("tokenizer_sha256") != self.tokenizer_sha256:
-            raise CheckpointError(
-                f"{path}: trained with tokenizer {str(meta.get('tokenizer_sha256'))[:12]}, but data.path's is "
-                f"{self.tokenizer_sha256[:12]}; resume on the data it was trained on, or start a new run.out_dir"
-            )
+        self.check_state(path, meta)
         verify(path, self.env)
         try:
             self.engine.load_state(path)
         except StateLoadError as error:
             raise CheckpointError(f"{path}: {error}") from error
-        rng_file = path / f"rng_rank{self.env.rank}.safetensors"
-        if rng_file.is_file():  # absent when resuming on more ranks than saved: those ranks keep their seed
-            try:
-                rng = load_file(rng_file)
-                torch.set_rng_state(rng["cpu"])
-                if "cuda" in rng and self.env.device.type == "cuda":
-                    torch.cuda.set_rng_state(rng["cuda"], self.env.device)
-            except (SafetensorError, KeyError, RuntimeError, TypeError) as error:
-                raise CheckpointError(
-                    f"{rng_file}: not an RNG state ({first_line(error)}); resume from another checkpoint"
-                ) from error
+        restore_rng(path, self.env)
         return meta

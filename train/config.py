@@ -8,6 +8,8 @@ accumulation is derived from the data-parallel world size, so the optimisation i
 1 CPU process or 1,000 GPUs.
 """
 
+import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +23,10 @@ from model.presets import PRESETS
 
 class ConfigError(UserError, ValueError):
     """A config problem; the message is one line naming the key and what to do."""
+
+
+CONFIG_FILE_BYTES = 1 << 20  # a config is a few hundred bytes
+MAX_STEPS = 10**9  # more steps than any run makes (a year at 30 ms a step)
 
 
 class Section(BaseModel):
@@ -52,7 +58,7 @@ class ModelSection(Section):
 class DataSection(Section):
     path: str = "runs/data/stdlib"  # a folder made by `python -m data.prepare`
     seq_len: int = Field(128, gt=0)
-    prefetch: int = Field(2, ge=0)
+    prefetch: int = Field(2, ge=0, le=64)  # batches read ahead; a few hide the reads
     verify_checksums: bool = True
 
 
@@ -124,11 +130,11 @@ class LogSection(Section):
 
 class RunSection(Section):
     out_dir: str = "runs/tiny"
-    max_steps: int = Field(200, gt=0)
+    max_steps: int = Field(200, gt=0, le=MAX_STEPS)
     seed: int = Field(0, ge=0, lt=2**63)
     resume: str = "auto"  # auto: latest complete checkpoint if any | never | a checkpoint folder
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    timeout_s: int = Field(600, gt=0)  # process-group (collective) timeout
+    timeout_s: int = Field(600, gt=0, le=7 * 86400)  # process-group (collective) timeout
     max_skipped_steps: int = Field(5, gt=0)  # consecutive skipped updates (non-finite, spikes) before stopping
     loss_spike_factor: float = Field(0.0, ge=0)  # skip an update whose loss exceeds this x the recent mean; 0 = off
 
@@ -232,14 +238,32 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def read_config_file(path: Path) -> str:
+    """A config file's text, read bounded: a regular file (a link to one is fine: it is only read), UTF-8."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block start-up
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file; see configs/ for examples") from None
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot be read ({error.strerror}); give a TOML file") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ConfigError(f"--config {path}: not a regular file; give a TOML file (see configs/)")
+        content = f.read(CONFIG_FILE_BYTES + 1)
+    if len(content) > CONFIG_FILE_BYTES:
+        raise ConfigError(f"--config {path}: larger than {CONFIG_FILE_BYTES >> 20} MiB, not a config; give a TOML file")
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file; see configs/ for examples")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(read_config_file(path))
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from error
     for item in overrides:

@@ -6,7 +6,9 @@ MFU = achieved model FLOP/s / the device's dense bf16 peak, with FLOPs from mode
 """
 
 import json
+import os
 import resource
+import stat
 import time
 from pathlib import Path
 
@@ -42,6 +44,9 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+MAX_ROW_BYTES = 1 << 20
+
+
 class MetricsError(UserError, ValueError):
     """metrics.jsonl is missing or damaged: the message is one line naming the file."""
 
@@ -63,7 +68,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """
     path = Path(run_dir) / "metrics.jsonl"
     try:
-        lines = path.read_bytes().split(b"\n")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the reader
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise MetricsError(f"{path}: not a regular file; pass a run folder (the run.out_dir of a training run)")
+            lines = f.read().split(b"\n")
     except FileNotFoundError:
         raise MetricsError(f"{path}: no such file; pass a run folder (the run.out_dir of a training run)") from None
     except OSError as error:
@@ -82,10 +91,20 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
+def _open_run_file(path: Path, flags: int):
+    """metrics.jsonl of this run, never through a symlink (start-up refuses one; this covers one planted since)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        raise MetricsError(
+            f"{path}: cannot be written ({error.strerror}); it must be a regular file of this run, not a link"
+        ) from None
+
+
 def _end_last_row(path: Path) -> None:
     """Before appending to an existing metrics.jsonl: a last line left cut short by a killed run is removed,
     so that the next row is not glued onto it (read_metrics tolerates a damaged line only at the end)."""
-    with open(path, "rb+") as f:
+    with os.fdopen(_open_run_file(path, os.O_RDWR), "rb+") as f:
         block_end = f.seek(0, 2)
         position = 0
         while block_end > 0:  # back to the last newline, a block at a time: the file grows with the run
@@ -97,8 +116,9 @@ def _end_last_row(path: Path) -> None:
                 break
             block_end = block_start
         f.seek(position)
-        last = f.read()
-        if last.strip() and _row(last) is not None:
+        last = f.read(MAX_ROW_BYTES + 1)  # a row is a few hundred bytes: a longer last line is not one
+        if last.strip() and len(last) <= MAX_ROW_BYTES and _row(last) is not None:
+            f.seek(0, 2)
             f.write(b"\n")
         else:
             f.truncate(position)
@@ -125,7 +145,7 @@ class MetricsLogger:
         self.bar = self.tb = None
         if not enabled:
             return
-        if self.path.is_file():
+        if self.path.exists() or self.path.is_symlink():
             _end_last_row(self.path)
         if progress:
             from tqdm import tqdm
@@ -157,7 +177,7 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with os.fdopen(_open_run_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for key, value in row.items():
@@ -168,6 +188,15 @@ class MetricsLogger:
             if row.get("tokens_per_s"):
                 shown["tok/s"] = row["tokens_per_s"]
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def note(self, line: str) -> None:
+        """A line on the console (rank 0), above the progress bar if there is one."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
 
     def advance(self, step: int) -> None:
         if self.bar is not None:

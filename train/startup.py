@@ -6,12 +6,32 @@ import os
 from pathlib import Path
 
 from data.shards import DataError, TokenStream, check_tokenizer, read_manifest
-from groundwork import folders
+from groundwork import folders, untrusted
 from model import GrokConfig, preset_config
 
-from . import checkpoint, fault_injection, weights
+from . import checkpoint, checkpoint_files, fault_injection, weights
+from .batch_memory import check_batches_fit
 from .config import ConfigError, TrainConfig
 from .parallel import Env, broadcast_from_main, check_model_fits, layout_of, uses_cuda
+from .validation import eval_batch_rows
+
+# What the run writes in run.out_dir besides its checkpoints: each a regular file (or folder) of the run or
+# absent, never a symlink (writing through one would change whatever it points to).
+RUN_FILES = ("config.toml", "data_manifest.json", "metrics.jsonl", folders.LOCK)
+RUN_FOLDERS = ("tensorboard",)
+# The GrokConfig fields that fix the parameters' shapes: a checkpoint's config.json must agree on resume.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "num_local_experts",
+    "shared_intermediate_size",
+    "tie_word_embeddings",
+)
 
 
 def build_model_config(config: TrainConfig, vocab_size: int | None) -> GrokConfig:
@@ -44,17 +64,20 @@ def check_before_start(config: TrainConfig) -> None:
     manifest = read_manifest(data)
     model_config = build_model_config(config, manifest["tokenizer"]["vocab_size"])
     check_tokenizer(manifest, data, vocab_size=model_config.vocab_size)
+    tokens = {}
     for split in ("train", "val"):  # both, before step 1: a damaged val shard must not wait for the first eval
-        stream = TokenStream(data, split, config.data.verify_checksums)
-        if len(stream) < config.data.seq_len + 1:
+        tokens[split] = len(TokenStream(data, split, config.data.verify_checksums))
+        if tokens[split] < config.data.seq_len + 1:
             raise DataError(
-                f"{data}: the {split} split has {len(stream)} tokens, fewer than data.seq_len + 1 = "
+                f"{data}: the {split} split has {tokens[split]} tokens, fewer than data.seq_len + 1 = "
                 f"{config.data.seq_len + 1}; lower data.seq_len or prepare more data"
             )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     layout = layout_of(config, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     check_model_fits(layout, model_config, config.data.seq_len)
     config.grad_accumulation(layout.dp_size)
+    eval_rows = eval_batch_rows(config, tokens["val"], layout.dp_size)
+    check_batches_fit(config, model_config, layout, eval_rows, uses_cuda(config))
     fault_injection.from_env()  # a malformed MINICOLOSSUS_FAULT fails here, not mid-run
     if config.model.init_from:
         init_from = Path(config.model.init_from)
@@ -77,9 +100,47 @@ def check_before_start(config: TrainConfig) -> None:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("log.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
-    if config.run.resume not in ("auto", "never"):
-        checkpoint.read_meta(Path(config.run.resume))
     claim_folders(config, create=False)
+    resume_from = (
+        checkpoint.latest_checkpoint(config.checkpoint_dir)
+        if config.run.resume == "auto"
+        else None
+        if config.run.resume == "never"
+        else Path(config.run.resume)
+    )
+    if resume_from is not None:  # what can be checked without hashing or loading it
+        meta = checkpoint_files.read_meta(resume_from)
+        checkpoint_files.check_resumable(resume_from, meta, config, manifest["tokenizer"]["sha256"])
+        check_model_config(resume_from, model_config)
+
+
+def check_model_config(folder: Path, model_config: GrokConfig) -> None:
+    """The checkpoint's config.json describes the model this run builds (what fixes its parameters' shapes):
+    later checkpoints and exports of the run must not inherit a config.json that lies about their weights."""
+    path = Path(folder) / checkpoint_files.MODEL_CONFIG
+    fix = "resume with the model.preset and model.overrides it was trained with, or start a new run.out_dir"
+    saved = untrusted.read_json_object(path, "checkpoint model config", fix)
+    for field in SHAPE_FIELDS:
+        ours, theirs = getattr(model_config, field), saved.get(field)
+        if theirs != ours or type(theirs) is not type(ours):
+            raise checkpoint.CheckpointError(f"{path}: {field} is {theirs!r}, this run's model has {ours!r}; {fix}")
+
+
+def check_run_files(out: Path) -> None:
+    """run.out_dir's own files: absent, or a regular file (a folder) of the run; never a symlink or a FIFO."""
+    for name in RUN_FILES + RUN_FOLDERS:
+        path = Path(out) / name
+        if path.is_symlink():
+            raise folders.FolderError(
+                f"run.out_dir {out}: {name} is a symlink; remove it (the run writes {name} itself, never "
+                f"through a link, which would change the file it points to)"
+            )
+        kind_ok = path.is_dir() if name in RUN_FOLDERS else path.is_file()
+        if path.exists() and not kind_ok:
+            what = "a folder" if name in RUN_FOLDERS else "a regular file"
+            raise folders.FolderError(
+                f"run.out_dir {out}: {name} is not {what}; remove it or choose another run.out_dir"
+            )
 
 
 def claim_folders(config: TrainConfig, create: bool) -> list[folders.RunLock]:
@@ -88,6 +149,7 @@ def claim_folders(config: TrainConfig, create: bool) -> list[folders.RunLock]:
     out, root = Path(config.run.out_dir), config.checkpoint_dir
     try:
         folders.claim(out, "run", "run.out_dir", create=create)
+        check_run_files(out)
         checkpoint.check_root(root, config.run.resume, create=create)
     except OSError as error:
         raise ConfigError(

@@ -12,25 +12,26 @@ the step after resuming rather than losing its row.
 """
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
 
 from data.loader import TrainLoader
 from data.shards import DataError, read_manifest
+from groundwork import folders, untrusted
 from groundwork.errors import UserError
 from model import GrokForCausalLM, count_parameters, flops_per_token
 
 from . import fault_injection, preemption
 from .checkpoint import Checkpointer, latest_checkpoint
+from .checkpoint_files import check_resumable
 from .config import TrainConfig
 from .engine import build_engine
 from .initialization import materialize
 from .metrics import MetricsLogger, peak_memory_mib
 from .optim import lr_at
 from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, setup, teardown
-from .startup import build_model_config, check_before_start, take_folders
+from .startup import build_model_config, check_before_start, check_model_config, take_folders
 from .validation import Validator
 from .weights import load_initial_weights
 
@@ -97,8 +98,8 @@ class Trainer:
             async_save=config.checkpoint.async_save,
             model_config=self.model_config,
             tokenizer_folder=Path(config.data.path),
-            tokenizer_sha256=self.tokenizer_sha256,
             trainer_state=self.checkpoint_record,
+            check_state=self.check_resumable,
             shards_written=self.faults.shards_written if self.faults is not None else lambda step: None,
         )
 
@@ -113,6 +114,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's trainer.json, already checked (checkpoint_files.read_meta and check_resumable)."""
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped_steps, self.loss_mean = state.get("skipped_steps", 0), state.get("loss_mean")
         try:
@@ -123,6 +125,11 @@ class Trainer:
             raise DataError(
                 f"checkpoint loader state is malformed ({error!r}); resume from another checkpoint"
             ) from error
+
+    def check_resumable(self, folder: Path, meta: dict) -> None:
+        """Whether this run can go on from a checkpoint: its trainer.json and config.json against the run."""
+        check_resumable(folder, meta, self.config, self.tokenizer_sha256)
+        check_model_config(folder, self.model_config)
 
     def checkpoint_record(self) -> dict:
         """trainer.json: the resumable state, plus how the run was made (data_path for the record only,
@@ -164,7 +171,17 @@ class Trainer:
         )
         lr = lr_at(self.step, self.config.run.max_steps, self.config.optim)
         grad_norm = self.engine.step(lr, skip=spike or not math.isfinite(loss))
-        if spike or not math.isfinite(loss) or not math.isfinite(float(grad_norm)):
+        skipped_for = None
+        if not math.isfinite(loss):
+            skipped_for = f"non-finite loss {loss}"
+        elif spike:
+            skipped_for = (
+                f"loss spike: {loss:.4g} > run.loss_spike_factor {self.config.run.loss_spike_factor:g} x the "
+                f"recent mean {self.loss_mean:.4g}"
+            )
+        elif not math.isfinite(float(grad_norm)):
+            skipped_for = f"non-finite gradient norm {float(grad_norm)}"
+        if skipped_for:
             self.skipped_steps += 1
             self.bad_streak += 1
         else:
@@ -179,6 +196,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
             "skipped": self.bad_streak > 0,
+            "skipped_for": skipped_for,  # the same on every rank: decided from reduced values
             "preempt": agreed[1] > 0,
             "saved_in_background": agreed[2] == self.env.world_size,
         }
@@ -245,6 +263,12 @@ class Trainer:
                     last_row.update(self.memory_row())
                     logger.log(last_row)
                 logger.advance(self.step)
+                if local["skipped_for"]:
+                    logger.note(
+                        f"warning: step {self.step}: update skipped ({local['skipped_for']}); {self.bad_streak} "
+                        f"in a row, the run stops at run.max_skipped_steps={config.run.max_skipped_steps}; "
+                        f"if this repeats, lower optim.lr"
+                    )
                 if local["saved_in_background"]:  # every rank's write is done: complete that checkpoint
                     self.checkpointer.wait()
                 self.stop_if_diverged()
@@ -263,9 +287,10 @@ class Trainer:
         config, env = self.config, self.env
         if not env.is_main:
             return
-        out_dir = Path(config.run.out_dir)
-        (out_dir / "config.toml").write_text(config.dump_toml())
-        shutil.copy(Path(config.data.path) / "manifest.json", out_dir / "data_manifest.json")
+        out_dir = Path(config.run.out_dir)  # its files were checked at start-up: regular files or absent, no links
+        folders.write_durably(out_dir / "config.toml", config.dump_toml())
+        manifest = untrusted.read_bytes(Path(config.data.path) / "manifest.json", "data manifest", "prepare it again")
+        folders.write_durably(out_dir / "data_manifest.json", manifest)
         layout = f" ({env.layout.describe()})" if env.layout.tp > 1 or env.layout.ep > 1 else ""
         print(
             f"minicolossus: {config.model.preset} ({self.params_total:,} params, {self.params_active:,} active) "

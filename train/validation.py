@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from data.loader import val_batches
+from data.shards import TokenStream
 from data.tokenizer import load as load_tokenizer
 from data.tokenizer import token_byte_lengths
 
@@ -47,6 +48,16 @@ def summarize(sums: torch.Tensor) -> dict:
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / n_bytes, "val_tokens": int(tokens)}
 
 
+def eval_batch_rows(config: TrainConfig, val_tokens: int, dp_size: int) -> int:
+    """The evaluation batch: eval.batch_size (default: the micro-batch), at most the windows one rank evaluates.
+    A larger batch would add only padding rows (targets ignored): the same numbers, in more memory."""
+    windows = (val_tokens - 1) // config.data.seq_len
+    if config.eval.max_sequences is not None:
+        windows = min(windows, config.eval.max_sequences)
+    per_rank = -(-windows // dp_size)
+    return max(1, min(config.eval.batch_size or config.batch.micro_batch_size, per_rank))
+
+
 class Validator:
     """The trainer's periodic validation: fixed windows of the val split, each data-parallel rank its share,
     summed over ranks. Owns its cadence (`due`)."""
@@ -55,6 +66,8 @@ class Validator:
         self.config, self.env, self.model, self.forward_context = config, env, model, forward_context
         self.every = config.eval.every
         self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(config.data.path))).to(env.device)
+        val_tokens = len(TokenStream(config.data.path, "val", verify_checksums=False))
+        self.batch_size = eval_batch_rows(config, val_tokens, env.dp_size)
 
     def due(self, step: int, last: bool) -> bool:
         """Every `eval.every` steps (0: only at the end) and at the last step."""
@@ -66,7 +79,7 @@ class Validator:
         batches = val_batches(
             config.data.path,
             config.data.seq_len,
-            config.eval.batch_size or config.batch.micro_batch_size,
+            self.batch_size,
             env.dp_rank,
             env.dp_size,
             env.device,
