@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, base_args, in_process, paragraphs
-from untrusted import assert_one_line, run_bounded, snapshot
+from untrusted import assert_one_line, peak_bounded, run_bounded, snapshot
 
 from data import sources
 from data import tokenizer as tok
@@ -244,7 +244,7 @@ def test_the_table_has_at_least_eighteen_cases():
 def test_hostile_data_input_is_one_line_and_changes_no_file(case, world, tmp_path):
     main, argv, part, file_size_limit = CASES[case]
     before = snapshot(world)
-    with bounded(60, file_size_limit):
+    with bounded(60, file_size_limit), peak_bounded():
         result = in_process(main, *argv(world, tmp_path / "run"))
     assert_one_line(result, part)
     assert snapshot(world) == before  # nothing changed, lost or left behind (temporary folders, locks)

@@ -14,7 +14,7 @@ import ranks
 import torch
 from conftest import base_args, in_process, reseal
 from safetensors.torch import save_file
-from untrusted import assert_one_line, snapshot
+from untrusted import assert_one_line, peak_bounded, snapshot
 
 from groundwork import folders
 from train import batch_memory
@@ -231,7 +231,8 @@ def test_there_are_many_cases():
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_input_is_one_line_before_any_step_and_changes_nothing(case, world, data_dir, before):
     args, fragment = CASES[case]
-    result = in_process(train_main, *args(world, data_dir))
+    with peak_bounded():
+        result = in_process(train_main, *args(world, data_dir))
     assert_one_line(result, fragment)
     assert "minicolossus:" not in result.stdout  # the run never started: no step, nothing announced
     after = snapshot(world, data_dir)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, in_process, paragraphs, reseal
-from untrusted import assert_one_line, run_bounded, snapshot
+from untrusted import assert_one_line, peak_bounded, run_bounded, snapshot
 
 from data import tokenizer as tok
 from groundwork import folders
@@ -273,7 +273,7 @@ def test_hostile_input_is_one_line_and_changes_nothing(name, world, monkeypatch)
     args = case.args(world)
     touched = [world / "user", world / "out", *(Path(a) for a in args if isinstance(a, Path))]
     before = snapshot(*touched)
-    with case.during(world) if case.during else contextlib.nullcontext():
+    with case.during(world) if case.during else contextlib.nullcontext(), peak_bounded():
         result = in_process(case.main, *args)
     assert_one_line(result, case.fragment)
     assert snapshot(*touched) == before
