@@ -312,6 +312,7 @@ def test_existing_output_is_reused_or_refused(prepared, corpus_file):
 
 
 @needs_shared
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path):
     out = tmp_path / "out"
     process = subprocess.Popen(
@@ -333,6 +334,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path):
 
 
 @pytest.mark.compat
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_stdlib_prepare_end_to_end(tmp_path):
     assert prepare("--source", "stdlib", "--out", tmp_path / "s", "--tokenizer", "byte", "--num-proc", 2) == 0
     manifest = read_manifest(tmp_path / "s")

@@ -126,6 +126,7 @@ def test_deepspeed_state_is_read_without_running_pickled_code(data_dir, hostile_
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_a_dcp_checkpoint_cannot_be_resumed_by_deepspeed_and_says_so(data_dir, reference, tmp_path):
     checkpoint = reference[1] / "checkpoints" / "step_00000006"
     result = subprocess.run(
@@ -172,6 +173,7 @@ def test_zero3_checkpoint_exports_to_hugging_face(reference, zero3_run, tmp_path
         assert torch.isfinite(exported(ids).logits).all()
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_without_deepspeed_installed_the_error_names_the_install_command(data_dir, tmp_path):
     hide = "import sys; sys.modules['deepspeed'] = None; from train.__main__ import main; sys.exit(main(sys.argv[1:]))"
     result = subprocess.run(

@@ -74,12 +74,14 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_too_many_skipped_updates_stop_and_keep_the_last_good_checkpoint(fault_data, tmp_path):
     error = one_line_error(train_one_process(fault_data, tmp_path, "--run.max_skipped_steps=1", fault="nan:step=5"))
     assert "1 updates in a row skipped" in error and "step_00000003" in error
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000003"]
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_loss_spike_guard_skips_updates(fault_data, tmp_path):
     # a factor below 1 makes every loss after the first a "spike": steps 2-4 are skipped, then it stops
     error = one_line_error(
@@ -89,6 +91,7 @@ def test_loss_spike_guard_skips_updates(fault_data, tmp_path):
     assert [r["skipped_steps"] for r in report.rows(tmp_path)] == [0, 1, 2, 3]
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_sigterm_to_a_single_process_exits_with_the_preemption_code(fault_data, tmp_path):
     argv = [
         sys.executable,
@@ -119,6 +122,7 @@ def catches(pid: int, signum: int) -> bool:
     return bool(int(caught, 16) >> (signum - 1) & 1)
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_a_signal_during_start_up_is_acted_on_after_the_first_step(fault_data, tmp_path):
     # SIGUSR1 as soon as `python -m train` records it: seconds before torch is even imported. The default
     # action would kill the rank (exit 138, no checkpoint, no requeue); it must checkpoint step 1 and exit 75.
@@ -142,6 +146,7 @@ def test_a_signal_during_start_up_is_acted_on_after_the_first_step(fault_data, t
     assert (tmp_path / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(fault_data, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
@@ -182,6 +187,7 @@ def test_resuming_a_corrupted_checkpoint_is_one_line(work, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_a_damaged_shard_is_named_before_training(fault_data, tmp_path, damage):
     data = tmp_path / "data"
     shutil.copytree(fault_data, data)
@@ -201,6 +207,7 @@ def test_a_damaged_shard_is_named_before_training(fault_data, tmp_path, damage):
     assert "re-run data.prepare" in error and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_a_malformed_fault_spec_is_rejected_before_training(fault_data, tmp_path):
     error = one_line_error(train_one_process(fault_data, tmp_path, fault="explode:step=3"))
     assert "MINICOLOSSUS_FAULT='explode:step=3'" in error and "kill:rank=N:step=N" in error

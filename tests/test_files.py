@@ -269,6 +269,7 @@ def test_async_save_on_two_processes_matches_one(data_dir, reference, tmp_path):
     assert max(abs(a - b) for a, b in zip(losses(resumed), losses(single)[8:])) < 1e-5
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_a_kill_during_an_async_save_keeps_the_previous_checkpoint_and_resumes_exactly(data_dir, reference, tmp_path):
     single, _ = reference
     out = tmp_path / "run"

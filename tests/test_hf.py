@@ -146,6 +146,7 @@ def _run_cli(*args):
     return in_process(model_main, *args)
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_cli_json_reports_counts_and_flops():
     result = subprocess.run(
         [sys.executable, "-m", "model", "grok-1", "--json"], capture_output=True, text=True, timeout=120

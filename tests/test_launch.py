@@ -131,6 +131,7 @@ def test_a_node_that_never_joins_fails_within_the_rendezvous_timeout(data_dir, t
     assert "RendezvousTimeoutError" in result.stderr
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_a_rank_that_never_joins_gives_a_one_line_error(data_dir, tmp_path):
     # Launched without an agent (srun, mpirun, by hand): the process group's own rendezvous, run.timeout_s.
     env = {

@@ -245,6 +245,7 @@ def test_fsdp_over_the_whole_of_colossus_is_bound_by_its_all_gathers():
 
 
 @pytest.mark.compat
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_cli_prints_json_with_the_fields_and_exits_1_when_it_does_not_fit():
     run = subprocess.run(
         [

@@ -78,6 +78,7 @@ def _run_without_repo(code: str, *args: str, cwd: Path, timeout: int) -> subproc
 
 
 @pytest.mark.compat
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_export_loads_with_trust_remote_code_in_a_process_without_the_repo(tmp_path):
     export = tmp_path / "export"
     model = small_model()

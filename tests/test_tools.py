@@ -138,6 +138,7 @@ def test_sampling_is_seeded(trained):
     assert runs[0] == runs[1] != runs[2]
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_tools_reject_a_bad_model_path_in_one_line(tmp_path, data_dir):
     for script in ("scripts/generate.py", "scripts/evaluate.py"):
         extra = ["--data", str(data_dir)] if "evaluate" in script else []

@@ -232,6 +232,7 @@ def test_partial_checkpoint_is_ignored_and_removed(data_dir, reference, tmp_path
     ]
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_init_from_a_checkpoint_or_its_export_starts_from_its_weights(data_dir, reference, tmp_path):
     single, single_out = reference
     checkpoint = single_out / "checkpoints" / "step_00000012"

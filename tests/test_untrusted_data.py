@@ -264,6 +264,7 @@ def corpus_of_one_line(path: Path, megabytes: float, paragraphs_too: bool) -> No
         path.write_text(" ".join(words) + "\n\n" + "\n\n".join(f"short paragraph {i}" for i in range(200)))
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_a_corpus_on_one_line_costs_what_its_bytes_cost_and_leaves_no_cache(tmp_path):
     """A long line once cost ~240x its bytes (2 MB: ~650 MiB peak against ~210 MiB for the same words in
     paragraphs; 48 MB: 12.4 GB), and every prepare left ~8x its corpus in ~/.cache/huggingface/datasets."""
@@ -303,6 +304,7 @@ def test_pieces_are_bounded_and_change_no_token():
     assert [len(piece) for piece in sources.pieces(unbroken, budget=256)] == [256, 256, 256, 232]
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_a_second_prepare_of_the_same_out_stops_naming_the_first(tmp_path):
     """The second once deleted the first's live temporary folder, and both reported success."""
     corpus_of_one_line(tmp_path / "corpus.txt", 0.5, paragraphs_too=True)

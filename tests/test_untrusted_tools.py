@@ -337,6 +337,7 @@ def test_a_huge_batch_size_allocates_only_the_windows_there_are(world):
     ],
     ids=["an export config of 1,500 layers", "a billion new tokens for a 256-token model"],
 )
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_lying_sizes_stop_at_once_in_bounded_memory(world, argv, fragment):
     result = run_bounded([str(a) for a in argv(world)], timeout=90)
     assert_one_line(result, fragment)
@@ -356,6 +357,7 @@ sys.exit(main([sys.argv[1], sys.argv[3]]))
 """
 
 
+@pytest.mark.distributed  # runs a command in a fresh interpreter
 def test_a_fresh_export_prints_one_line_and_a_full_disk_leaves_nothing(world, tmp_path):
     checkpoint, quiet, full = world / "good" / STEP, tmp_path / "quiet", tmp_path / "full"
     result = run_bounded(["-c", FULL_DISK, str(checkpoint), str(quiet), str(full)], timeout=120)
