@@ -271,6 +271,14 @@ class SoftcappedAttention(torch.autograd.Function):
         return grad_s @ k, grad_s.transpose(-1, -2) @ q, grad_v, None, None, None
 
 
+def own_keys(
+    k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs
+) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
+    """Attention.gather_keys in one process: every key of the sequence is already here. (Context parallelism,
+    train/parallel/context.py, replaces it with a gather of the keys and values other ranks hold.)"""
+    return k, v, inputs
+
+
 class Attention(nn.Module):
     """Grouped-query attention: num_attention_heads queries share num_key_value_heads keys/values."""
 
@@ -285,6 +293,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(heads * self.head_dim, d, bias=False)
         self.o_proj.is_residual_projection = True  # initialised with a depth-scaled std
+        self.gather_keys = own_keys  # (k, v, inputs) -> the sequence's keys, values, and the inputs that fit them
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: Cache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -296,6 +305,7 @@ class Attention(nn.Module):
         k = apply_rotary(k, inputs.cos, inputs.sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        k, v, inputs = self.gather_keys(k, v, inputs)
         backend = {"eager": self._eager, "sdpa": self._sdpa, "flex": self._flex}[self.config.attn_backend]
         out = backend(q, k, v, inputs)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

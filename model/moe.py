@@ -6,7 +6,8 @@ results are scattered back weighted by their gates. There is no dense all-expert
 
 `MoE.dispatch` is the one seam for expert parallelism: it takes the token rows sorted by expert and
 returns the expert outputs in the same order. Here the experts are local; a trainer that spreads them
-over ranks replaces it (train/parallel/expert.py) without the model knowing.
+over ranks replaces it (train/parallel/expert.py) without the model knowing. `MoE.count_tokens` is the seam
+for context parallelism, whose ranks share each sequence and so the load-balancing loss's token counts.
 """
 
 import math
@@ -153,15 +154,20 @@ class RouterStats:
     expert_token_counts: torch.Tensor  # [num_experts] token-to-expert assignments in this batch
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Switch Transformer / Mixtral form: E * sum_e f_e * P_e.
 
-    f_e is the fraction of the N*k assignments that went to expert e (not differentiable),
+    f_e is the fraction of the assignments that went to expert e (`counts`, not differentiable),
     P_e the mean router probability of e (differentiable). Uniform routing gives exactly 1.
     """
-    counts = torch.bincount(expert_index.flatten(), minlength=num_experts)
-    fraction = counts.float() / expert_index.numel()
-    return num_experts * (fraction * probs.mean(dim=0)).sum()
+    fraction = counts.float() / counts.sum()
+    return probs.shape[-1] * (fraction * probs.mean(dim=0)).sum()
+
+
+def own_token_counts(counts: torch.Tensor) -> torch.Tensor:
+    """MoE.count_tokens in one process: the batch's tokens are all here. (Context parallelism sums them over the
+    ranks that share each sequence, whose load-balancing loss is the whole sequence's.)"""
+    return counts
 
 
 class MoE(nn.Module):
@@ -179,6 +185,7 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, d, f))
         self.w_down = nn.Parameter(torch.empty(E, f, d))
         self.dispatch = local_dispatch  # (routed rows, counts per expert, expert weights) -> expert outputs
+        self.count_tokens = own_token_counts  # this batch's assignments per expert -> those the balance is over
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
@@ -189,10 +196,11 @@ class MoE(nn.Module):
             gates, expert_index = probs.topk(self.top_k, dim=-1)  # [N, k]
             if self.normalize_gates:
                 gates = gates / gates.sum(dim=-1, keepdim=True)
+            counts = torch.bincount(expert_index.flatten(), minlength=self.num_experts)
             stats = RouterStats(
-                aux_loss=load_balancing_loss(probs, expert_index, self.num_experts),
+                aux_loss=load_balancing_loss(probs, self.count_tokens(counts)),
                 z_loss=torch.logsumexp(logits, dim=-1).pow(2).mean(),
-                expert_token_counts=torch.bincount(expert_index.flatten(), minlength=self.num_experts),
+                expert_token_counts=counts,
             )
 
         # Group the N*k (token, expert) assignments by expert so each expert sees one contiguous slice.

@@ -158,6 +158,13 @@ def test_ep2_with_two_data_parallel_shards_on_four_processes(data_dir, tmp_path)
             "parallel.ep_size 8 must divide the 4 data-parallel-shard x tensor ranks",
         ),
         (4, ["--parallel.strategy=hsdp", "--parallel.replicate_size=3", "--parallel.tp_size=2"], "!= world size 4"),
+        (2, ["--parallel.strategy=ddp", "--parallel.cp_size=2"], "parallel.cp_size > 1 needs parallel.strategy fsdp"),
+        (3, ["--parallel.cp_size=2"], "parallel.cp_size 2 does not divide the world size 3"),
+        (
+            2,
+            ["--parallel.cp_size=2", "--data.seq_len=62"],
+            "2 x 2 equal chunks, which data.seq_len 62 is not a multiple",
+        ),
     ],
 )
 def test_layout_errors_are_one_line_before_any_process_group(

@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import ranks
 from conftest import REPO, base_args, in_process
 
 from model import preset_config
@@ -51,20 +52,8 @@ STRATEGY_RUNS = {  # name -> (processes, trainer overrides, the planner's parall
 
 def measured_run(data_dir, out, preset, processes, overrides) -> dict:
     """Memory the trainer logs and bytes its second step sends (rank 0), counted by toolbox/planner/traffic_probe."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={processes}",
-        "-m",
-        "toolbox.planner.traffic_probe",
-        str(out / "traffic.json"),
-        *base_args(data_dir, out, steps=2),
-        f"--model.preset={preset}",
-        *overrides,
-    ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    args = [str(out / "traffic.json"), *base_args(data_dir, out, steps=2), f"--model.preset={preset}", *overrides]
+    result = ranks.run_main("toolbox.planner.traffic_probe", args, nproc=processes, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     row = read_metrics(out)[-1]
     sent = json.loads((out / "traffic.json.rank0").read_text())

@@ -111,6 +111,9 @@ LAYOUT_ROWS = {
     "hsdp-explicit-1x2": (2, 2, ["strategy='hsdp'", "replicate_size=1", "shard_size=2"], Layout(1, 2, 1, 1)),
     "hsdp-shard-size-sets-replicate": (8, 8, ["strategy='hsdp'", "shard_size=2"], Layout(4, 2, 1, 1)),
     "hsdp-ep4-within-a-replica": (8, 8, ["strategy='hsdp'", "ep_size=4"], Layout(1, 8, 1, 4)),
+    "fsdp-cp2": (4, 4, ["cp_size=2"], Layout(1, 2, 1, 1, cp=2)),
+    "fsdp-cp2-ep2-borrows-the-cp-ranks": (2, 2, ["cp_size=2", "ep_size=2"], Layout(1, 1, 1, 2, cp=2)),
+    "hsdp-cp2-tp2": (8, 4, ["strategy='hsdp'", "cp_size=2", "tp_size=2"], Layout(2, 1, 2, 1, cp=2)),  # 4 // (2 x 2)
     "ep-needs-fsdp": (
         2,
         2,
@@ -138,6 +141,20 @@ LAYOUT_ROWS = {
         ["tp_size=2"],
         "parallel.tp_size 2 does not divide the world size 3; launch a multiple of 2 processes or change "
         "parallel.tp_size",
+    ),
+    "cp-needs-fsdp": (
+        2,
+        2,
+        ["strategy='ddp'", "cp_size=2"],
+        "parallel.cp_size > 1 needs parallel.strategy fsdp or hsdp (not 'ddp'); change the strategy or set "
+        "parallel.cp_size = 1",
+    ),
+    "cp-and-tp-do-not-divide-the-world": (
+        6,
+        6,
+        ["cp_size=2", "tp_size=2"],
+        "parallel.cp_size 2 x parallel.tp_size 2 does not divide the world size 6; launch a multiple of 4 "
+        "processes or change parallel.cp_size or parallel.tp_size",
     ),
     "ep-wider-than-the-ranks": (
         2,

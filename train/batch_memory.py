@@ -23,7 +23,8 @@ TOKEN_BYTES = 8  # int64 ids
 
 
 def forward_bytes(model_config: GrokConfig, rows: int, seq_len: int, tp: int, training: bool) -> int:
-    """At least what one forward (and backward) of `rows` sequences holds at once on one rank."""
+    """At least what one forward (and backward) of `rows` sequences of `seq_len` tokens (this rank's part of
+    each, under context parallelism) holds at once on one rank."""
     tokens = rows * seq_len
     logits = tokens * model_config.vocab_size // tp * FLOAT_BYTES
     residual = tokens * model_config.hidden_size * FLOAT_BYTES
@@ -51,7 +52,7 @@ def check_batches_fit(
 ) -> None:
     """The training micro-batch, the loader's share of a step and the evaluation batch (`eval_rows`, already
     clamped to the validation windows a rank has) against the memory free for them."""
-    seq_len, tp = config.data.seq_len, layout.tp
+    seq_len, tp = config.data.seq_len // layout.cp, layout.tp
     device_free, device = free_bytes(use_cuda)
     host_free, host = free_bytes(False) if use_cuda else (device_free, device)
     micro = config.batch.micro_batch_size
@@ -65,7 +66,9 @@ def check_batches_fit(
         field = "eval.batch_size" if config.eval.batch_size else "batch.micro_batch_size"
         raise _refuse(field, eval_rows, evaluation, device_free, device, "one evaluation batch")
     share = config.global_batch_sequences() // layout.dp_size
-    windows = share * (seq_len + 1) * TOKEN_BYTES * (config.data.prefetch + 2)  # read ahead, current, on device
+    windows = (
+        share * (config.data.seq_len + 1) * TOKEN_BYTES * (config.data.prefetch + 2)
+    )  # read ahead, current, on device
     if windows > host_free:
         field = "batch.global_batch_size" if config.batch.global_batch_size else "batch.global_batch_tokens"
         value = config.batch.global_batch_size or config.batch.global_batch_tokens

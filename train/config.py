@@ -97,6 +97,7 @@ class ParallelSection(Section):
     shard_size: int | None = Field(None, gt=0)  # hsdp: shard group (GPUs per node); default LOCAL_WORLD_SIZE
     ep_size: int = Field(1, gt=0)  # fsdp/hsdp: expert parallelism, ranks that split each MoE layer's experts
     tp_size: int = Field(1, gt=0)  # fsdp/hsdp: tensor parallelism, ranks that split each matmul (one node)
+    cp_size: int = Field(1, gt=0)  # fsdp/hsdp: context parallelism, ranks that split each sequence
     reshard_after_forward: bool = True  # fsdp/hsdp: free gathered params after forward (ZeRO-3 memory)
     activation_checkpointing: bool = False
     # torch.compile: the whole model with one process, else per block; ~30 s cold, then cached for re-runs

@@ -30,7 +30,7 @@ from .engine import build_engine
 from .initialization import materialize
 from .metrics import MetricsLogger, peak_memory_mib
 from .optim import lr_at
-from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, setup, teardown
+from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, sequence_split, setup, teardown
 from .startup import build_model_config, check_before_start, check_model_config, take_folders
 from .validation import Validator
 from .weights import load_initial_weights
@@ -80,7 +80,8 @@ class Trainer:
             vocab_size=self.model_config.vocab_size,
             verify_checksums=False,  # check_before_start verified both splits
         )
-        self.validator = Validator(config, env, self.model, self.engine.forward_context)
+        self.split_sequence = sequence_split(env.layout, env.rank)  # context parallelism: this rank's chunks
+        self.validator = Validator(config, env, self.model, self.engine.forward_context, self.split_sequence)
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient, or a loss spike
@@ -147,7 +148,7 @@ class Trainer:
         """Forward/backward over this rank's micro-batches, clip, update (or skip). Returns rank-local sums."""
         if not self.model.training:  # after an evaluation; a walk over every module costs ~0.5 ms a step
             self.model.train()
-        inputs, targets = next(self.loader)
+        inputs, targets, positions = self.split_sequence(*next(self.loader))
         micro_batch_size = self.config.batch.micro_batch_size
         sums = torch.zeros(4, device=self.env.device)  # loss, lm_loss, aux_loss, z_loss
         expert_counts = None
@@ -155,7 +156,7 @@ class Trainer:
             last = micro_batch == self.grad_accumulation - 1
             rows = slice(micro_batch * micro_batch_size, (micro_batch + 1) * micro_batch_size)
             with self.engine.micro_batch(last):
-                out = self.model(inputs[rows], targets=targets[rows])
+                out = self.model(inputs[rows], targets=targets[rows], position_ids=positions)
                 self.engine.backward(out.loss)
             sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
             counts = out.expert_token_counts.detach()
@@ -291,7 +292,7 @@ class Trainer:
         folders.write_durably(out_dir / "config.toml", config.dump_toml())
         manifest = untrusted.read_bytes(Path(config.data.path) / "manifest.json", "data manifest", "prepare it again")
         folders.write_durably(out_dir / "data_manifest.json", manifest)
-        layout = f" ({env.layout.describe()})" if env.layout.tp > 1 or env.layout.ep > 1 else ""
+        layout = f" ({env.layout.describe()})" if max(env.layout.tp, env.layout.ep, env.layout.cp) > 1 else ""
         print(
             f"minicolossus: {config.model.preset} ({self.params_total:,} params, {self.params_active:,} active) "
             f"| {config.parallel.strategy} x {env.world_size}{layout} on {env.device.type} "

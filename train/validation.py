@@ -16,6 +16,7 @@ from data.tokenizer import token_byte_lengths
 
 from .config import TrainConfig
 from .parallel import Env, all_reduce_sum
+from .parallel.context import whole_sequence
 
 
 @torch.no_grad()
@@ -24,14 +25,16 @@ def loss_sums(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     byte_lengths: torch.Tensor,
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    split_sequence: Callable = whole_sequence,
 ) -> torch.Tensor:
     """[nats, tokens, UTF-8 bytes] summed over the batches' targets (-100 ignored), in float64, so that
-    sums from several ranks add up before the division."""
+    sums from several ranks add up before the division (a rank of a cp group: over its chunks of each sequence)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=byte_lengths.device)
-    for inputs, targets in batches:
+    for whole_inputs, whole_targets in batches:
+        inputs, targets, positions = split_sequence(whole_inputs, whole_targets)
         with autocast():
-            out = model(inputs, targets=targets)
+            out = model(inputs, targets=targets, position_ids=positions)
         valid = targets != -100
         n_valid = valid.sum()
         if n_valid == 0:  # a padding batch of a rank with fewer windows: it still ran the forward
@@ -62,8 +65,16 @@ class Validator:
     """The trainer's periodic validation: fixed windows of the val split, each data-parallel rank its share,
     summed over ranks. Owns its cadence (`due`)."""
 
-    def __init__(self, config: TrainConfig, env: Env, model: nn.Module, forward_context: Callable):
+    def __init__(
+        self,
+        config: TrainConfig,
+        env: Env,
+        model: nn.Module,
+        forward_context: Callable,
+        split_sequence: Callable = whole_sequence,
+    ):
         self.config, self.env, self.model, self.forward_context = config, env, model, forward_context
+        self.split_sequence = split_sequence
         self.every = config.eval.every
         self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(config.data.path))).to(env.device)
         val_tokens = len(TokenStream(config.data.path, "val", verify_checksums=False))
@@ -86,4 +97,5 @@ class Validator:
             config.eval.max_sequences,
             verify_checksums=False,  # check_before_start verified the split
         )
-        return summarize(all_reduce_sum(loss_sums(self.model, batches, self.byte_lengths, self.forward_context)))
+        sums = loss_sums(self.model, batches, self.byte_lengths, self.forward_context, self.split_sequence)
+        return summarize(all_reduce_sum(sums))

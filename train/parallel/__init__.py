@@ -4,6 +4,7 @@
   mesh           how ranks split into data-parallel, expert and tensor groups; the device meshes
   precision      compute dtype, autocast, FSDP's mixed-precision policy
   tensor         tensor parallelism: matmuls split inside a node, sequence-parallel norms, vocab-parallel loss
+  context        context parallelism: each sequence split over ranks, keys and values gathered for attention
   expert         expert parallelism: experts sharded over ranks, tokens swapped by all-to-all
   block_options  activation checkpointing and torch.compile, per block or the whole model
   data_parallel  ddp / fsdp / hsdp wrapping, gradient sync across micro-batches
@@ -19,6 +20,7 @@ import torch.nn as nn
 from ..config import TrainConfig
 from .block_options import apply_block_options
 from .clipping import clip_grad_norm
+from .context import apply_context_parallel, sequence_split
 from .data_parallel import apply_ddp, apply_fsdp, gradient_sync
 from .expert import apply_expert_parallel
 from .mesh import Layout, MeshAxis, WorldMesh, build_world_mesh, check_model_fits, layout_of
@@ -40,7 +42,7 @@ from .tensor import apply_tensor_parallel, forward_context
 def parallelize(
     model: nn.Module, config: TrainConfig, env: Env, init_weights: Callable[[nn.Module], None]
 ) -> nn.Module:
-    """Split a meta-device model: tensor and expert parallelism, activation checkpointing and compile (per
+    """Split a meta-device model: tensor, expert and context parallelism, activation checkpointing and compile (per
     block, or whole with one process), FSDP; then `init_weights(model)` allocates and fills this rank's
     shards; DDP last (it copies rank 0's weights). The order matters: the styles address modules by their
     names in the plain model, and FSDP shards what the other dimensions left on each rank."""
@@ -50,6 +52,8 @@ def parallelize(
         apply_tensor_parallel(model, mesh.tensor_parallel)
     if mesh is not None and env.layout.ep > 1:
         apply_expert_parallel(model, mesh)
+    if mesh is not None and env.layout.cp > 1:
+        apply_context_parallel(model, mesh.context_parallel)
     apply_block_options(model, config, env.device, one_graph=strategy == "none")
     if mesh is not None:
         apply_fsdp(model, mesh, env.dtype, config.parallel.reshard_after_forward)
@@ -79,6 +83,7 @@ __all__ = [
     "gradient_sync",
     "layout_of",
     "parallelize",
+    "sequence_split",
     "setup",
     "teardown",
     "uses_cuda",

@@ -152,8 +152,8 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 def expert_gradient_scale(layout: Layout) -> float:
     """FSDP averages expert gradients over the ranks holding the same experts; each rank's experts have
     already summed the contributions of its whole ep group through the all-to-all. The mean over all
-    data-parallel ranks (what dense weights get) is that average times this factor (1 / ep)."""
-    return layout.dp_replicate * layout.expert_shard / layout.dp_size
+    data-parallel and context-parallel ranks (what dense weights get) is that average times this factor."""
+    return layout.dp_replicate * layout.expert_shard / (layout.dp_size * layout.cp)
 
 
 def scale_expert_gradients(parameters: list[nn.Parameter], scale: float) -> None:

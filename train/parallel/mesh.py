@@ -1,16 +1,18 @@
 """How the world's ranks are split, decided in one place, and the device meshes that realise it.
 
-Ranks are laid out row-major over (dp_replicate, dp_shard, tp): the ranks of one tensor-parallel group
-are neighbours (one node's fast links), data-parallel replicas are the outermost (across nodes). For
-world 8 = replicate 2 x shard 2 x tp 2, ranks 0,1 form a tp group and hold the same batch.
+Ranks are laid out row-major over (dp_replicate, dp_shard, cp, tp): the ranks of one tensor-parallel group
+are neighbours (one node's fast links), then the context-parallel ranks that share each sequence, and
+data-parallel replicas are the outermost (across nodes). For world 8 = replicate 2 x shard 2 x tp 2, ranks
+0,1 form a tp group and hold the same batch. A cp group reads the same sequences and each rank keeps its
+chunks of them, so FSDP shards (and averages gradients) over dp_shard x cp, flattened into dp_shard_cp.
 
-Expert parallelism borrows ranks from the data-parallel shard dimension: the dp_shard x tp ranks of one
+Expert parallelism borrows ranks from the data-parallel shard dimension: the dp_shard x cp x tp ranks of one
 replica are re-viewed as (expert_shard, ep). Each ep group of `ep` neighbouring ranks holds one copy of
 all experts, E / ep each, and swaps tokens by all-to-all; expert weights are then sharded by FSDP over
 the expert_shard ranks that hold the same experts. Dense weights stay sharded over all data-parallel
 ranks. Two meshes, then:
 
-    dense   (dp_replicate, dp_shard, tp)      attention, norms, router, embedding, dense/shared FFN
+    dense   (dp_replicate, dp_shard, cp, tp)  attention, norms, router, embedding, dense/shared FFN
     expert  (dp_replicate, expert_shard, ep)  the experts' stacked w_gate / w_up / w_down
 """
 
@@ -29,6 +31,8 @@ class MeshAxis(StrEnum):
 
     DP_REPLICATE = "dp_replicate"  # data-parallel replicas (hsdp: across nodes)
     DP_SHARD = "dp_shard"  # data-parallel ranks that shard the dense weights
+    CP = "cp"  # context parallelism: ranks that split each sequence
+    DP_SHARD_CP = "dp_shard_cp"  # dp_shard x cp flattened: what FSDP shards dense weights over
     TP = "tp"  # tensor parallelism
     EXPERT_SHARD = "expert_shard"  # ranks of one replica that hold the same experts
     EP = "ep"  # expert parallelism: ranks that split the experts and swap tokens
@@ -40,6 +44,7 @@ class Layout:
     dp_shard: int = 1
     tp: int = 1
     ep: int = 1
+    cp: int = 1
 
     @property
     def dp_size(self) -> int:
@@ -48,60 +53,70 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.dp_size * self.tp
+        return self.dp_size * self.cp * self.tp
 
     @property
     def expert_shard(self) -> int:
         """Ranks of one replica that hold the same experts (and shard them with FSDP)."""
-        return self.dp_shard * self.tp // self.ep
+        return self.dp_shard * self.cp * self.tp // self.ep
 
     def dp_rank(self, rank: int) -> int:
-        return rank // self.tp
+        return rank // (self.cp * self.tp)
+
+    def cp_rank(self, rank: int) -> int:
+        """Which chunks of the group's sequences this rank keeps (see parallel/context.py)."""
+        return rank // self.tp % self.cp
 
     def describe(self) -> str:
         parts = [f"dp {self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"dp {self.dp_shard}"]
-        parts += [f"tp {self.tp}"] * (self.tp > 1) + [f"ep {self.ep}"] * (self.ep > 1)
+        for name, size in (("cp", self.cp), ("tp", self.tp), ("ep", self.ep)):
+            parts += [f"{name} {size}"] * (size > 1)
         return " x ".join(parts)
 
 
 def layout_of(config: TrainConfig, world_size: int, local_world_size: int) -> Layout:
     """The layout a config asks for on this many ranks; a one-line ConfigError when it cannot be made.
-    On one process expert and tensor parallelism collapse to 1, so the same config runs on a laptop."""
+    On one process expert, tensor and context parallelism collapse to 1, so the same config runs on a laptop."""
     par = config.parallel
     if world_size == 1:
         return Layout()
-    if (par.ep_size > 1 or par.tp_size > 1) and par.strategy not in ("fsdp", "hsdp"):
-        flag = "parallel.ep_size" if par.ep_size > 1 else "parallel.tp_size"
+    split = {"parallel.ep_size": par.ep_size, "parallel.tp_size": par.tp_size, "parallel.cp_size": par.cp_size}
+    for flag, size in split.items():
+        if size > 1 and par.strategy not in ("fsdp", "hsdp"):
+            raise ConfigError(
+                f"{flag} > 1 needs parallel.strategy fsdp or hsdp (not {par.strategy!r}); change the "
+                f"strategy or set {flag} = 1"
+            )
+    tp, ep, cp = par.tp_size, par.ep_size, par.cp_size
+    if world_size % (cp * tp):
+        flags = [f"parallel.{name}_size" for name, size in (("cp", cp), ("tp", tp)) if size > 1]
+        sizes = " x ".join(f"{flag} {par.model_dump()[flag.split('.')[1]]}" for flag in flags)
         raise ConfigError(
-            f"{flag} > 1 needs parallel.strategy fsdp or hsdp (not {par.strategy!r}); change the "
-            f"strategy or set {flag} = 1"
-        )
-    tp, ep = par.tp_size, par.ep_size
-    if world_size % tp:
-        raise ConfigError(
-            f"parallel.tp_size {tp} does not divide the world size {world_size}; launch a multiple "
-            f"of {tp} processes or change parallel.tp_size"
+            f"{sizes} does not divide the world size {world_size}; launch a multiple of {cp * tp} processes or "
+            f"change {' or '.join(flags)}"
         )
     if par.strategy == "hsdp":
-        shard = par.shard_size or max(local_world_size // tp, 1)
-        replicate = par.replicate_size or world_size // (shard * tp)
-        if replicate * shard * tp != world_size:
+        shard = par.shard_size or max(local_world_size // (cp * tp), 1)
+        replicate = par.replicate_size or world_size // (shard * cp * tp)
+        if replicate * shard * cp * tp != world_size:
             raise ConfigError(
-                f"parallel.replicate_size {replicate} x parallel.shard_size {shard} x parallel.tp_size "
-                f"{tp} != world size {world_size}; set them so their product is the number of processes"
+                f"parallel.replicate_size {replicate} x parallel.shard_size {shard}"
+                f"{f' x parallel.cp_size {cp}' * (cp > 1)} x parallel.tp_size {tp} != world size {world_size}; "
+                f"set them so their product is the number of processes"
             )
     else:
-        replicate, shard = 1, world_size // tp
-    if (shard * tp) % ep:
+        replicate, shard = 1, world_size // (cp * tp)
+    replica = shard * cp * tp
+    if replica % ep:
         raise ConfigError(
-            f"parallel.ep_size {ep} must divide the {shard * tp} data-parallel-shard x tensor ranks of a "
-            f"replica it borrows from; choose a divisor of {shard * tp}"
+            f"parallel.ep_size {ep} must divide the {replica} data-parallel-shard x tensor{' x context' * (cp > 1)} "
+            f"ranks of a replica it borrows from; choose a divisor of {replica}"
         )
-    return Layout(replicate, shard, tp, ep)
+    return Layout(replicate, shard, tp, ep, cp)
 
 
 def check_model_fits(layout: Layout, model_config: GrokConfig, seq_len: int) -> None:
-    """Sizes that the expert and tensor split must divide, named in one line."""
+    """Sizes that the expert, context and tensor split must divide, named in one line."""
     if layout.ep > 1 and not model_config.is_moe:
         raise ConfigError("parallel.ep_size > 1 needs a mixture-of-experts model (num_local_experts > 1)")
     if layout.ep > 1 and model_config.num_local_experts % layout.ep:
@@ -109,12 +124,17 @@ def check_model_fits(layout: Layout, model_config: GrokConfig, seq_len: int) -> 
             f"parallel.ep_size {layout.ep} must divide the model's {model_config.num_local_experts} "
             f"experts; choose a divisor of {model_config.num_local_experts}"
         )
+    if layout.cp > 1 and seq_len % (2 * layout.cp):
+        raise ConfigError(
+            f"parallel.cp_size {layout.cp} splits each sequence into 2 x {layout.cp} equal chunks, which "
+            f"data.seq_len {seq_len} is not a multiple of; choose a seq_len divisible by {2 * layout.cp}"
+        )
     if layout.tp > 1:
         for name, size in (
             ("num_attention_heads", model_config.num_attention_heads),
             ("num_key_value_heads", model_config.num_key_value_heads),
             ("vocab_size", model_config.vocab_size),
-            ("data.seq_len", seq_len),
+            ("data.seq_len" + " / parallel.cp_size" * (layout.cp > 1), seq_len // layout.cp),
             ("intermediate_size", model_config.intermediate_size if not model_config.is_moe else 0),
             ("shared_intermediate_size", model_config.shared_intermediate_size),
         ):
@@ -134,10 +154,16 @@ class WorldMesh:
 
     @property
     def data_parallel(self) -> DeviceMesh:
-        """What FSDP shards dense weights over: (replicate, shard) for hsdp, shard alone for fsdp."""
+        """What FSDP shards dense weights over: (replicate, shard) for hsdp, shard alone for fsdp; the shard
+        dimension takes in the cp ranks, whose gradients are averaged like data-parallel ones."""
+        shard = MeshAxis.DP_SHARD_CP if self.layout.cp > 1 else MeshAxis.DP_SHARD
         if self.layout.dp_replicate > 1:
-            return self.dense[MeshAxis.DP_REPLICATE, MeshAxis.DP_SHARD]
-        return self.dense[MeshAxis.DP_SHARD]
+            return self.dense[MeshAxis.DP_REPLICATE, shard]
+        return self.dense[shard]
+
+    @property
+    def context_parallel(self) -> DeviceMesh:
+        return self.dense[MeshAxis.CP]
 
     @property
     def tensor_parallel(self) -> DeviceMesh:
@@ -157,9 +183,11 @@ class WorldMesh:
 def build_world_mesh(layout: Layout, device_type: str) -> WorldMesh:
     dense = init_device_mesh(
         device_type,
-        (layout.dp_replicate, layout.dp_shard, layout.tp),
-        mesh_dim_names=(MeshAxis.DP_REPLICATE, MeshAxis.DP_SHARD, MeshAxis.TP),
+        (layout.dp_replicate, layout.dp_shard, layout.cp, layout.tp),
+        mesh_dim_names=(MeshAxis.DP_REPLICATE, MeshAxis.DP_SHARD, MeshAxis.CP, MeshAxis.TP),
     )
+    if layout.cp > 1:  # registered on the root mesh, so that dense[DP_SHARD_CP] names it from here on
+        dense[MeshAxis.DP_SHARD, MeshAxis.CP]._flatten(MeshAxis.DP_SHARD_CP)
     expert = None
     if layout.ep > 1:
         expert = init_device_mesh(

@@ -32,7 +32,7 @@ class Env:
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data-parallel index: the ranks of one tensor-parallel group read the same batch."""
+        """This rank's data-parallel index: the ranks of one tensor- or context-parallel group read the same batch."""
         return self.layout.dp_rank(self.rank)
 
     @property
