@@ -8,12 +8,13 @@ from dataclasses import replace
 
 import pytest
 import ranks
-from conftest import REPO, base_args, in_process
+from conftest import REPO, assert_same_run, base_args, in_process, train
 
 from model import preset_config
 from toolbox import plan
 from toolbox.planner.hardware import FABRICS, GPUS, Cluster
 from toolbox.planner.job import InvalidParallelism, Job, Parallelism
+from toolbox.planner.launch import trainer_flags
 from toolbox.planner.layout import estimate, forward_flops_per_token, work_flops_per_token
 from toolbox.planner.pipeline import bubble, slowest_stage
 from toolbox.planner.published import RUNS
@@ -31,6 +32,7 @@ STRATEGY_RUNS = {  # name -> (processes, trainer overrides, the planner's parall
         Parallelism("hsdp", shard_size=2, micro_batch=4),
     ),
     "tp2": (2, ["--parallel.strategy=fsdp", "--parallel.tp_size=2"], Parallelism("fsdp", tp=2, micro_batch=4)),
+    "cp2": (2, ["--parallel.strategy=fsdp", "--parallel.cp_size=2"], Parallelism("fsdp", cp=2, micro_batch=4)),
     "ep2": (2, ["--parallel.strategy=fsdp", "--parallel.ep_size=2"], Parallelism("fsdp", ep=2, micro_batch=4)),
     "zero1": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=1"], Parallelism("zero1", micro_batch=4)),
     "zero2": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=2"], Parallelism("zero2", micro_batch=4)),
@@ -264,3 +266,48 @@ def test_cli_prints_json_with_the_fields_and_exits_1_when_it_does_not_fit():
     assert rows[0]["tflops_per_gpu"] >= rows[1]["tflops_per_gpu"] >= rows[2]["tflops_per_gpu"]
     bad = in_process(plan.main, "--model", "grok-1", "--gpus", "12", "--tp", "8")
     assert bad.returncode == 2 and "does not divide 12 GPUs" in bad.stderr
+
+
+def test_the_flags_the_planner_prints_make_the_trainer_build_its_layout():
+    from train.config import load_config
+    from train.parallel import layout_of
+
+    job = Job(from_config("tiny", preset_config("tiny")), Cluster(GPUS["h100"], FABRICS["roce400"]), 16, 4096)
+    cases = {
+        Parallelism("fsdp", tp=2, cp=2, ep=4, micro_batch=2): (1, 4, 2, 4, 2),
+        Parallelism("hsdp", cp=2, shard_size=2, micro_batch=1): (4, 2, 1, 1, 2),
+        Parallelism("zero2", micro_batch=4): (1, 16, 1, 1, 1),
+    }
+    for parallelism, (replicate, shard, tp, ep, cp) in cases.items():
+        config = load_config(REPO / "configs" / "tiny.toml", trainer_flags(job, parallelism, 2**20))
+        layout = layout_of(config, job.gpus, 8)
+        assert (layout.dp_replicate, layout.dp_shard, layout.tp, layout.ep, layout.cp) == (replicate, shard, tp, ep, cp)
+        assert config.batch.micro_batch_size == parallelism.micro_batch and config.data.seq_len == 4096
+        assert config.global_batch_sequences() * 4096 == 2**20
+    assert trainer_flags(job, Parallelism("zero1", tp=2), 2**20) is None  # ZeRO does not split matmuls here
+
+
+@pytest.mark.distributed
+def test_the_best_layout_for_tiny_on_4_ranks_runs_with_the_flags_the_search_prints(data_dir, tmp_path):
+    searched = in_process(
+        plan.main,
+        "--model",
+        "tiny",
+        "--gpus",
+        "4",
+        "--seq-len",
+        "64",
+        "--global-batch-tokens",
+        "512",
+        "--search",
+        "--top",
+        "500",
+        "--json",
+    )
+    rows = [json.loads(line) for line in searched.stdout.splitlines()]
+    best = next((row for row in rows if row["trainer_flags"] is not None), None)  # the best the trainer runs
+    assert best is not None, [row["not_runnable"] for row in rows[:3]]
+    flags = best["trainer_flags"]
+    micro = [flag for flag in flags if flag.startswith("--batch.")]
+    single = train(data_dir, tmp_path / "single", *micro, steps=4)
+    assert_same_run(train(data_dir, tmp_path / "planned", *flags, nproc=4, steps=4), single)

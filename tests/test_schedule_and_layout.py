@@ -251,10 +251,19 @@ def test_global_batch_sequences(flags, expected):
             assert str(refused.value) == expected
 
 
-def test_both_batch_sizes_are_refused_when_the_config_is_read():
+def test_both_batch_sizes_are_refused_when_the_config_is_read(tmp_path):
+    (tmp_path / "both.toml").write_text("[batch]\nglobal_batch_size = 8\nglobal_batch_tokens = 512\n")
     with pytest.raises(ConfigError) as refused:
-        load_config(None, ["--batch.global_batch_size=8", "--batch.global_batch_tokens=512"])
+        load_config(tmp_path / "both.toml")
     assert str(refused.value) == "batch: set only one of batch.global_batch_size and batch.global_batch_tokens"
+
+
+def test_a_command_line_global_batch_replaces_the_other_form(tmp_path):
+    (tmp_path / "c.toml").write_text("[batch]\nglobal_batch_size = 8\n")
+    config = load_config(tmp_path / "c.toml", ["--batch.global_batch_tokens=1024", "--data.seq_len=64"])
+    assert config.batch.global_batch_size is None and config.global_batch_sequences() == 16
+    config = load_config(None, ["--batch.global_batch_tokens=1024", "--batch.global_batch_size=4"])  # the last
+    assert config.batch.global_batch_tokens is None and config.global_batch_sequences() == 4
 
 
 # Rows: (global batch in sequences, micro_batch_size, data-parallel ranks, accumulation or the error).

@@ -11,8 +11,9 @@ MODEL is a preset or a reference spec (llama3-405b, deepseek-v3, megatron-1t). A
 data-parallel kind: ddp, zero1-3, fsdp, hsdp) with --tp/--pp/--ep/--cp; data parallelism is what remains of
 --gpus. --search ranks every layout that fits by predicted throughput instead. --published prints the
 published runs the planner is checked against. --scaling prints (and with --plot draws) the best layout's
-tokens/day of each model at each GPU count, for the same global batch. The model behind the numbers is in
-toolbox/planner/.
+tokens/day of each model at each GPU count, for the same global batch. Each layout comes with the trainer's
+flags that run it (python -m train --config CONFIG FLAGS under a launcher of that many ranks), or the reason the
+trainer cannot. The model behind the numbers is in toolbox/planner/.
 """
 
 import argparse
@@ -23,6 +24,7 @@ from groundwork.cli import ArgumentParser, integer, positive_number, run_main
 
 from .planner.hardware import FABRICS, GPUS, Cluster
 from .planner.job import CHECKPOINTING, DATA_PARALLEL, InvalidParallelism, Job, Parallelism
+from .planner.launch import not_runnable, trainer_flags
 from .planner.layout import Estimate, estimate
 from .planner.pipeline import SCHEDULES
 from .planner.published import RUNS
@@ -70,6 +72,8 @@ def as_dict(result: Estimate, token_budget: float | None = None) -> dict:
         "fits": result.fits,
         "tokens_per_day": result.tokens_per_s * 86400,
         "traffic": [vars(t) for t in result.traffic],
+        "trainer_flags": trainer_flags(job, parallelism, int(result.batch_tokens)),  # None: not_runnable says why
+        "not_runnable": not_runnable(parallelism),
     }
     if token_budget:
         row.update(token_budget=token_budget, days=token_budget / row["tokens_per_day"])
@@ -102,6 +106,7 @@ def report(row: dict) -> str:
         f"{human(row['tokens_per_day'])} tokens/day"
         + (f", {row['days']:.1f} days for {human(row['token_budget'])} tokens" if "days" in row else ""),
     ]
+    lines.append(f"  {launch_line(row)}")
     for t in row["traffic"]:
         lines.append(
             f"    {t['name']:<40} {t['link']:<6} {t['bytes_per_step'] / 2**30:9.2f} GiB sent/step "
@@ -122,7 +127,15 @@ def ranking(rows: list[dict]) -> str:
             f"{row['exposed_comm_s']:>9.2f} {row['tflops_per_gpu']:>8.0f} {row['mfu']:>5.0%} {human(row['tokens_per_day']):>11}"
             + (f" {row['days']:>7.1f}" if "days" in row else "")
         )
+        lines.append(f"{'':5}{launch_line(row)}")
     return "\n".join(lines)
+
+
+def launch_line(row: dict) -> str:
+    """The trainer's flags for a row's layout, or why the trainer cannot run it."""
+    if row["trainer_flags"] is None:
+        return f"(not runnable by the trainer: {row['not_runnable']})"
+    return f"python -m train --config CONFIG {' '.join(row['trainer_flags'])}  (on {row['gpus']:,} ranks)"
 
 
 def published_rows() -> list[dict]:

@@ -259,6 +259,11 @@ def read_config_file(path: Path) -> str:
         raise ConfigError(f"--config {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 
 
+# The global batch in sequences or in tokens: setting one on the command line replaces the other (the file's or
+# an earlier flag's), so that a flag never contradicts the file.
+BATCH_SIZE_FIELDS = ("global_batch_size", "global_batch_tokens")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     raw: dict = {}
     if path is not None:
@@ -277,6 +282,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             if not isinstance(node, dict):
                 raise ConfigError(f"argument {item!r}: {key} is not a section")
         node[keys[-1]] = value
+        if keys[0] == "batch" and keys[-1] in BATCH_SIZE_FIELDS:  # one form of the global batch replaces the other
+            node.pop(next(field for field in BATCH_SIZE_FIELDS if field != keys[-1]), None)
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as error:

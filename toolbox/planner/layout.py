@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .job import InvalidParallelism, Job, Parallelism
 from .memory import memory
-from .pipeline import COMMUNICATION_SM_SHARE, bubble, slowest_stage
+from .pipeline import COMMUNICATION_SM_SHARE, bubble, slowest_stage, stages_per_rank
 from .spec import ModelSpec
 from .traffic import (
     Traffic,
@@ -77,8 +77,9 @@ def check(job: Job, parallelism: Parallelism) -> int:
         raise InvalidParallelism(f"tp {tp} spans more than a node of {job.cluster.gpus_per_node} GPUs")
     if spec.heads % tp or (spec.kv_heads % tp and tp % spec.kv_heads):
         raise InvalidParallelism(f"tp {tp} does not divide the {spec.heads} heads / {spec.kv_heads} KV heads")
-    if pp * virtual_stages > spec.layers:
-        raise InvalidParallelism(f"pp {pp} x {virtual_stages} virtual stages is more than {spec.layers} layers")
+    stages = pp * max(virtual_stages, stages_per_rank(schedule))  # DualPipe: a stage from each end on every rank
+    if stages > spec.layers:
+        raise InvalidParallelism(f"pp {pp}'s {stages} stages are more than the {spec.layers} layers")
     if ep > 1 and (not spec.is_moe or spec.experts % ep or (dp * cp * tp) % ep):
         raise InvalidParallelism(
             f"ep {ep} must divide the {spec.experts} experts and the {dp * cp * tp} "

@@ -62,6 +62,11 @@ def sequence_split(layout: Layout, rank: int) -> SequenceChunks | Callable:
     return SequenceChunks(layout.cp_rank(rank), layout.cp) if layout.cp > 1 else whole_sequence
 
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn); 2.11 has only the old ones.
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherSequence(torch.autograd.Function):
     """[..., chunk, D] on each rank -> [..., cp x chunk, D], rank 0's chunk first; the backward sums the
     gradients of every rank's copy and keeps this rank's part (a reduce-scatter)."""
@@ -71,14 +76,14 @@ class _GatherSequence(torch.autograd.Function):
         ctx.dim, ctx.group = dim, group
         rows = local.movedim(dim, 0).contiguous()  # collectives gather along the first dimension
         gathered = rows.new_empty(dist.get_world_size(group) * rows.shape[0], *rows.shape[1:])
-        dist.all_gather_into_tensor(gathered, rows, group=group)
+        ALL_GATHER(gathered, rows, group=group)
         return gathered.movedim(0, dim)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: torch.Tensor):
         rows = grad.movedim(ctx.dim, 0).contiguous()
         mine = rows.new_empty(rows.shape[0] // dist.get_world_size(ctx.group), *rows.shape[1:])
-        dist.reduce_scatter_tensor(mine, rows, group=ctx.group)
+        REDUCE_SCATTER(mine, rows, group=ctx.group)
         return mine.movedim(0, ctx.dim), None, None
 
 

@@ -151,6 +151,7 @@ class WorldMesh:
     layout: Layout
     dense: DeviceMesh
     expert: DeviceMesh | None  # None without expert parallelism
+    shard_cp: DeviceMesh | None = None  # dp_shard x cp flattened; None without context parallelism
 
     @property
     def data_parallel(self) -> DeviceMesh:
@@ -159,7 +160,7 @@ class WorldMesh:
         shard = MeshAxis.DP_SHARD_CP if self.layout.cp > 1 else MeshAxis.DP_SHARD
         if self.layout.dp_replicate > 1:
             return self.dense[MeshAxis.DP_REPLICATE, shard]
-        return self.dense[shard]
+        return self.shard_cp if self.shard_cp is not None else self.dense[shard]
 
     @property
     def context_parallel(self) -> DeviceMesh:
@@ -186,8 +187,9 @@ def build_world_mesh(layout: Layout, device_type: str) -> WorldMesh:
         (layout.dp_replicate, layout.dp_shard, layout.cp, layout.tp),
         mesh_dim_names=(MeshAxis.DP_REPLICATE, MeshAxis.DP_SHARD, MeshAxis.CP, MeshAxis.TP),
     )
-    if layout.cp > 1:  # registered on the root mesh, so that dense[DP_SHARD_CP] names it from here on
-        dense[MeshAxis.DP_SHARD, MeshAxis.CP]._flatten(MeshAxis.DP_SHARD_CP)
+    shard_cp = None
+    if layout.cp > 1:  # registered on the root mesh too, so that hsdp's 2-D mesh can name it
+        shard_cp = dense[MeshAxis.DP_SHARD, MeshAxis.CP]._flatten(MeshAxis.DP_SHARD_CP)
     expert = None
     if layout.ep > 1:
         expert = init_device_mesh(
@@ -195,4 +197,4 @@ def build_world_mesh(layout: Layout, device_type: str) -> WorldMesh:
             (layout.dp_replicate, layout.expert_shard, layout.ep),
             mesh_dim_names=(MeshAxis.DP_REPLICATE, MeshAxis.EXPERT_SHARD, MeshAxis.EP),
         )
-    return WorldMesh(layout, dense, expert)
+    return WorldMesh(layout, dense, expert, shard_cp)
