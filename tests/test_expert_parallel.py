@@ -160,6 +160,19 @@ def test_ep2_with_two_data_parallel_shards_on_four_processes(data_dir, tmp_path)
         (4, ["--parallel.strategy=hsdp", "--parallel.replicate_size=3", "--parallel.tp_size=2"], "!= world size 4"),
         (2, ["--parallel.strategy=ddp", "--parallel.cp_size=2"], "parallel.cp_size > 1 needs parallel.strategy fsdp"),
         (3, ["--parallel.cp_size=2"], "parallel.cp_size 2 does not divide the world size 3"),
+        (2, ["--parallel.strategy=ddp", "--parallel.pp_size=2"], "parallel.pp_size > 1 needs parallel.strategy fsdp"),
+        (
+            2,
+            ["--parallel.pp_size=2", "--parallel.pp_schedule=interleaved", "--parallel.pp_virtual_stages=4"],
+            "8 stages of at least one layer each, but the model has 4 layers",
+        ),
+        (2, ["--parallel.pp_size=2", "--batch.micro_batch_size=24"], "needs at least 2 micro-batches a step"),
+        (
+            4,
+            ["--parallel.pp_size=2", "--parallel.pp_schedule=dualpipev", "--batch.micro_batch_size=2"],
+            "loses FSDP's gradient reduction",
+        ),
+        (2, ["--parallel.pp_virtual_stages=2"], "parallel.pp_virtual_stages is for the interleaved schedule"),
         (
             2,
             ["--parallel.cp_size=2", "--data.seq_len=62"],

@@ -22,13 +22,13 @@ FLOAT_BYTES = 4
 TOKEN_BYTES = 8  # int64 ids
 
 
-def forward_bytes(model_config: GrokConfig, rows: int, seq_len: int, tp: int, training: bool) -> int:
+def forward_bytes(model_config: GrokConfig, rows: int, seq_len: int, tp: int, training: bool, pp: int = 1) -> int:
     """At least what one forward (and backward) of `rows` sequences of `seq_len` tokens (this rank's part of
-    each, under context parallelism) holds at once on one rank."""
+    each, under context parallelism) holds at once on one rank (a pipeline rank: its share of the layers)."""
     tokens = rows * seq_len
     logits = tokens * model_config.vocab_size // tp * FLOAT_BYTES
     residual = tokens * model_config.hidden_size * FLOAT_BYTES
-    return logits + residual * (model_config.num_hidden_layers if training else 1)
+    return logits + residual * (model_config.num_hidden_layers // pp if training else 1)
 
 
 def free_bytes(use_cuda: bool) -> tuple[int, str]:
@@ -56,7 +56,7 @@ def check_batches_fit(
     device_free, device = free_bytes(use_cuda)
     host_free, host = free_bytes(False) if use_cuda else (device_free, device)
     micro = config.batch.micro_batch_size
-    need = forward_bytes(model_config, micro, seq_len, tp, training=True)
+    need = forward_bytes(model_config, micro, seq_len, tp, training=True, pp=layout.pp)
     if need > device_free:
         raise _refuse(
             "batch.micro_batch_size", micro, need, device_free, device, "one micro-batch's forward and backward"

@@ -98,6 +98,9 @@ class ParallelSection(Section):
     ep_size: int = Field(1, gt=0)  # fsdp/hsdp: expert parallelism, ranks that split each MoE layer's experts
     tp_size: int = Field(1, gt=0)  # fsdp/hsdp: tensor parallelism, ranks that split each matmul (one node)
     cp_size: int = Field(1, gt=0)  # fsdp/hsdp: context parallelism, ranks that split each sequence
+    pp_size: int = Field(1, gt=0)  # fsdp/hsdp: pipeline parallelism, ranks that split the blocks into stages
+    pp_schedule: Literal["1f1b", "interleaved", "zero-bubble", "dualpipev"] = "1f1b"
+    pp_virtual_stages: int | None = Field(None, gt=1)  # interleaved: stages per rank (default 2)
     reshard_after_forward: bool = True  # fsdp/hsdp: free gathered params after forward (ZeRO-3 memory)
     activation_checkpointing: bool = False
     # torch.compile: the whole model with one process, else per block; ~30 s cold, then cached for re-runs

@@ -89,6 +89,7 @@ def refused_pickles():
 
 class DeepSpeedEngine:
     checkpoint_format = "deepspeed"
+    pipeline = None  # ZeRO shards data-parallel state; it runs no pipeline stages here
 
     def __init__(
         self,

@@ -5,7 +5,7 @@
         engine.backward(out.loss)             # scaled by 1 / gradient accumulation
     grad_norm = engine.step(lr, skip)         # clip by the global norm, update (unless skipped), zero grads
 
-  TorchEngine      none / ddp / fsdp / hsdp with tp and ep, on torch.distributed (engine.py), DCP state
+  TorchEngine      none / ddp / fsdp / hsdp with tp, ep, cp and pp, on torch.distributed (engine.py), DCP state
   DeepSpeedEngine  ZeRO-1/2/3 through deepspeed.initialize (deepspeed_engine.py), DeepSpeed state
 Both save and load their model and optimizer state into a folder that train/checkpoint.py makes
 atomic and completes with the loader state, RNG and step, so the loop has one shape for both.
@@ -23,10 +23,13 @@ from torch.distributed.tensor import DTensor
 
 from groundwork.errors import UserError
 
+from .parallel import Pipeline
+
 
 class Engine(Protocol):
     model: nn.Module  # what the loop calls forward on (wrapped: DDP, FSDP units, a DeepSpeed engine)
     checkpoint_format: str  # "dcp" or "deepspeed": which files a checkpoint folder holds
+    pipeline: "Pipeline | None"  # this rank's stages under pipeline parallelism: its `step` replaces the loop above
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager: ...
 

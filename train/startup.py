@@ -13,6 +13,7 @@ from . import checkpoint, checkpoint_files, fault_injection, weights
 from .batch_memory import check_batches_fit
 from .config import ConfigError, TrainConfig
 from .parallel import Env, broadcast_from_main, check_model_fits, layout_of, uses_cuda
+from .parallel.pipeline import check_pipeline
 from .validation import eval_batch_rows
 
 # What the run writes in run.out_dir besides its checkpoints: each a regular file (or folder) of the run or
@@ -75,7 +76,7 @@ def check_before_start(config: TrainConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     layout = layout_of(config, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     check_model_fits(layout, model_config, config.data.seq_len)
-    config.grad_accumulation(layout.dp_size)
+    check_pipeline(config, model_config, layout, config.grad_accumulation(layout.dp_size), uses_cuda(config))
     eval_rows = eval_batch_rows(config, tokens["val"], layout.dp_size)
     check_batches_fit(config, model_config, layout, eval_rows, uses_cuda(config))
     fault_injection.from_env()  # a malformed MINICOLOSSUS_FAULT fails here, not mid-run

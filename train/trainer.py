@@ -64,7 +64,7 @@ class Trainer:
         def init_weights(split_model: GrokForCausalLM) -> None:
             materialize(split_model, env.device, config.run.seed)  # the same numbers in every layout
             if config.model.init_from:
-                load_initial_weights(split_model, config.model.init_from)
+                load_initial_weights(split_model, config.model.init_from, whole=env.layout.pp == 1)
 
         self.engine = build_engine(model, config, env, self.grad_accumulation, init_weights)
         self.model = self.engine.model
@@ -81,7 +81,9 @@ class Trainer:
             verify_checksums=False,  # check_before_start verified both splits
         )
         self.split_sequence = sequence_split(env.layout, env.rank)  # context parallelism: this rank's chunks
-        self.validator = Validator(config, env, self.model, self.engine.forward_context, self.split_sequence)
+        self.validator = Validator(
+            config, env, self.model, self.engine.forward_context, self.split_sequence, self.engine.pipeline
+        )
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient, or a loss spike
@@ -149,22 +151,15 @@ class Trainer:
         if not self.model.training:  # after an evaluation; a walk over every module costs ~0.5 ms a step
             self.model.train()
         inputs, targets, positions = self.split_sequence(*next(self.loader))
-        micro_batch_size = self.config.batch.micro_batch_size
-        sums = torch.zeros(4, device=self.env.device)  # loss, lm_loss, aux_loss, z_loss
-        expert_counts = None
-        for micro_batch in range(self.grad_accumulation):
-            last = micro_batch == self.grad_accumulation - 1
-            rows = slice(micro_batch * micro_batch_size, (micro_batch + 1) * micro_batch_size)
-            with self.engine.micro_batch(last):
-                out = self.model(inputs[rows], targets=targets[rows], position_ids=positions)
-                self.engine.backward(out.loss)
-            sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
-            counts = out.expert_token_counts.detach()
-            expert_counts = counts if expert_counts is None else expert_counts + counts
+        if self.engine.pipeline is not None:  # the schedule runs the micro-batches through this rank's stages
+            with self.engine.forward_context():
+                sums, expert_counts = self.engine.pipeline.step(inputs, targets)
+        else:
+            sums, expert_counts = self.accumulate(inputs, targets, positions)
         # One small reduction per step so that every rank takes the same decisions: skip or not, stop or not.
         flags = torch.tensor([float(preemption.requested()), self.checkpointer.local_done()], device=sums.device)
         agreed = all_reduce_sum(torch.cat([sums[:1], flags])).tolist()
-        loss = agreed[0] / (self.grad_accumulation * self.env.world_size)
+        loss = agreed[0] / (self.grad_accumulation * self.env.layout.stage_size)
         spike = bool(
             self.config.run.loss_spike_factor
             and self.loss_mean is not None
@@ -202,11 +197,30 @@ class Trainer:
             "saved_in_background": agreed[2] == self.env.world_size,
         }
 
+    def accumulate(
+        self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of this rank's micro-batches, gradients synced on the last. Returns the sums over
+        them of (loss, lm_loss, aux_loss, z_loss) and of the experts' token counts."""
+        micro_batch_size = self.config.batch.micro_batch_size
+        sums = torch.zeros(4, device=self.env.device)
+        expert_counts = None
+        for micro_batch in range(self.grad_accumulation):
+            last = micro_batch == self.grad_accumulation - 1
+            rows = slice(micro_batch * micro_batch_size, (micro_batch + 1) * micro_batch_size)
+            with self.engine.micro_batch(last):
+                out = self.model(inputs[rows], targets=targets[rows], position_ids=positions)
+                self.engine.backward(out.loss)
+            sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
+            counts = out.expert_token_counts.detach()
+            expert_counts = counts if expert_counts is None else expert_counts + counts
+        return sums, expert_counts
+
     def metrics_row(self, local: dict) -> dict:
         """One reduction (on log steps only) for everything logged: means over micro-batches and ranks."""
         counts = local["expert_counts"]
         reduced = all_reduce_sum(torch.cat([local["sums"], counts.flatten().float()]))
-        means = (reduced[:4] / (self.grad_accumulation * self.env.world_size)).tolist()
+        means = (reduced[:4] / (self.grad_accumulation * self.env.layout.stage_size)).tolist()
         row = {
             "step": self.step,
             "loss": means[0],
@@ -292,7 +306,8 @@ class Trainer:
         folders.write_durably(out_dir / "config.toml", config.dump_toml())
         manifest = untrusted.read_bytes(Path(config.data.path) / "manifest.json", "data manifest", "prepare it again")
         folders.write_durably(out_dir / "data_manifest.json", manifest)
-        layout = f" ({env.layout.describe()})" if max(env.layout.tp, env.layout.ep, env.layout.cp) > 1 else ""
+        split = max(env.layout.tp, env.layout.ep, env.layout.cp, env.layout.pp) > 1
+        layout = f" ({env.layout.describe()})" if split else ""
         print(
             f"minicolossus: {config.model.preset} ({self.params_total:,} params, {self.params_active:,} active) "
             f"| {config.parallel.strategy} x {env.world_size}{layout} on {env.device.type} "

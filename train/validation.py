@@ -15,7 +15,7 @@ from data.tokenizer import load as load_tokenizer
 from data.tokenizer import token_byte_lengths
 
 from .config import TrainConfig
-from .parallel import Env, all_reduce_sum
+from .parallel import Env, Pipeline, all_reduce_sum
 from .parallel.context import whole_sequence
 
 
@@ -26,22 +26,25 @@ def loss_sums(
     byte_lengths: torch.Tensor,
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     split_sequence: Callable = whole_sequence,
+    pipeline: Pipeline | None = None,
 ) -> torch.Tensor:
     """[nats, tokens, UTF-8 bytes] summed over the batches' targets (-100 ignored), in float64, so that
-    sums from several ranks add up before the division (a rank of a cp group: over its chunks of each sequence)."""
+    sums from several ranks add up before the division (a rank of a cp group: over its chunks of each sequence;
+    under pipeline parallelism, the ranks that hold the last stage)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=byte_lengths.device)
     for whole_inputs, whole_targets in batches:
         inputs, targets, positions = split_sequence(whole_inputs, whole_targets)
         with autocast():
-            out = model(inputs, targets=targets, position_ids=positions)
+            if pipeline is not None:
+                lm_loss = pipeline.evaluate(inputs, targets)
+            else:
+                lm_loss = model(inputs, targets=targets, position_ids=positions).lm_loss
         valid = targets != -100
         n_valid = valid.sum()
-        if n_valid == 0:  # a padding batch of a rank with fewer windows: it still ran the forward
+        if n_valid == 0 or lm_loss is None:  # a padding batch of a rank with fewer windows; not the last stage
             continue
-        sums += torch.stack(
-            [out.lm_loss.double() * n_valid, n_valid.double(), byte_lengths[targets[valid]].sum().double()]
-        )
+        sums += torch.stack([lm_loss.double() * n_valid, n_valid.double(), byte_lengths[targets[valid]].sum().double()])
     return sums
 
 
@@ -72,9 +75,10 @@ class Validator:
         model: nn.Module,
         forward_context: Callable,
         split_sequence: Callable = whole_sequence,
+        pipeline: Pipeline | None = None,
     ):
         self.config, self.env, self.model, self.forward_context = config, env, model, forward_context
-        self.split_sequence = split_sequence
+        self.split_sequence, self.pipeline = split_sequence, pipeline
         self.every = config.eval.every
         self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(config.data.path))).to(env.device)
         val_tokens = len(TokenStream(config.data.path, "val", verify_checksums=False))
@@ -97,5 +101,7 @@ class Validator:
             config.eval.max_sequences,
             verify_checksums=False,  # check_before_start verified the split
         )
-        sums = loss_sums(self.model, batches, self.byte_lengths, self.forward_context, self.split_sequence)
+        sums = loss_sums(
+            self.model, batches, self.byte_lengths, self.forward_context, self.split_sequence, self.pipeline
+        )
         return summarize(all_reduce_sum(sums))

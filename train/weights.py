@@ -35,6 +35,7 @@ from . import safe_dcp
 from .checkpoint import MARKER, MODEL_CONFIG, CheckpointError, read_meta, verify
 from .config import ConfigError
 from .engine_api import DCP_ERRORS, StateLoadError, dcp_cause, first_line
+from .initialization import canonical_name
 from .safe_dcp import DamagedFileError, UnsafeFileError
 
 ARCHITECTURE_FIELDS = tuple(GrokConfig.__annotations__)  # what config.json may set; the rest is ignored
@@ -335,9 +336,13 @@ def load_for_inference(path: Path, option: str, dtype: torch.dtype = torch.float
     return model.to(dtype).eval(), tokenizer_dir(path)
 
 
-def load_initial_weights(model: GrokForCausalLM, path: str) -> None:
-    """model.init_from's weights into a model that may be split over ranks (each keeps its slices)."""
+def load_initial_weights(model: GrokForCausalLM, path: str, whole: bool = True) -> None:
+    """model.init_from's weights into a model that may be split over ranks (each keeps its slices); not `whole`:
+    a pipeline stage of it, which takes its own parameters' weights."""
     state = initial_weights(Path(path))
+    if not whole:
+        names = {canonical_name(key) for key in model.state_dict()}
+        state = {key: value for key, value in state.items() if key in names}
     ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     theirs = {key: tuple(value.shape) for key, value in state.items()}
     differences = [

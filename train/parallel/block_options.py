@@ -42,12 +42,12 @@ def apply_block_options(model: nn.Module, config: TrainConfig, device: torch.dev
 
             inductor_config.cpp_wrapper = True
     whole_model = config.parallel.compile and one_graph and not config.parallel.activation_checkpointing
-    blocks = model.model.layers
-    for i, block in enumerate(blocks):
+    blocks = model.model.layers  # a ModuleList, or a pipeline stage's ModuleDict: the same names either way
+    for name, block in list(blocks.named_children()):
         if config.parallel.activation_checkpointing:
             block = checkpoint_wrapper(block)
         if config.parallel.compile and not whole_model:
             block.compile()
-        blocks[i] = block
+        blocks.register_module(name, block)
     if whole_model:
         model.compile()  # in place: parameter names and state_dict keys stay the plain model's

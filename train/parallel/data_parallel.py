@@ -34,7 +34,7 @@ def apply_fsdp(model: nn.Module, mesh: WorldMesh, dtype: torch.dtype, reshard_af
         for moe in moe_layers(model):
             fully_shard(moe.router, mesh=mesh.data_parallel, **options)
             fully_shard(moe, mesh=mesh.expert_data_parallel, **options)  # its w_gate / w_up / w_down
-    for block in model.model.layers:
+    for block in model.model.layers.children():  # a pipeline stage's are a ModuleDict
         fully_shard(block, mesh=mesh.data_parallel, **options)
     fully_shard(model, mesh=mesh.data_parallel, **options)
 

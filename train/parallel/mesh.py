@@ -1,8 +1,8 @@
 """How the world's ranks are split, decided in one place, and the device meshes that realise it.
 
-Ranks are laid out row-major over (dp_replicate, dp_shard, cp, tp): the ranks of one tensor-parallel group
-are neighbours (one node's fast links), then the context-parallel ranks that share each sequence, and
-data-parallel replicas are the outermost (across nodes). For world 8 = replicate 2 x shard 2 x tp 2, ranks
+Ranks are laid out row-major over (pp, dp_replicate, dp_shard, cp, tp): the ranks of one tensor-parallel group
+are neighbours (one node's fast links), then the context-parallel ranks that share each sequence, then
+data-parallel replicas (across nodes), and pipeline stages outermost (each stage a set of nodes). For world 8 = replicate 2 x shard 2 x tp 2, ranks
 0,1 form a tp group and hold the same batch. A cp group reads the same sequences and each rank keeps its
 chunks of them, so FSDP shards (and averages gradients) over dp_shard x cp, flattened into dp_shard_cp.
 
@@ -12,8 +12,8 @@ all experts, E / ep each, and swaps tokens by all-to-all; expert weights are the
 the expert_shard ranks that hold the same experts. Dense weights stay sharded over all data-parallel
 ranks. Two meshes, then:
 
-    dense   (dp_replicate, dp_shard, cp, tp)  attention, norms, router, embedding, dense/shared FFN
-    expert  (dp_replicate, expert_shard, ep)  the experts' stacked w_gate / w_up / w_down
+    dense   (pp, dp_replicate, dp_shard, cp, tp)  attention, norms, router, embedding, dense/shared FFN
+    expert  (pp, dp_replicate, expert_shard, ep)  the experts' stacked w_gate / w_up / w_down
 """
 
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ from ..config import ConfigError, TrainConfig
 class MeshAxis(StrEnum):
     """The one name of each mesh dimension (a DeviceMesh indexes its sub-meshes by these)."""
 
+    PP = "pp"  # pipeline parallelism: ranks that hold different stages of the blocks
     DP_REPLICATE = "dp_replicate"  # data-parallel replicas (hsdp: across nodes)
     DP_SHARD = "dp_shard"  # data-parallel ranks that shard the dense weights
     CP = "cp"  # context parallelism: ranks that split each sequence
@@ -45,6 +46,7 @@ class Layout:
     tp: int = 1
     ep: int = 1
     cp: int = 1
+    pp: int = 1
 
     @property
     def dp_size(self) -> int:
@@ -53,6 +55,11 @@ class Layout:
 
     @property
     def world_size(self) -> int:
+        return self.pp * self.stage_size
+
+    @property
+    def stage_size(self) -> int:
+        """Ranks that run one pipeline stage (all of them without pp): their losses are shares of one mean."""
         return self.dp_size * self.cp * self.tp
 
     @property
@@ -61,15 +68,18 @@ class Layout:
         return self.dp_shard * self.cp * self.tp // self.ep
 
     def dp_rank(self, rank: int) -> int:
-        return rank // (self.cp * self.tp)
+        return rank % self.stage_size // (self.cp * self.tp)
 
     def cp_rank(self, rank: int) -> int:
         """Which chunks of the group's sequences this rank keeps (see parallel/context.py)."""
         return rank // self.tp % self.cp
 
+    def pp_rank(self, rank: int) -> int:
+        return rank // self.stage_size
+
     def describe(self) -> str:
         parts = [f"dp {self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"dp {self.dp_shard}"]
-        for name, size in (("cp", self.cp), ("tp", self.tp), ("ep", self.ep)):
+        for name, size in (("pp", self.pp), ("cp", self.cp), ("tp", self.tp), ("ep", self.ep)):
             parts += [f"{name} {size}"] * (size > 1)
         return " x ".join(parts)
 
@@ -80,28 +90,35 @@ def layout_of(config: TrainConfig, world_size: int, local_world_size: int) -> La
     par = config.parallel
     if world_size == 1:
         return Layout()
-    split = {"parallel.ep_size": par.ep_size, "parallel.tp_size": par.tp_size, "parallel.cp_size": par.cp_size}
+    split = {
+        "parallel.ep_size": par.ep_size,
+        "parallel.tp_size": par.tp_size,
+        "parallel.cp_size": par.cp_size,
+        "parallel.pp_size": par.pp_size,
+    }
     for flag, size in split.items():
         if size > 1 and par.strategy not in ("fsdp", "hsdp"):
             raise ConfigError(
                 f"{flag} > 1 needs parallel.strategy fsdp or hsdp (not {par.strategy!r}); change the "
                 f"strategy or set {flag} = 1"
             )
-    tp, ep, cp = par.tp_size, par.ep_size, par.cp_size
-    if world_size % (cp * tp):
-        flags = [f"parallel.{name}_size" for name, size in (("cp", cp), ("tp", tp)) if size > 1]
+    tp, ep, cp, pp = par.tp_size, par.ep_size, par.cp_size, par.pp_size
+    if world_size % (pp * cp * tp):
+        flags = [f"parallel.{name}_size" for name, size in (("pp", pp), ("cp", cp), ("tp", tp)) if size > 1]
         sizes = " x ".join(f"{flag} {par.model_dump()[flag.split('.')[1]]}" for flag in flags)
         raise ConfigError(
-            f"{sizes} does not divide the world size {world_size}; launch a multiple of {cp * tp} processes or "
-            f"change {' or '.join(flags)}"
+            f"{sizes} does not divide the world size {world_size}; launch a multiple of {pp * cp * tp} processes "
+            f"or change {' or '.join(flags)}"
         )
+    world_size //= pp  # what follows splits the ranks of one stage
     if par.strategy == "hsdp":
         shard = par.shard_size or max(local_world_size // (cp * tp), 1)
         replicate = par.replicate_size or world_size // (shard * cp * tp)
         if replicate * shard * cp * tp != world_size:
             raise ConfigError(
                 f"parallel.replicate_size {replicate} x parallel.shard_size {shard}"
-                f"{f' x parallel.cp_size {cp}' * (cp > 1)} x parallel.tp_size {tp} != world size {world_size}; "
+                f"{f' x parallel.cp_size {cp}' * (cp > 1)} x parallel.tp_size {tp} != "
+                f"{f'the {world_size} ranks of a pipeline stage' if pp > 1 else f'world size {world_size}'}; "
                 f"set them so their product is the number of processes"
             )
     else:
@@ -112,7 +129,7 @@ def layout_of(config: TrainConfig, world_size: int, local_world_size: int) -> La
             f"parallel.ep_size {ep} must divide the {replica} data-parallel-shard x tensor{' x context' * (cp > 1)} "
             f"ranks of a replica it borrows from; choose a divisor of {replica}"
         )
-    return Layout(replicate, shard, tp, ep, cp)
+    return Layout(replicate, shard, tp, ep, cp, pp)
 
 
 def check_model_fits(layout: Layout, model_config: GrokConfig, seq_len: int) -> None:
@@ -163,6 +180,10 @@ class WorldMesh:
         return self.shard_cp if self.shard_cp is not None else self.dense[shard]
 
     @property
+    def pipeline_parallel(self) -> DeviceMesh:
+        return self.dense[MeshAxis.PP]
+
+    @property
     def context_parallel(self) -> DeviceMesh:
         return self.dense[MeshAxis.CP]
 
@@ -184,8 +205,8 @@ class WorldMesh:
 def build_world_mesh(layout: Layout, device_type: str) -> WorldMesh:
     dense = init_device_mesh(
         device_type,
-        (layout.dp_replicate, layout.dp_shard, layout.cp, layout.tp),
-        mesh_dim_names=(MeshAxis.DP_REPLICATE, MeshAxis.DP_SHARD, MeshAxis.CP, MeshAxis.TP),
+        (layout.pp, layout.dp_replicate, layout.dp_shard, layout.cp, layout.tp),
+        mesh_dim_names=(MeshAxis.PP, MeshAxis.DP_REPLICATE, MeshAxis.DP_SHARD, MeshAxis.CP, MeshAxis.TP),
     )
     shard_cp = None
     if layout.cp > 1:  # registered on the root mesh too, so that hsdp's 2-D mesh can name it
@@ -194,7 +215,7 @@ def build_world_mesh(layout: Layout, device_type: str) -> WorldMesh:
     if layout.ep > 1:
         expert = init_device_mesh(
             device_type,
-            (layout.dp_replicate, layout.expert_shard, layout.ep),
-            mesh_dim_names=(MeshAxis.DP_REPLICATE, MeshAxis.EXPERT_SHARD, MeshAxis.EP),
+            (layout.pp, layout.dp_replicate, layout.expert_shard, layout.ep),
+            mesh_dim_names=(MeshAxis.PP, MeshAxis.DP_REPLICATE, MeshAxis.EXPERT_SHARD, MeshAxis.EP),
         )
     return WorldMesh(layout, dense, expert, shard_cp)

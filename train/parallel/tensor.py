@@ -112,15 +112,17 @@ def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor):
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Split a GrokForCausalLM over tp_mesh in place (before activation checkpointing and FSDP wrap it)."""
-    parallelize_module(model.model, tp_mesh, {"embed_tokens": TiedEmbeddingParallel(), "norm": SequenceParallel()})
+    """Split a GrokForCausalLM (or a pipeline stage of one) over tp_mesh in place, before activation
+    checkpointing and FSDP wrap it."""
+    ends = {"embed_tokens": TiedEmbeddingParallel(), "norm": SequenceParallel()}  # a pipeline stage may lack them
+    parallelize_module(model.model, tp_mesh, {name: ends[name] for name in ends if getattr(model.model, name)})
     if model.lm_head is not None:  # vocabulary-split logits for loss_parallel, from the sequence-split norm
         parallelize_module(
             model,
             tp_mesh,
             {"lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)},
         )
-    for block in model.model.layers:
+    for block in model.model.layers.children():  # a pipeline stage's are a ModuleDict
         parallelize_module(block, tp_mesh, block_plan(block))
     model.next_token_loss = vocab_parallel_loss
 

@@ -1,0 +1,365 @@
+"""Pipeline parallelism on torch.distributed.pipelining: the model's blocks cut into stages over the ranks of a
+pp group, micro-batches flowing through them under a schedule.
+
+  1f1b         one stage per rank (Narayanan et al. 2021)
+  interleaved  parallel.pp_virtual_stages stages per rank, round-robin (Megatron-LM's interleaved 1F1B)
+  zero-bubble  two stages per rank in a V, rank r holding stages r and 2pp-1-r (ScheduleZBVZeroBubble)
+  dualpipev    the same V, DeepSeek's DualPipe schedule for it (ScheduleDualPipeV)
+
+A stage holds whole blocks; the first also the embedding, the last the final norm, the output projection and
+the loss. Blocks are placed so that the busiest stage is as light as it can be, the output projection counting
+as the blocks its FLOPs are worth. Every stage keeps the whole model's parameter names (model.layers.5.attn...),
+so checkpoints reshard between any layouts. With a tied embedding (Grok-1) the last stage holds a copy of it
+whose gradient is summed with the first stage's before the update, so both copies stay equal.
+
+The router's load-balancing and z losses are computed inside each stage. Each MoE layer's term is attached to its
+block's output by an autograd function that hands the term gradient 1 in the backward (Megatron's
+MoEAuxLossAutoScaler), so their gradients are one process's, while the schedule's loss function is the
+language-model loss; the terms themselves are summed over the stages for the metrics.
+"""
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.autograd.function import FunctionCtx
+from torch.distributed.pipelining import PipelineStage, schedules
+from torch.distributed.tensor import DTensor
+
+from model import GrokConfig, GrokForCausalLM, count_parameters, flops_per_token
+from model.attention import make_attention_inputs, softcap
+from model.grok import GrokPreTrainedModel
+
+from ..config import ConfigError, TrainConfig
+from .context import chunk_positions
+from .mesh import Layout, WorldMesh
+
+V_SHAPED = ("zero-bubble", "dualpipev")
+# Measured: with gloo, torch 2.11's V-shaped schedules fail ("Pair is not connected"); 2.13's give one process's
+# gradients. (NCCL is not restricted here.)
+V_SHAPED_ON_GLOO_SINCE = (2, 13)
+
+
+def stages_per_rank(schedule: str, virtual_stages: int | None) -> int:
+    if schedule in V_SHAPED:
+        return 2
+    return (virtual_stages or 2) if schedule == "interleaved" else 1
+
+
+def rank_stages(pp_rank: int, pp: int, schedule: str, virtual_stages: int | None) -> list[int]:
+    """The stages pipeline rank `pp_rank` holds, in the order the schedule lists them."""
+    if schedule in V_SHAPED:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + pp * chunk for chunk in range(stages_per_rank(schedule, virtual_stages))]
+
+
+def check_pipeline(
+    config: TrainConfig, model_config: GrokConfig, layout: Layout, micro_batches: int, uses_cuda: bool
+) -> None:
+    """What the configured pipeline needs of the model, the batch, torch and the backend; one line otherwise."""
+    par = config.parallel
+    if par.pp_virtual_stages is not None and par.pp_schedule != "interleaved":
+        raise ConfigError(
+            f"parallel.pp_virtual_stages is for the interleaved schedule (pp_schedule is {par.pp_schedule!r}, "
+            f"which holds {stages_per_rank(par.pp_schedule, None)} stage(s) a rank); remove it or use interleaved"
+        )
+    if layout.pp == 1:
+        return
+    per_rank = stages_per_rank(par.pp_schedule, par.pp_virtual_stages)
+    stages = layout.pp * per_rank
+    if model_config.num_hidden_layers < stages:
+        raise ConfigError(
+            f"parallel.pp_size {layout.pp} x {per_rank} stage(s) a rank = {stages} stages of at least one layer each, "
+            f"but the model has {model_config.num_hidden_layers} layers; lower parallel.pp_size (or "
+            f"pp_virtual_stages) or raise model.overrides.num_hidden_layers"
+        )
+    needed = stages if par.pp_schedule in V_SHAPED else layout.pp
+    rounds = max(1, micro_batches // layout.pp)
+    if micro_batches < needed or (par.pp_schedule == "interleaved" and micro_batches % rounds):
+        raise ConfigError(
+            f"parallel.pp_schedule {par.pp_schedule!r} on {layout.pp} pipeline ranks needs at least {needed} "
+            f"micro-batches a step{' (a multiple of the rounds of pp)' * (par.pp_schedule == 'interleaved')}, and "
+            f"this run has {micro_batches} (the global batch / batch.micro_batch_size x data-parallel ranks); lower "
+            f"batch.micro_batch_size or raise the global batch"
+        )
+    if par.pp_schedule in V_SHAPED and stage_uses_fsdp(layout):
+        raise ConfigError(
+            f"parallel.pp_schedule {par.pp_schedule!r} with data-, context- or tensor-parallel ranks (which FSDP "
+            f"wraps): its split backward (input, then weight gradients) loses FSDP's gradient reduction in this "
+            f"torch (measured: the gradients differ from one process's); use 1f1b or interleaved, or pp alone"
+        )
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if par.pp_schedule in V_SHAPED and not uses_cuda and version < V_SHAPED_ON_GLOO_SINCE:
+        raise ConfigError(
+            f"parallel.pp_schedule {par.pp_schedule!r} does not run on gloo with torch {torch.__version__} (it "
+            f"needs {'.'.join(map(str, V_SHAPED_ON_GLOO_SINCE))} on CPU); use 1f1b or interleaved, or a GPU"
+        )
+
+
+def stage_uses_fsdp(layout: Layout) -> bool:
+    """Whether a stage's modules are wrapped by FSDP: when other ranks share the stage's weights (data and context
+    parallelism), or its tensor-parallel DTensors need FSDP's to sit beside in one optimizer. Alone, a stage has
+    nothing to shard."""
+    return layout.dp_size * layout.cp * layout.tp > 1
+
+
+def output_cost(config: GrokConfig, params_active: int, seq_len: int) -> float:
+    """The output projection's training FLOPs in blocks' worth (the loss and norm are negligible)."""
+    output = 6 * config.vocab_size * config.hidden_size
+    block = (flops_per_token(config, params_active, seq_len) - output) / config.num_hidden_layers
+    return output / block
+
+
+def stage_layer_counts(layers: int, stages: int, last_extra: float) -> list[int]:
+    """Blocks per stage, at least one each, such that the busiest stage (its blocks, plus `last_extra` blocks'
+    worth on the last) is as light as whole blocks allow; the blocks the last stage leaves are spread evenly
+    over the others, the spare ones from the second stage on (the first also embeds, and holds the most
+    micro-batches in flight)."""
+    if layers < stages:
+        raise ValueError(f"{layers} layers cannot fill {stages} pipeline stages of at least one layer each")
+
+    def fits(load: float) -> bool:  # every stage at most `load`, each with at least one block
+        last = math.floor(load - last_extra + 1e-9)
+        return last >= 1 and math.floor(load + 1e-9) >= 1 and (stages - 1) * math.floor(load + 1e-9) + last >= layers
+
+    loads = sorted({float(n) for n in range(1, layers + 1)} | {n + last_extra for n in range(1, layers + 1)})
+    busiest = next(load for load in loads if fits(load))
+    last = min(math.floor(busiest - last_extra + 1e-9), layers - (stages - 1))
+    base, spare = divmod(layers - last, stages - 1) if stages > 1 else (0, 0)
+    counts = [base] * (stages - 1)
+    for index in range(spare):
+        counts[(index + 1) % (stages - 1)] += 1
+    return counts + [last] if stages > 1 else [layers]
+
+
+class RouterLossGradient(torch.autograd.Function):
+    """Passes `hidden` through; in the backward, gives `router_loss` the gradient 1, as if it were added to the
+    loss (whose own gradient is 1 per micro-batch before the schedule scales every gradient by 1 / micro-batches)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, router_loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_shape, ctx.loss_dtype, ctx.loss_device = router_loss.shape, router_loss.dtype, router_loss.device
+        return hidden.clone()  # not a view: the zero-bubble schedules detach the stage's tensors in place
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: torch.Tensor):
+        return grad, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=ctx.loss_device)
+
+
+class StageModel(nn.Module):
+    """One pipeline stage of a GrokForCausalLM, its parameters under the whole model's names. Its input is the
+    token ids (first stage) or the residual stream; its output the residual stream or, last, the logits."""
+
+    def __init__(self, whole: GrokForCausalLM, stage: int, stages: int, layers: list[int]):
+        super().__init__()
+        self.config = whole.config
+        self.stage, self.first, self.last = stage, stage == 0, stage == stages - 1
+        self.model = nn.Module()  # the names of GrokForCausalLM.model's parts
+        self.model.layers = nn.ModuleDict({str(index): whole.model.layers[index] for index in layers})
+        tied = whole.lm_head is None
+        embed = whole.model.embed_tokens
+        self.model.embed_tokens = embed if self.first else copy.deepcopy(embed) if self.last and tied else None
+        self.model.norm = whole.model.norm if self.last else None
+        self.lm_head = whole.lm_head if self.last else None
+        self.next_token_loss = whole.next_token_loss  # tensor parallelism replaces it, as on the whole model
+        self.moe_layers = whole.config.num_hidden_layers if whole.config.is_moe else 0
+        self.sequence_shards = 1  # tensor parallelism: the residual stream between blocks holds 1/tp of the tokens
+        self.cp_rank, self.cp_size = 0, 1  # context parallelism: which chunks of each sequence the tokens are
+        self.router_records: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def initial_std(self, module: nn.Module, name: str) -> float | None:
+        return GrokPreTrainedModel.initial_std(self, module, name)  # the whole model's rule (reads self.config)
+
+    def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
+        if self.cp_size == 1:
+            return torch.arange(local_len, device=device)[None]
+        return chunk_positions(self.cp_rank, self.cp_size, local_len * self.cp_size, device)[None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        if self.first:
+            local_len = x.shape[1]
+            h = self.model.embed_tokens(x) * config.embedding_multiplier
+        else:
+            local_len = x.shape[1] * self.sequence_shards
+            h = x
+        positions = self.positions(local_len, h.device)
+        inputs = make_attention_inputs(config, positions, local_len, local_len, None)
+        for index, block in self.model.layers.items():
+            h, stats = block(h, inputs)
+            if stats is not None:
+                router_loss = config.router_aux_loss_coef * stats.aux_loss + config.router_z_loss_coef * stats.z_loss
+                h = RouterLossGradient.apply(h, router_loss / self.moe_layers)
+                self.router_records.append(
+                    (int(index), stats.aux_loss.detach(), stats.z_loss.detach(), stats.expert_token_counts.detach())
+                )
+        if not self.last:
+            return h
+        h = self.model.norm(h) * config.output_multiplier
+        logits = self.model.embed_tokens(h, as_output=True) if self.lm_head is None else self.lm_head(h)
+        return softcap(logits, config.final_logit_softcap)
+
+
+def split_into_stages(
+    whole: GrokForCausalLM, pp_rank: int, pp: int, schedule: str, virtual_stages: int | None, seq_len: int
+) -> list[StageModel]:
+    """This pipeline rank's stages of `whole` (on the meta device: each is split further and allocated later)."""
+    stages = pp * stages_per_rank(schedule, virtual_stages)
+    extra = output_cost(whole.config, count_parameters(whole).active, seq_len)
+    counts = stage_layer_counts(whole.config.num_hidden_layers, stages, extra)
+    starts = [sum(counts[:index]) for index in range(stages)]
+    return [
+        StageModel(whole, index, stages, list(range(starts[index], starts[index] + counts[index])))
+        for index in rank_stages(pp_rank, pp, schedule, virtual_stages)
+    ]
+
+
+class Pipeline:
+    """This rank's stages (`parts`, the split and wrapped StageModels) under a schedule: a training step over the
+    micro-batches, a forward-only pass for evaluation, and the tied embedding's gradient sum."""
+
+    def __init__(
+        self,
+        parts: list[nn.Module],
+        stages: int,
+        schedule: str,
+        micro_batches: int,
+        group: dist.ProcessGroup,
+        tie_group: dist.ProcessGroup | None,
+        device: torch.device,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ):
+        self.parts, self.stages, self.group, self.tie_group = parts, stages, group, tie_group
+        self.pp, self.pp_rank = dist.get_world_size(group), dist.get_rank(group)
+        self.by_stage = {part.stage: part for part in parts}
+        self.holds_first, self.holds_last = 0 in self.by_stage, stages - 1 in self.by_stage
+        self.loss_fn, self.v_shaped, self.micro_batches = loss_fn, schedule in V_SHAPED, micro_batches
+        pipeline_stages = [PipelineStage(part, part.stage, stages, device, group=group) for part in parts]
+        if schedule == "1f1b":
+            self.schedule = schedules.Schedule1F1B(pipeline_stages[0], micro_batches, loss_fn=loss_fn)
+        else:
+            kind = {
+                "interleaved": schedules.ScheduleInterleaved1F1B,
+                "zero-bubble": schedules.ScheduleZBVZeroBubble,
+                "dualpipev": schedules.ScheduleDualPipeV,
+            }[schedule]
+            self.schedule = kind(pipeline_stages, micro_batches, loss_fn=loss_fn)
+        config = parts[0].config
+        self.router_shape = (config.num_hidden_layers, config.num_local_experts) if config.is_moe else (0, 0)
+        self.aux_coef, self.z_coef = config.router_aux_loss_coef, config.router_z_loss_coef
+        self.tied = config.tie_word_embeddings
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of every micro-batch. Returns this rank's part of the step's sums over micro-batches
+        (loss, lm_loss, aux_loss, z_loss: summed over the pp group they are the whole model's) and of the
+        experts' token counts per layer."""
+        losses = []
+        args = (inputs,) if self.holds_first else ()
+        kwargs = {"target": targets, "losses": losses} if self.holds_last else {}
+        self.schedule.step(*args, **kwargs)
+        lm_loss = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=inputs.device)
+        return self.router_sums(lm_loss)
+
+    def router_sums(self, lm_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = lm_loss.device
+        aux, z = torch.zeros((), device=device), torch.zeros((), device=device)
+        counts = torch.zeros(self.router_shape, dtype=torch.long, device=device)
+        layers = max(self.router_shape[0], 1)
+        for part in self.parts:
+            # The schedule's first step first infers the stages' shapes with a forward of its own (on empty
+            # tensors, past the first stage): its records come first, and are not the step's.
+            expected = self.micro_batches * sum(1 for _ in part.model.layers.children()) * (self.router_shape[0] > 0)
+            for index, aux_loss, z_loss, expert_counts in part.router_records[-expected:] if expected else ():
+                aux, z = aux + aux_loss.float() / layers, z + z_loss.float() / layers
+                counts[index] += expert_counts
+            part.router_records.clear()
+        loss = lm_loss + self.aux_coef * aux + self.z_coef * z
+        return torch.stack([loss, lm_loss, aux, z]), counts
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """The language-model loss of one batch, forward only, stage after stage (evaluation has no micro-batches
+        to overlap): on the ranks that hold the last stage; None on the others."""
+        hidden, loss = inputs, None
+        for stage in range(self.stages):
+            part = self.by_stage.get(stage)
+            if part is None:
+                continue
+            if stage > 0 and stage - 1 not in self.by_stage:
+                hidden = self._receive(self._owner(stage - 1), hidden.device)
+            hidden = part(hidden)
+            part.router_records.clear()
+            if stage == self.stages - 1:
+                loss = self.loss_fn(hidden, targets)
+            elif stage + 1 not in self.by_stage:
+                self._send(hidden, self._owner(stage + 1))
+        return loss
+
+    def _owner(self, stage: int) -> int:
+        """The pp rank holding `stage`: round-robin, or down and back up a V."""
+        if self.v_shaped and stage >= self.pp:
+            return 2 * self.pp - 1 - stage
+        return stage % self.pp
+
+    def _send(self, tensor: torch.Tensor, pp_rank: int) -> None:
+        peer = dist.get_global_rank(self.group, pp_rank)
+        header = torch.tensor([tensor.dim(), *tensor.shape], dtype=torch.long, device=tensor.device)
+        dist.send(torch.tensor([header.numel()], device=tensor.device), peer)
+        dist.send(header, peer)
+        dist.send(tensor.contiguous().float(), peer)
+
+    def _receive(self, pp_rank: int, device: torch.device) -> torch.Tensor:
+        peer = dist.get_global_rank(self.group, pp_rank)
+        size = torch.zeros(1, dtype=torch.long, device=device)
+        dist.recv(size, peer)
+        header = torch.zeros(int(size), dtype=torch.long, device=device)
+        dist.recv(header, peer)
+        tensor = torch.empty(header[1:].tolist(), device=device)
+        dist.recv(tensor, peer)
+        return tensor
+
+    def sum_tied_embedding_gradients(self) -> None:
+        """The first stage's embedding and the last stage's copy (the tied output projection) each got part of
+        the gradient: both get the sum, so that one update keeps them equal."""
+        if not self.tied:
+            return
+        weights = [part.model.embed_tokens.weight for part in self.parts if part.model.embed_tokens is not None]
+        grads = []
+        for weight in weights:
+            if weight.grad is None:
+                continue
+            if isinstance(weight.grad, DTensor) and weight.grad.placements != weight.placements:
+                # tensor parallelism: the lookup's gradient may come back partial; the copies must match shard for shard
+                weight.grad = weight.grad.redistribute(weight.device_mesh, weight.placements)
+            grads.append(local_tensor(weight.grad))
+        if len(grads) == 2:  # both on this rank (rank 0 of a V-shaped schedule)
+            grads[0].add_(grads[1])
+            grads[1].copy_(grads[0])
+        elif len(grads) == 1 and self.tie_group is not None:
+            dist.all_reduce(grads[0], group=self.tie_group)
+
+    def norm_parameters(self, parameters: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The parameters whose gradients make the model's norm: the last stage's copy of a tied embedding is the
+        first stage's parameter again, counted once."""
+        copies = {
+            id(part.model.embed_tokens.weight) for part in self.parts if self.tied and part.last and not part.first
+        }
+        return [param for param in parameters if id(param) not in copies]
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def tied_embedding_group(mesh: WorldMesh, tied: bool) -> dist.ProcessGroup | None:
+    """The two ranks of each pipeline that hold its first and last stage (and so the two copies of a tied
+    embedding), as one process group; None for the other ranks, or when nothing is tied across ranks. Every
+    rank takes part in making every group."""
+    if not tied or mesh.layout.pp == 1:
+        return None
+    pipelines = mesh.dense.mesh.reshape(mesh.layout.pp, -1).T.tolist()  # a column: one pipeline, stage by stage
+    group, _ = dist.new_subgroups_by_enumeration([[ranks[0], ranks[-1]] for ranks in pipelines])
+    return group
