@@ -270,7 +270,7 @@ def test_cli_prints_json_with_the_fields_and_exits_1_when_it_does_not_fit():
 
 def test_the_flags_the_planner_prints_make_the_trainer_build_its_layout():
     from train.config import load_config
-    from train.parallel import layout_of
+    from train.parallel import Layout, layout_of
 
     job = Job(from_config("tiny", preset_config("tiny")), Cluster(GPUS["h100"], FABRICS["roce400"]), 16, 4096)
     cases = {
@@ -284,7 +284,12 @@ def test_the_flags_the_planner_prints_make_the_trainer_build_its_layout():
         assert (layout.dp_replicate, layout.dp_shard, layout.tp, layout.ep, layout.cp) == (replicate, shard, tp, ep, cp)
         assert config.batch.micro_batch_size == parallelism.micro_batch and config.data.seq_len == 4096
         assert config.global_batch_sequences() * 4096 == 2**20
+    interleaved = Parallelism("fsdp", pp=2, tp=2, schedule="interleaved", virtual_stages=2, micro_batch=1)
+    config = load_config(REPO / "configs" / "tiny.toml", trainer_flags(job, interleaved, 2**20))
+    assert layout_of(config, job.gpus, 8) == Layout(1, 4, 2, 1, pp=2)
+    assert (config.parallel.pp_schedule, config.parallel.pp_virtual_stages) == ("interleaved", 2)
     assert trainer_flags(job, Parallelism("zero1", tp=2), 2**20) is None  # ZeRO does not split matmuls here
+    assert trainer_flags(job, Parallelism("fsdp", pp=2, schedule="dualpipe"), 2**20) is None  # V: stages of 1 rank
 
 
 @pytest.mark.distributed

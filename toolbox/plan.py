@@ -73,7 +73,7 @@ def as_dict(result: Estimate, token_budget: float | None = None) -> dict:
         "tokens_per_day": result.tokens_per_s * 86400,
         "traffic": [vars(t) for t in result.traffic],
         "trainer_flags": trainer_flags(job, parallelism, int(result.batch_tokens)),  # None: not_runnable says why
-        "not_runnable": not_runnable(parallelism),
+        "not_runnable": not_runnable(job, parallelism),
     }
     if token_budget:
         row.update(token_budget=token_budget, days=token_budget / row["tokens_per_day"])

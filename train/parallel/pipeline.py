@@ -76,13 +76,11 @@ def check_pipeline(
             f"but the model has {model_config.num_hidden_layers} layers; lower parallel.pp_size (or "
             f"pp_virtual_stages) or raise model.overrides.num_hidden_layers"
         )
-    needed = stages if par.pp_schedule in V_SHAPED else layout.pp
-    rounds = max(1, micro_batches // layout.pp)
-    if micro_batches < needed or (par.pp_schedule == "interleaved" and micro_batches % rounds):
+    shortfall = micro_batch_shortfall(par.pp_schedule, layout.pp, micro_batches)
+    if shortfall:
         raise ConfigError(
-            f"parallel.pp_schedule {par.pp_schedule!r} on {layout.pp} pipeline ranks needs at least {needed} "
-            f"micro-batches a step{' (a multiple of the rounds of pp)' * (par.pp_schedule == 'interleaved')}, and "
-            f"this run has {micro_batches} (the global batch / batch.micro_batch_size x data-parallel ranks); lower "
+            f"parallel.pp_schedule {par.pp_schedule!r} on {layout.pp} pipeline ranks {shortfall}, and this run has "
+            f"{micro_batches} (the global batch / batch.micro_batch_size x data-parallel ranks); lower "
             f"batch.micro_batch_size or raise the global batch"
         )
     if par.pp_schedule in V_SHAPED and stage_uses_fsdp(layout):
@@ -97,6 +95,17 @@ def check_pipeline(
             f"parallel.pp_schedule {par.pp_schedule!r} does not run on gloo with torch {torch.__version__} (it "
             f"needs {'.'.join(map(str, V_SHAPED_ON_GLOO_SINCE))} on CPU); use 1f1b or interleaved, or a GPU"
         )
+
+
+def micro_batch_shortfall(schedule: str, pp: int, micro_batches: int) -> str | None:
+    """What the schedule needs of a step's micro-batches that `micro_batches` lacks (torch's own rules), or None."""
+    needed = 2 * pp if schedule in V_SHAPED else pp
+    if micro_batches < needed:
+        return f"needs at least {needed} micro-batches a step"
+    rounds = max(1, micro_batches // pp)
+    if schedule == "interleaved" and micro_batches % rounds:
+        return f"needs a multiple of {rounds} micro-batches a step"
+    return None
 
 
 def stage_uses_fsdp(layout: Layout) -> bool:
