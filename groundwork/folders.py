@@ -58,10 +58,13 @@ def write_durably(path: Path, content: str | bytes) -> None:
     at its name is refused by the kernel instead of followed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        if tmp.is_symlink() or tmp.is_file():
-            tmp.unlink()  # our own leftover of a killed write (a pid's temporary name), or a planted link
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:  # never removed here: it may not be ours (a planted file or link)
+        raise FolderError(
+            f"{tmp} already exists (a write killed midway under this process id, or not this project's); remove "
+            f"it and run again"
+        ) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content.encode() if isinstance(content, str) else content)

@@ -12,6 +12,19 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 ATTENTION_BACKENDS = ("eager", "sdpa", "flex")
+# The GrokConfig fields that fix the parameters' shapes: what a checkpoint's config.json must agree on to resume.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "num_local_experts",
+    "shared_intermediate_size",
+    "tie_word_embeddings",
+)
 
 
 @strict

@@ -298,3 +298,16 @@ def test_a_kill_during_an_async_save_keeps_the_previous_checkpoint_and_resumes_e
     stepped = {r["step"]: r["loss"] for r in resumed}  # the rows after the resume, which started at step 4
     assert [stepped[s] for s in range(4, STEPS + 1)] == losses(single)[3:]
     assert not (checkpoints / "step_00000006.tmp").exists()  # the partial save was cleaned up
+
+
+def test_a_file_at_the_temporary_name_of_a_durable_write_is_refused_and_left_alone(tmp_path):
+    target, planted = tmp_path / "config.toml", tmp_path / "elsewhere.txt"
+    planted.write_text("not ours")
+    temporary = tmp_path / f".config.toml.tmp-{os.getpid()}"
+    temporary.symlink_to(planted)
+    with pytest.raises(folders.FolderError, match="already exists"):
+        folders.write_durably(target, "x = 1\n")
+    assert temporary.is_symlink() and planted.read_text() == "not ours" and not target.exists()
+    temporary.unlink()
+    folders.write_durably(target, "x = 1\n")
+    assert target.read_text() == "x = 1\n" and not temporary.exists()

@@ -242,6 +242,42 @@ STRATEGY_RUNS = {  # name -> (processes, overrides)
     "zero1": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=1"]),
     "zero2": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=2"]),
     "zero3": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3"]),
+    "cp2": (2, ["--parallel.strategy=fsdp", "--parallel.cp_size=2"]),
+    "pp2-1f1b": (2, ["--parallel.strategy=fsdp", "--parallel.pp_size=2"]),
+    "pp2-interleaved": (2, ["--parallel.strategy=fsdp", "--parallel.pp_size=2", "--parallel.pp_schedule=interleaved"]),
+    # a V needs 2 x pp micro-batches a step: tiny's 32 sequences in micro-batches of 8
+    "pp2-zero-bubble": (
+        2,
+        [
+            "--parallel.strategy=fsdp",
+            "--parallel.pp_size=2",
+            "--parallel.pp_schedule=zero-bubble",
+            "--batch.micro_batch_size=8",
+        ],
+    ),
+    "pp2-dualpipev": (
+        2,
+        [
+            "--parallel.strategy=fsdp",
+            "--parallel.pp_size=2",
+            "--parallel.pp_schedule=dualpipev",
+            "--batch.micro_batch_size=8",
+        ],
+    ),
+    "pp2-x-tp2": (
+        4,
+        [
+            "--parallel.strategy=fsdp",
+            "--parallel.pp_size=2",
+            "--parallel.tp_size=2",
+            "--model.overrides.num_key_value_heads=2",
+            "--batch.micro_batch_size=8",
+        ],
+    ),
+    "pp2-x-ep2": (
+        4,
+        ["--parallel.strategy=fsdp", "--parallel.pp_size=2", "--parallel.ep_size=2", "--batch.micro_batch_size=8"],
+    ),
 }
 PRESET_RUNS = {  # preset -> (config file, prepare arguments for its vocabulary)
     "tiny": ("configs/tiny.toml", ["--vocab-size", "2048"]),
@@ -273,8 +309,10 @@ def bench_strategies(args: argparse.Namespace) -> list[dict]:
             nproc, overrides = STRATEGY_RUNS[name]
             nproc = nproc or args.nproc
             with tempfile.TemporaryDirectory() as out:
+                # the trainer under the traffic probe, which counts what rank 0 sends in the second step
+                probe = ["-m", "toolbox.planner.traffic_probe", str(Path(out) / "traffic.json")]
                 launcher = (
-                    [sys.executable, "-m", "train"]
+                    [sys.executable, *probe]
                     if nproc == 1
                     else [
                         sys.executable,
@@ -282,8 +320,7 @@ def bench_strategies(args: argparse.Namespace) -> list[dict]:
                         "torch.distributed.run",
                         "--standalone",
                         f"--nproc_per_node={nproc}",
-                        "-m",
-                        "train",
+                        *probe,
                     ]
                 )
                 command = launcher + [
@@ -302,6 +339,7 @@ def bench_strategies(args: argparse.Namespace) -> list[dict]:
                 ]
                 trainer_run(command, f"{preset} with {name} ({nproc} process(es))")
                 rows = read_metrics(Path(out))
+                sent = json.loads((Path(out) / "traffic.json.rank0").read_text())["bytes"]
             timed = rows[1:-1]  # skip the warm-up interval and the last one (it includes the final evaluation)
             results.append(
                 {
@@ -313,6 +351,7 @@ def bench_strategies(args: argparse.Namespace) -> list[dict]:
                     "peak_mem_mib_per_rank": round(rows[-1]["peak_mem_mib"], 1),
                     "param_mib_per_rank": round(rows[-1]["param_mib"], 2),
                     "state_mib_per_rank": round(rows[-1]["state_mib"], 2),
+                    "mib_sent_per_step_rank0": round(sent / 2**20, 2),
                 }
             )
             print(json.dumps(results[-1]) if args.json else results[-1], flush=True)

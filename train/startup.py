@@ -8,6 +8,7 @@ from pathlib import Path
 from data.shards import DataError, TokenStream, check_tokenizer, read_manifest
 from groundwork import folders, untrusted
 from model import GrokConfig, preset_config
+from model.config import SHAPE_FIELDS
 
 from . import checkpoint, checkpoint_files, fault_injection, weights
 from .batch_memory import check_batches_fit
@@ -20,19 +21,6 @@ from .validation import eval_batch_rows
 # absent, never a symlink (writing through one would change whatever it points to).
 RUN_FILES = ("config.toml", "data_manifest.json", "metrics.jsonl", folders.LOCK)
 RUN_FOLDERS = ("tensorboard",)
-# The GrokConfig fields that fix the parameters' shapes: a checkpoint's config.json must agree on resume.
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_size",
-    "num_local_experts",
-    "shared_intermediate_size",
-    "tie_word_embeddings",
-)
 
 
 def build_model_config(config: TrainConfig, vocab_size: int | None) -> GrokConfig:
