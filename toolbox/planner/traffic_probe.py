@@ -40,6 +40,10 @@ def group_size(args: Sequence[object]) -> int:
 def sent_bytes(op: str, args: Sequence[object], ranks: int) -> float:
     """What one rank sends for the collective `op` (c10d's op name) over a ring of `ranks`."""
     share = (ranks - 1) / ranks
+    if op == "send":  # point to point (pipeline stages): the tensors go to one peer, whole
+        return tensor_bytes(args[0])
+    if op.startswith("recv"):
+        return 0.0
     if op.startswith("allreduce"):
         return 2 * share * tensor_bytes(args[0])
     if op.startswith(("allgather", "_allgather")):  # (outputs, inputs): this rank's shard goes to every other
