@@ -33,6 +33,12 @@ STRATEGY_RUNS = {  # name -> (processes, trainer overrides, the planner's parall
     ),
     "tp2": (2, ["--parallel.strategy=fsdp", "--parallel.tp_size=2"], Parallelism("fsdp", tp=2, micro_batch=4)),
     "cp2": (2, ["--parallel.strategy=fsdp", "--parallel.cp_size=2"], Parallelism("fsdp", cp=2, micro_batch=4)),
+    "pp2": (2, ["--parallel.strategy=fsdp", "--parallel.pp_size=2"], Parallelism("fsdp", pp=2, micro_batch=4)),
+    "pp2-x-dp2": (
+        4,
+        ["--parallel.strategy=fsdp", "--parallel.pp_size=2", "--batch.micro_batch_size=2"],
+        Parallelism("fsdp", pp=2, micro_batch=2),
+    ),
     "ep2": (2, ["--parallel.strategy=fsdp", "--parallel.ep_size=2"], Parallelism("fsdp", ep=2, micro_batch=4)),
     "zero1": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=1"], Parallelism("zero1", micro_batch=4)),
     "zero2": (2, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=2"], Parallelism("zero2", micro_batch=4)),

@@ -67,6 +67,7 @@ from train.startup import build_model_config
 
 from .bench_baseline import RECIPE_CONFIG, SHAPE_CONFIG, bench_baseline, bench_quality, run_python
 from .bench_init import bench_init
+from .planner.pipeline import bubble
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: configs/ and the cwd of the trainer runs
 
@@ -244,6 +245,7 @@ STRATEGY_RUNS = {  # name -> (processes, overrides)
     "zero3": (None, ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3"]),
     "cp2": (2, ["--parallel.strategy=fsdp", "--parallel.cp_size=2"]),
     "pp2-1f1b": (2, ["--parallel.strategy=fsdp", "--parallel.pp_size=2"]),
+    "pp2-1f1b-8-micro-batches": (2, ["--parallel.strategy=fsdp", "--parallel.pp_size=2", "--batch.micro_batch_size=4"]),
     "pp2-interleaved": (2, ["--parallel.strategy=fsdp", "--parallel.pp_size=2", "--parallel.pp_schedule=interleaved"]),
     # a V needs 2 x pp micro-batches a step: tiny's 32 sequences in micro-batches of 8
     "pp2-zero-bubble": (
@@ -301,6 +303,23 @@ def preset_data(preset: str, data_root: str) -> tuple[str, Path]:
     return config, data
 
 
+def pipeline_idle(probe: dict) -> dict:
+    """Under pipeline parallelism: the share of rank 0's step spent waiting on its peers (the bubble, plus the
+    transfers), and the bubble's share the planner predicts for that schedule and number of micro-batches
+    (1F1B and interleaved; the planner has no formula for the trainer's V schedules)."""
+    if "pipeline_wait_s" not in probe:
+        return {}
+    planner_schedule = {"1f1b": "1f1b", "interleaved": "interleaved"}.get(probe["schedule"])
+    planned = None
+    if planner_schedule:
+        idle = bubble(probe["pp"], planner_schedule, probe["virtual_stages"], forward=1 / 3, weights=1 / 3)
+        planned = round(idle / (probe["micro_batches"] + idle), 3)
+    return {
+        "pipeline_wait_share_rank0": round(probe["pipeline_wait_s"] / probe["step_s"], 3),
+        "planned_bubble_share": planned,
+    }
+
+
 def bench_strategies(args: argparse.Namespace) -> list[dict]:
     results = []
     for preset in args.presets:
@@ -339,7 +358,7 @@ def bench_strategies(args: argparse.Namespace) -> list[dict]:
                 ]
                 trainer_run(command, f"{preset} with {name} ({nproc} process(es))")
                 rows = read_metrics(Path(out))
-                sent = json.loads((Path(out) / "traffic.json.rank0").read_text())["bytes"]
+                probe = json.loads((Path(out) / "traffic.json.rank0").read_text())
             timed = rows[1:-1]  # skip the warm-up interval and the last one (it includes the final evaluation)
             results.append(
                 {
@@ -351,7 +370,8 @@ def bench_strategies(args: argparse.Namespace) -> list[dict]:
                     "peak_mem_mib_per_rank": round(rows[-1]["peak_mem_mib"], 1),
                     "param_mib_per_rank": round(rows[-1]["param_mib"], 2),
                     "state_mib_per_rank": round(rows[-1]["state_mib"], 2),
-                    "mib_sent_per_step_rank0": round(sent / 2**20, 2),
+                    "mib_sent_per_step_rank0": round(probe["bytes"] / 2**20, 2),
+                    **pipeline_idle(probe),
                 }
             )
             print(json.dumps(results[-1]) if args.json else results[-1], flush=True)

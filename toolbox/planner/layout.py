@@ -19,6 +19,7 @@ from .traffic import (
     expert_parallel_traffic,
     pipeline_traffic,
     tensor_parallel_traffic,
+    tied_embedding_traffic,
 )
 
 
@@ -158,6 +159,8 @@ def estimate(job: Job, parallelism: Parallelism) -> Estimate:
     result.bubble_s = idle * micro_batch_s
     result.traffic = [traffic.over_step(micro_batches, idle) for traffic in per_micro_batch]
     result.traffic += data_parallel_traffic(job, parallelism, dp, micro_batches, compute_s, forward_share)
-    data_parallel_exposed_s = sum(t.exposed_s for t in result.traffic if t.name.startswith("dp"))
+    tied = tied_embedding_traffic(job, parallelism, dp)
+    result.traffic += [tied] if tied is not None else []
+    data_parallel_exposed_s = sum(t.exposed_s for t in result.traffic if t.name.startswith(("dp", "pp tied")))
     result.step_s = (micro_batches + idle) * micro_batch_s + data_parallel_exposed_s
     return result

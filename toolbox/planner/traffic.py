@@ -140,21 +140,46 @@ def expert_parallel_traffic(job: Job, parallelism: Parallelism, compute_s: float
     return MicroBatchTraffic("ep all-to-all", kind, seconds * count, sent * count, exposed)
 
 
+def first_rank_sends(parallelism: Parallelism) -> int:
+    """Sends per micro-batch of the first pipeline rank, whose figures the planner gives: each stage it holds
+    sends its activations on and its input's gradient back, but the first stage has no gradient to send and
+    the last no activation (a V holds both)."""
+    if parallelism.schedule == "dualpipe":
+        return 2
+    return 2 * parallelism.virtual_stages - 1
+
+
 def pipeline_traffic(job: Job, parallelism: Parallelism, dp: int, micro_batches: int) -> MicroBatchTraffic | None:
-    """Activations forward and their gradients back, once per model chunk a rank holds."""
+    """Activations forward and their gradients back, once per model chunk a rank holds: the time is a middle
+    rank's (two sends a chunk), the bytes the first rank's."""
     if parallelism.pp <= 1:
         return None
     kind, bandwidth, latency = job.cluster.link(parallelism.pp, parallelism.tp * parallelism.cp * dp)
     activation = parallelism.micro_batch * job.seq_len / (parallelism.cp * parallelism.tp) * job.spec.hidden
     seconds, sent = collectives.send(activation * job.model_bytes, bandwidth, latency)
     count = 2 * parallelism.virtual_stages
+    sent *= first_rank_sends(parallelism)
     if parallelism.schedule == "1f1b":
-        return MicroBatchTraffic("pp send/recv", kind, seconds * count, sent * count, seconds * count)
+        return MicroBatchTraffic("pp send/recv", kind, seconds * count, sent, seconds * count)
     # overlapped but in the fill and drain, which expose (pp - 1) chunks' sends; worked out from the step's
     # total as the planner always has: another order of the same arithmetic moves figures in their last bit
     sends_per_step_s = seconds * count * micro_batches
     fill_and_drain = sends_per_step_s / micro_batches / parallelism.virtual_stages * (parallelism.pp - 1)
-    return MicroBatchTraffic("pp send/recv", kind, seconds * count, sent * count, 0.0, fill_and_drain)
+    return MicroBatchTraffic("pp send/recv", kind, seconds * count, sent, 0.0, fill_and_drain)
+
+
+def tied_embedding_traffic(job: Job, parallelism: Parallelism, dp: int) -> Traffic | None:
+    """With a tied embedding split into stages, the first and the last stage each hold it and sum its gradient
+    once a step (an all-reduce of two, after the backward: exposed). A V holds both stages on one rank."""
+    if parallelism.pp <= 1 or not job.spec.tied_embeddings or parallelism.schedule == "dualpipe":
+        return None
+    strategy = parallelism.data_parallel
+    sharded_over = {"fsdp": dp * parallelism.cp, "hsdp": parallelism.shard_size, "zero3": dp * parallelism.cp}
+    grad_bytes = 4 if strategy in ("ddp", "fsdp", "hsdp") else job.model_bytes
+    size = grad_bytes * job.spec.vocab * job.spec.hidden / parallelism.tp / sharded_over.get(strategy, 1)
+    kind, bandwidth, latency = job.cluster.link(parallelism.pp, parallelism.tp * parallelism.cp * dp)
+    seconds, sent = collectives.all_reduce(size, 2, bandwidth, latency)
+    return Traffic("pp tied-embedding all-reduce", kind, sent, seconds, seconds)
 
 
 def data_parallel_traffic(
@@ -241,10 +266,20 @@ def sharded_traffic(
         return (micro_batches - 1) * behind(seconds, "backward") + behind(seconds, "last backward")
 
     forward_exposed = micro_batches * behind(gather_s, "forward")
-    # the backward's re-gathers are prefetched ahead of the compute that needs them: they take the window first
-    gather_exposed = forward_exposed + (in_every_backward(gather_s) if regathers else 0.0)
+    # the backward's re-gathers are prefetched ahead of the compute that needs them: they take the window first.
+    # Torch's pipeline schedules keep a stage's parameters gathered from one backward to the next (they reshard
+    # after the last only), so a pipeline rank's backwards re-gather once between forwards: measured, the first
+    # rank gathers micro_batches + 1 times a step.
+    pipelined = parallelism.pp > 1
+    if not regathers:
+        backward_gathers, backward_exposed = 0, 0.0
+    elif pipelined:
+        backward_gathers, backward_exposed = 1, behind(gather_s, "last backward")
+    else:
+        backward_gathers, backward_exposed = micro_batches, in_every_backward(gather_s)
+    gather_exposed = forward_exposed + backward_exposed
     reduce_exposed = in_every_backward(reduce_s) if reduces_every_micro_batch else behind(reduce_s, "last backward")
-    gathers = (2 if regathers else 1) * micro_batches
+    gathers = micro_batches + backward_gathers
     reduces = micro_batches if reduces_every_micro_batch else 1
     return [
         Traffic(

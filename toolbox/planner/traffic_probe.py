@@ -5,15 +5,18 @@ rank sends by the ring formulas the planner uses (toolbox/planner/collectives.py
 
     python -m torch.distributed.run --nproc_per_node=2 -m toolbox.planner.traffic_probe OUT.json <trainer args>
 
-Each rank writes OUT.json.rankN: {"bytes": total, "by_collective": {op: bytes}}. What is counted is the collective
-the code asks for, not how gloo carries it out (gloo has no reduce-scatter of its own and runs an all-reduce).
+Each rank writes OUT.json.rankN: {"bytes": total, "by_collective": {op: bytes}}; under pipeline parallelism
+also the seconds its schedule waited on its peers beside the seconds of the steps (PipelineWaits), and the
+pipeline the trainer ran. What is counted is the collective the code asks for, not how gloo carries it out
+(gloo has no reduce-scatter of its own and runs an all-reduce).
 """
 
 import json
 import os
 import sys
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -91,26 +94,70 @@ class CollectiveCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class PipelineWaits:
+    """Under pipeline parallelism, the seconds a rank's schedule waits on its peers' sends (the bubble, and the
+    transfers themselves), beside the seconds of the steps they fall in: from the third step on (the first
+    builds lazy state, the second is counted by CollectiveCounter, which slows it)."""
+
+    def __init__(self) -> None:
+        self.wait_s = self.step_s = 0.0
+        self.steps = 0
+        self.timing = False
+        from torch.distributed.pipelining import schedules
+
+        self.schedules, self.original = schedules, getattr(schedules, "_wait_batch_p2p", None)
+        if self.original is not None:  # torch's schedules call this module-level function for every wait
+            schedules._wait_batch_p2p = self.timed
+
+    def timed(self, work: list) -> None:
+        start = time.perf_counter()
+        self.original(work)
+        if self.timing:
+            self.wait_s += time.perf_counter() - start
+
+    def step(self, run_step: Callable[[], dict], step: int) -> dict:
+        self.timing = step >= 2
+        start = time.perf_counter()
+        result = run_step()
+        if self.timing:
+            self.step_s += time.perf_counter() - start
+            self.steps += 1
+        return result
+
+
 def main(argv: list[str]) -> int:
     out, trainer_args = Path(argv[0]), argv[1:]
     from train import trainer as trainer_module
     from train.__main__ import main as train_main
+    from train.parallel.pipeline import stages_per_rank
 
     counter = CollectiveCounter()
+    waits = PipelineWaits()
     original = trainer_module.Trainer.train_step
 
+    pipeline = {}
+
     def probed(self: trainer_module.Trainer) -> dict:
+        if self.engine.pipeline is not None:
+            par = self.config.parallel
+            pipeline.update(
+                pp=par.pp_size,
+                schedule=par.pp_schedule,
+                virtual_stages=stages_per_rank(par.pp_schedule, par.pp_virtual_stages),
+                micro_batches=self.grad_accumulation,
+            )
         if self.step != 1:  # the second step: the first builds buckets and lazy state
-            return original(self)
+            return waits.step(lambda: original(self), self.step)
         with counter:
             return original(self)
 
     trainer_module.Trainer.train_step = probed
     code = train_main(trainer_args)
     counted = dict(counter.by_collective)
-    Path(f"{out}.rank{os.environ.get('RANK', 0)}").write_text(
-        json.dumps({"bytes": sum(counted.values()), "by_collective": counted})
-    )
+    measured = {"bytes": sum(counted.values()), "by_collective": counted}
+    if waits.steps and pipeline:
+        measured.update(pipeline, pipeline_wait_s=waits.wait_s, step_s=waits.step_s, timed_steps=waits.steps)
+    Path(f"{out}.rank{os.environ.get('RANK', 0)}").write_text(json.dumps(measured))
     return code
 
 

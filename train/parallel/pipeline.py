@@ -266,6 +266,9 @@ class Pipeline:
         (loss, lm_loss, aux_loss, z_loss: summed over the pp group they are the whole model's) and of the
         experts' token counts per layer."""
         losses = []
+        # contiguous: the loader's windows are views of a wider buffer, and torch 2.11's schedules check that
+        # every micro-batch has the strides the first one had
+        inputs, targets = inputs.contiguous(), targets.contiguous()
         args = (inputs,) if self.holds_first else ()
         kwargs = {"target": targets, "losses": losses} if self.holds_last else {}
         self.schedule.step(*args, **kwargs)
