@@ -162,6 +162,22 @@ def assert_same_run(rows, single):
     assert abs(rows[-1]["val_loss"] - single[-1]["val_loss"]) < 1e-4
 
 
+def assert_exports_the_same_weights(run: Path, single: Path, out: Path, step: str = "step_00000006") -> None:
+    """A parallel run's checkpoint exports the weights the single-process run's exports: names, shapes, values
+    within 2e-4 (the runs sum reductions in other orders)."""
+    from safetensors.torch import load_file
+
+    from toolbox.export import main as export_main
+
+    for name, folder in (("parallel", run), ("single", single)):
+        assert export_main([str(folder / "checkpoints" / step), str(out / name)]) == 0
+    parallel, reference = (load_file(out / name / "model.safetensors") for name in ("parallel", "single"))
+    assert parallel.keys() == reference.keys()
+    for key in parallel:
+        assert parallel[key].shape == reference[key].shape
+        torch.testing.assert_close(parallel[key], reference[key], rtol=0, atol=2e-4)
+
+
 def losses(rows):
     return [row["loss"] for row in rows]
 

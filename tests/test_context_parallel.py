@@ -4,10 +4,8 @@ checkpoints resume on one process and export the single-process weights."""
 
 import pytest
 import torch
-from conftest import STEPS, assert_same_run, losses, train
-from safetensors.torch import load_file
+from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, losses, train
 
-from toolbox.export import main as export_main
 from train.parallel.context import chunk_positions
 
 
@@ -64,18 +62,15 @@ def test_cp2_attends_at_the_true_positions(data_dir, tmp_path):
     assert_same_run(train(data_dir, tmp_path / "cp", *grok2, "--parallel.cp_size=2", nproc=2, steps=4), single)
 
 
-@pytest.mark.distributed  # (the cp2 run)
-def test_a_cp2_checkpoint_resumes_on_one_process(data_dir, reference, cp_run, tmp_path):
-    rows = train(data_dir, tmp_path, f"--run.resume={cp_run[1] / 'checkpoints' / 'step_00000006'}")
+@pytest.mark.distributed  # (the cp2 run, and fsdp-x2)
+@pytest.mark.parametrize("layout", [[], ["--parallel.strategy=fsdp"]], ids=["one-process", "fsdp-x2"])
+def test_a_cp2_checkpoint_resumes_on_another_layout(data_dir, reference, cp_run, tmp_path, layout):
+    resume = f"--run.resume={cp_run[1] / 'checkpoints' / 'step_00000006'}"
+    rows = train(data_dir, tmp_path, resume, *layout, nproc=2 if layout else 1)
     assert [row["step"] for row in rows] == list(range(7, STEPS + 1))
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(reference[0][6:]))) < 1e-5
 
 
 @pytest.mark.distributed  # (the cp2 run)
 def test_a_cp2_checkpoint_exports_the_weights_one_process_trained(reference, cp_run, tmp_path):
-    for name, run in (("cp", cp_run[1]), ("single", reference[1])):
-        assert export_main([str(run / "checkpoints" / "step_00000006"), str(tmp_path / name)]) == 0
-    cp, single = (load_file(tmp_path / name / "model.safetensors") for name in ("cp", "single"))
-    assert cp.keys() == single.keys()
-    for key in cp:
-        torch.testing.assert_close(cp[key], single[key], rtol=0, atol=2e-4)
+    assert_exports_the_same_weights(cp_run[1], reference[1], tmp_path)

@@ -5,10 +5,8 @@ the single-process weights."""
 
 import pytest
 import torch
-from conftest import STEPS, assert_same_run, losses, train
-from safetensors.torch import load_file
+from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, losses, train
 
-from toolbox.export import main as export_main
 from train.parallel.pipeline import rank_stages, stage_layer_counts
 
 PP2 = ["--parallel.pp_size=2"]
@@ -111,6 +109,23 @@ def test_a_pp2_checkpoint_resumes_on_another_layout(data_dir, reference, pp_run,
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(reference[0][6:]))) < 1e-5
 
 
+@pytest.mark.distributed
+def test_a_pp2_x_tp2_checkpoint_resumes_on_one_process(data_dir, tmp_path):
+    kv2 = ["--model.overrides.num_key_value_heads=2", "--checkpoint.every=6"]
+    single = train(data_dir, tmp_path / "single", *kv2)
+    train(data_dir, tmp_path / "pp-tp", *kv2, *PP2, "--parallel.tp_size=2", nproc=4)
+    resume = f"--run.resume={tmp_path / 'pp-tp' / 'checkpoints' / 'step_00000006'}"
+    rows = train(data_dir, tmp_path / "resumed", *kv2, resume)
+    assert [row["step"] for row in rows] == list(range(7, STEPS + 1))
+    assert max(abs(a - b) for a, b in zip(losses(rows), losses(single[6:]))) < 1e-5
+
+
+@pytest.mark.distributed
+def test_pp2_x_cp2_on_four_processes_follows_the_single_process_run(data_dir, tmp_path):
+    single = train(data_dir, tmp_path / "single", steps=4)
+    assert_same_run(train(data_dir, tmp_path / "pp-cp", *PP2, "--parallel.cp_size=2", nproc=4, steps=4), single)
+
+
 @pytest.mark.distributed  # (the pp2 run)
 def test_a_one_process_checkpoint_resumes_on_pp2(data_dir, reference, tmp_path):
     resume = f"--run.resume={reference[1] / 'checkpoints' / 'step_00000006'}"
@@ -120,9 +135,4 @@ def test_a_one_process_checkpoint_resumes_on_pp2(data_dir, reference, tmp_path):
 
 @pytest.mark.distributed  # (the pp2 run)
 def test_a_pp2_checkpoint_exports_the_weights_one_process_trained(reference, pp_run, tmp_path):
-    for name, run in (("pp", pp_run[1]), ("single", reference[1])):
-        assert export_main([str(run / "checkpoints" / "step_00000006"), str(tmp_path / name)]) == 0
-    pp, single = (load_file(tmp_path / name / "model.safetensors") for name in ("pp", "single"))
-    assert pp.keys() == single.keys()
-    for key in pp:
-        torch.testing.assert_close(pp[key], single[key], rtol=0, atol=2e-4)
+    assert_exports_the_same_weights(pp_run[1], reference[1], tmp_path)

@@ -3,10 +3,7 @@ parallelism follows the single-process run step for step; its checkpoints resume
 
 import pytest
 import torch
-from conftest import STEPS, assert_same_run, losses, train
-from safetensors.torch import load_file
-
-from toolbox.export import main as export_main
+from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, losses, train
 
 KV2 = ["--model.overrides.num_key_value_heads=2"]  # tiny has 1 KV head; tp 2 splits heads over 2 ranks
 
@@ -85,13 +82,7 @@ def test_a_tp2_checkpoint_resumes_on_another_layout(data_dir, single_kv2, tp_run
 @pytest.mark.distributed  # (the tp2 run)
 @pytest.mark.compat
 def test_a_tp2_checkpoint_exports_the_weights_one_process_trained(single_kv2, tp_run, tmp_path):
-    for name, run in (("tp", tp_run[1]), ("single", single_kv2[1])):
-        assert export_main([str(run / "checkpoints" / "step_00000006"), str(tmp_path / name)]) == 0
-    tp, single = (load_file(tmp_path / name / "model.safetensors") for name in ("tp", "single"))
-    assert tp.keys() == single.keys()
-    for key in tp:
-        assert tp[key].shape == single[key].shape
-        torch.testing.assert_close(tp[key], single[key], rtol=0, atol=2e-4)
+    assert_exports_the_same_weights(tp_run[1], single_kv2[1], tmp_path)
 
 
 @pytest.fixture(scope="module")

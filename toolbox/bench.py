@@ -3,7 +3,7 @@
     python scripts/bench.py model [--config FILE] [--preset P] [--batch B] [--seq-len T] [--section.key=value ...]
                                   [--steps 10] [--warmup 3] [--profile FILE] [--json]
     python scripts/bench.py data  [--source stdlib] [--vocab-size 2048] [--batch 32] [--seq-len 128] [--json]
-    python scripts/bench.py strategies [--presets tiny small] [--strategies none-1thread ddp fsdp hsdp tp2 ep2 zero1 ...]
+    python scripts/bench.py strategies [--presets tiny small] [--strategies none-1thread ddp fsdp hsdp tp2 ep2 cp2 pp2-1f1b ...]
                                        [--nproc 2] [--steps 24] [--log-every 4] [--json]
     python scripts/bench.py checkpoint [--preset small] [--nproc 2] [--steps 25] [--every 4] [--json]
     python scripts/bench.py init [--preset 1b] [--nproc 2] [--section.key=value ...] [--json]
@@ -22,8 +22,11 @@ and peak memory; warmup_s includes compilation.
 `data`: BPE training time and tokenisation throughput on a corpus, the loader's time per batch, and the
 share of a real `tiny` training loop spent waiting for the (prefetching) loader: the target is < 2%.
 
-`strategies`: the real trainer (`python -m train` / torchrun) per preset and strategy: tokens/s, per-rank
-peak memory and per-rank parameter + gradient + optimizer-state bytes, against a 1-thread single process.
+`strategies`: the real trainer (`python -m train` / torchrun, under the traffic probe) per preset and strategy
+(data, tensor, expert, context and pipeline parallel layouts, each schedule): tokens/s, per-rank peak memory,
+per-rank parameter + gradient + optimizer-state bytes and the MiB rank 0 sends a step, against a 1-thread
+single process; under pipelining also the share of rank 0's step spent waiting on its peers and the bubble's
+share the planner predicts.
 Targets on 2 CPU ranks: fsdp state <= 0.55x ddp's; ddp tokens/s >= 0.9x twice the 1-thread process.
 
 `checkpoint`: the real trainer saving every --every steps, once with synchronous and once with background
