@@ -169,8 +169,13 @@ def test_ep2_with_two_data_parallel_shards_on_four_processes(data_dir, tmp_path)
         (2, ["--parallel.pp_size=2", "--batch.micro_batch_size=24"], "needs at least 2 micro-batches a step"),
         (
             4,
-            ["--parallel.pp_size=2", "--parallel.pp_schedule=dualpipev", "--batch.micro_batch_size=2"],
-            "loses FSDP's gradient reduction",
+            [
+                "--parallel.pp_size=2",
+                "--parallel.pp_schedule=dualpipev",
+                "--parallel.reshard_after_forward=true",
+                "--batch.micro_batch_size=2",
+            ],
+            "with parallel.reshard_after_forward = true: its split backward",
         ),
         (2, ["--parallel.pp_virtual_stages=2"], "parallel.pp_virtual_stages is for the interleaved schedule"),
         (

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, losses, train
 
-from train.parallel.pipeline import rank_stages, stage_layer_counts
+from train.parallel.pipeline import V_SHAPED, V_SHAPED_ON_GLOO_SINCE, rank_stages, stage_layer_counts
 
 PP2 = ["--parallel.pp_size=2"]
 DENSE = ["--model.overrides.num_local_experts=1", "--model.overrides.num_experts_per_tok=1"]
@@ -64,8 +64,6 @@ def test_pp2_1f1b_follows_the_single_process_run(reference, pp_run):
     ids=["interleaved", "zero-bubble", "dualpipev"],
 )
 def test_pp2_schedules_follow_the_single_process_run(data_dir, tmp_path, schedule):
-    from train.parallel.pipeline import V_SHAPED, V_SHAPED_ON_GLOO_SINCE
-
     if any(name in schedule[0] for name in V_SHAPED) and torch_version() < V_SHAPED_ON_GLOO_SINCE:
         pytest.skip(f"V-shaped schedules need torch {V_SHAPED_ON_GLOO_SINCE} on gloo")
     micro = [flag for flag in schedule if flag.startswith("--batch.")]
@@ -98,6 +96,27 @@ def test_pp2_with_another_dimension_on_four_processes_follows_the_single_process
     model = [flag for flag in flags if flag.startswith(("--batch.", "--model."))]
     single = train(data_dir, tmp_path / "single", *model, steps=4)
     assert_same_run(train(data_dir, tmp_path / "pp", *PP2, *flags, nproc=4, steps=4), single)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("schedule", ["zero-bubble", "dualpipev"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--batch.micro_batch_size=1"],  # a V needs 2 x pp micro-batches a step
+        ["--parallel.tp_size=2", "--model.overrides.num_key_value_heads=2", "--batch.micro_batch_size=2"],
+    ],
+    ids=["fsdp2-x-pp2", "pp2-x-tp2"],
+)
+def test_v_shaped_schedules_with_fsdp_in_each_stage_follow_the_single_process_run(data_dir, tmp_path, schedule, flags):
+    """The V's split backward computes weight gradients after the input gradients: FSDP must keep the stage's
+    parameters gathered until then (the default under pp), and the schedule reduces them after the last."""
+    if torch_version() < V_SHAPED_ON_GLOO_SINCE:
+        pytest.skip(f"V-shaped schedules need torch {V_SHAPED_ON_GLOO_SINCE} on gloo")
+    model = [flag for flag in flags if flag.startswith(("--batch.", "--model."))]
+    single = train(data_dir, tmp_path / "single", *model, steps=4)
+    flags = [*PP2, f"--parallel.pp_schedule={schedule}", *flags]
+    assert_same_run(train(data_dir, tmp_path / "pp", *flags, nproc=4, steps=4), single)
 
 
 @pytest.mark.distributed  # (the pp2 run, and fsdp-x2)

@@ -3,13 +3,15 @@
     python scripts/plan.py --model MODEL --gpus N [--gpu h100] [--fabric roce400] [--strategy fsdp]
                            [--tp N] [--pp N] [--ep N] [--cp N] [--schedule 1f1b|interleaved|dualpipe]
                            [--virtual-stages V] [--checkpointing none|selective|full] [--micro-batch M] [--seq-len T]
-                           [--global-batch-tokens B] [--token-budget TOKENS] [--search [--top K]] [--json]
+                           [--global-batch-tokens B] [--token-budget TOKENS] [--search [--top K] [--runnable]]
+                           [--json]
     python scripts/plan.py --published [--json]
     python scripts/plan.py --scaling grok-1,grok-2 --gpu-counts 1024,8192,100000 [--plot FILE.png] [--json]
 
 MODEL is a preset or a reference spec (llama3-405b, deepseek-v3, megatron-1t). A layout is --strategy (the
 data-parallel kind: ddp, zero1-3, fsdp, hsdp) with --tp/--pp/--ep/--cp; data parallelism is what remains of
---gpus. --search ranks every layout that fits by predicted throughput instead. --published prints the
+--gpus. --search ranks every layout that fits by predicted throughput instead (--runnable: only those the
+trainer runs). --published prints the
 published runs the planner is checked against. --scaling prints (and with --plot draws) the best layout's
 tokens/day of each model at each GPU count, for the same global batch. Each layout comes with the trainer's
 flags that run it (python -m train --config CONFIG FLAGS under a launcher of that many ranks), or the reason the
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-budget", type=positive_number)
     parser.add_argument("--search", action="store_true", help="rank every layout that fits")
     parser.add_argument("--top", type=integer(1), default=10, help="--search: how many to print")
+    parser.add_argument("--runnable", action="store_true", help="--search: only the layouts the trainer runs")
     parser.add_argument("--published", action="store_true", help="the published runs, predicted vs published")
     parser.add_argument("--scaling", help="comma-separated models: best layout at each of --gpu-counts")
     parser.add_argument("--gpu-counts", default="1024,2048,4096,8192,16384,32768,65536,100000,200000")
@@ -262,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
             spec, Cluster(GPUS[args.gpu], FABRICS[args.fabric]), args.gpus, seq_len, int(args.global_batch_tokens)
         )
         if args.search:
-            rows = [as_dict(result, args.token_budget) for result in search(job, top=args.top)]
+            found = search(job, top=args.top, runnable_only=args.runnable)
+            rows = [as_dict(result, args.token_budget) for result in found]
             if not rows:
                 raise InvalidParallelism(
-                    f"no layout of {args.model} fits on {args.gpus:,} x {args.gpu} with a "
-                    f"{human(job.global_batch_tokens)}-token batch: add GPUs or raise --global-batch-tokens"
+                    f"no layout of {args.model}{' that the trainer runs' * args.runnable} fits on {args.gpus:,} x "
+                    f"{args.gpu} with a {human(job.global_batch_tokens)}-token batch: add GPUs or raise "
+                    f"--global-batch-tokens"
                 )
             print("\n".join(json.dumps(row) for row in rows) if args.json else ranking(rows))
             return 0

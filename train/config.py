@@ -101,7 +101,9 @@ class ParallelSection(Section):
     pp_size: int = Field(1, gt=0)  # fsdp/hsdp: pipeline parallelism, ranks that split the blocks into stages
     pp_schedule: Literal["1f1b", "interleaved", "zero-bubble", "dualpipev"] = "1f1b"
     pp_virtual_stages: int | None = Field(None, gt=1)  # interleaved: stages per rank (default 2)
-    reshard_after_forward: bool = True  # fsdp/hsdp: free gathered params after forward (ZeRO-3 memory)
+    # fsdp/hsdp: free gathered params after each forward (ZeRO-3 memory). Default: yes, but not under pp, whose
+    # micro-batches would each gather again (torchtitan's default); the schedules free them after the step.
+    reshard_after_forward: bool | None = None
     activation_checkpointing: bool = False
     # torch.compile: the whole model with one process, else per block; ~30 s cold, then cached for re-runs
     compile: bool = False

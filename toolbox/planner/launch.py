@@ -25,8 +25,6 @@ def not_runnable(job: Job, parallelism: Parallelism) -> str | None:
     shortfall = micro_batch_shortfall(schedule, parallelism.pp, micro_batches) if parallelism.pp > 1 else None
     if shortfall:
         return f"the trainer's {schedule} schedule {shortfall} ({micro_batches} here)"
-    if parallelism.schedule == "dualpipe" and parallelism.pp > 1 and stage_ranks > 1:
-        return "the trainer runs DualPipeV only on stages of one rank (its split backward and FSDP disagree)"
     split = [name for name in ("tp", "ep", "cp", "pp") if getattr(parallelism, name) > 1]
     if split and parallelism.data_parallel not in ("fsdp", "hsdp"):
         return f"the trainer runs {'/'.join(split)} with fsdp or hsdp, not {parallelism.data_parallel}"

@@ -55,7 +55,11 @@ def memory(job: Job, parallelism: Parallelism, dp: int) -> dict[str, float]:
         grads = job.model_bytes * (held if stage >= 2 else whole)
         optim = 12 * held
     layer = (dense / stage_layers + experts / max(moe_stage_layers, 1)) / stages_per_rank(parallelism.schedule)
-    if strategy in ("fsdp", "hsdp", "zero3"):  # two gathered bf16 layers (one prefetched) + a full-size grad
+    if strategy in ("fsdp", "hsdp") and parallelism.pp > 1:
+        # the stage's parameters gathered for the whole step, and their gradients accumulated at full size until
+        # the schedule reduce-scatters them after the last micro-batch
+        buffers = (job.model_bytes + 4) * (dense + experts)
+    elif strategy in ("fsdp", "hsdp", "zero3"):  # two gathered bf16 layers (one prefetched) + a full-size grad
         buffers = 2 * job.model_bytes * layer + 4 * layer
     else:
         buffers = 2 * DDP_BUCKET_BYTES

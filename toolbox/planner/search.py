@@ -4,6 +4,7 @@ import itertools
 from collections.abc import Iterator
 
 from .job import CHECKPOINTING, DATA_PARALLEL, InvalidParallelism, Job, Parallelism
+from .launch import not_runnable
 from .layout import Estimate, estimate
 
 MICRO_BATCHES = (1, 2, 4)  # sequences per forward
@@ -42,11 +43,18 @@ def candidates(job: Job, data_parallel: tuple[str, ...] = DATA_PARALLEL) -> Iter
 
 
 def search(
-    job: Job, top: int | None = None, fitting_only: bool = True, data_parallel: tuple[str, ...] = DATA_PARALLEL
+    job: Job,
+    top: int | None = None,
+    fitting_only: bool = True,
+    data_parallel: tuple[str, ...] = DATA_PARALLEL,
+    runnable_only: bool = False,
 ) -> list[Estimate]:
-    """`data_parallel` narrows the kinds tried (a published run's software had only some of them)."""
+    """`data_parallel` narrows the kinds tried (a published run's software had only some of them);
+    `runnable_only` to the layouts this project's trainer runs."""
     results = []
     for parallelism in candidates(job, data_parallel):
+        if runnable_only and not_runnable(job, parallelism) is not None:
+            continue
         try:
             result = estimate(job, parallelism)
         except InvalidParallelism:

@@ -265,21 +265,23 @@ def sharded_traffic(
     def in_every_backward(seconds: float) -> float:
         return (micro_batches - 1) * behind(seconds, "backward") + behind(seconds, "last backward")
 
-    forward_exposed = micro_batches * behind(gather_s, "forward")
-    # the backward's re-gathers are prefetched ahead of the compute that needs them: they take the window first.
-    # Torch's pipeline schedules keep a stage's parameters gathered from one backward to the next (they reshard
-    # after the last only), so a pipeline rank's backwards re-gather once between forwards: measured, the first
-    # rank gathers micro_batches + 1 times a step.
-    pipelined = parallelism.pp > 1
-    if not regathers:
-        backward_gathers, backward_exposed = 0, 0.0
-    elif pipelined:
-        backward_gathers, backward_exposed = 1, behind(gather_s, "last backward")
+    if parallelism.pp > 1 and parallelism.data_parallel in ("fsdp", "hsdp"):
+        # Pipelined, the trainer (as torchtitan) keeps a stage's parameters gathered from the first micro-batch's
+        # forward to the last one's backward (parallel.reshard_after_forward defaults to false under pp), and
+        # torch's schedules reshard them after the last: one gather a step (measured).
+        forward_gathers, backward_gathers = 1, 0
+        gather_exposed = behind(gather_s, "forward")
     else:
-        backward_gathers, backward_exposed = micro_batches, in_every_backward(gather_s)
-    gather_exposed = forward_exposed + backward_exposed
+        forward_gathers = micro_batches
+        forward_exposed = micro_batches * behind(gather_s, "forward")
+        # the backward's re-gathers are prefetched ahead of the compute that needs them: they take the window first
+        if regathers:
+            backward_gathers, backward_exposed = micro_batches, in_every_backward(gather_s)
+        else:
+            backward_gathers, backward_exposed = 0, 0.0
+        gather_exposed = forward_exposed + backward_exposed
     reduce_exposed = in_every_backward(reduce_s) if reduces_every_micro_batch else behind(reduce_s, "last backward")
-    gathers = micro_batches + backward_gathers
+    gathers = forward_gathers + backward_gathers
     reduces = micro_batches if reduces_every_micro_batch else 1
     return [
         Traffic(

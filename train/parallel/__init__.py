@@ -22,7 +22,7 @@ from ..config import TrainConfig
 from .block_options import apply_block_options
 from .clipping import clip_grad_norm
 from .context import apply_context_parallel, sequence_split
-from .data_parallel import apply_ddp, apply_fsdp, gradient_sync
+from .data_parallel import apply_ddp, apply_fsdp, gradient_sync, reshards_after_forward
 from .expert import apply_expert_parallel
 from .mesh import Layout, MeshAxis, WorldMesh, build_world_mesh, check_model_fits, layout_of
 from .pipeline import V_SHAPED, Pipeline, split_into_stages, stage_uses_fsdp, stages_per_rank, tied_embedding_group
@@ -70,7 +70,7 @@ def split(
         apply_context_parallel(model, mesh.context_parallel)
     apply_block_options(model, config, env.device, one_graph=one_graph)
     if mesh is not None and shard:
-        apply_fsdp(model, mesh, env.dtype, config.parallel.reshard_after_forward)
+        apply_fsdp(model, mesh, env.dtype, reshards_after_forward(config.parallel.reshard_after_forward, env.layout.pp))
 
 
 def parallelize_pipeline(

@@ -28,6 +28,13 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     )
 
 
+def reshards_after_forward(configured: bool | None, pp: int) -> bool:
+    """parallel.reshard_after_forward, or its default: yes without pipelining; with it, a stage's parameters stay
+    gathered from the first micro-batch's forward to the last one's backward (one gather a step, not one per
+    micro-batch), and the split backward of the V schedules needs them there."""
+    return configured if configured is not None else pp == 1
+
+
 def apply_fsdp(model: nn.Module, mesh: WorldMesh, dtype: torch.dtype, reshard_after_forward: bool) -> None:
     options = dict(mp_policy=fsdp_policy(dtype), reshard_after_forward=reshard_after_forward)
     if mesh.expert is not None:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd.function import FunctionCtx
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage, schedules
 from torch.distributed.tensor import DTensor
 
@@ -83,11 +84,12 @@ def check_pipeline(
             f"{micro_batches} (the global batch / batch.micro_batch_size x data-parallel ranks); lower "
             f"batch.micro_batch_size or raise the global batch"
         )
-    if par.pp_schedule in V_SHAPED and stage_uses_fsdp(layout):
+    if par.pp_schedule in V_SHAPED and stage_uses_fsdp(layout) and par.reshard_after_forward:
         raise ConfigError(
-            f"parallel.pp_schedule {par.pp_schedule!r} with data-, context- or tensor-parallel ranks (which FSDP "
-            f"wraps): its split backward (input, then weight gradients) loses FSDP's gradient reduction in this "
-            f"torch (measured: the gradients differ from one process's); use 1f1b or interleaved, or pp alone"
+            f"parallel.pp_schedule {par.pp_schedule!r} with parallel.reshard_after_forward = true: its split "
+            f"backward computes the weight gradients against the parameters FSDP holds then, so they must stay "
+            f"gathered after the forward (measured: resharded, the gradients are not one process's); remove "
+            f"parallel.reshard_after_forward (under pp it defaults to false) or use 1f1b or interleaved"
         )
     version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     if par.pp_schedule in V_SHAPED and not uses_cuda and version < V_SHAPED_ON_GLOO_SINCE:
@@ -247,15 +249,21 @@ class Pipeline:
         self.holds_first, self.holds_last = 0 in self.by_stage, stages - 1 in self.by_stage
         self.loss_fn, self.v_shaped, self.micro_batches = loss_fn, schedule in V_SHAPED, micro_batches
         pipeline_stages = [PipelineStage(part, part.stage, stages, device, group=group) for part in parts]
+
+        def schedule_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            # not a view (tensor parallelism's loss is a DTensor's local tensor): the zero-bubble schedules
+            # detach the loss in place after the input gradients
+            return loss_fn(logits, targets).clone()
+
         if schedule == "1f1b":
-            self.schedule = schedules.Schedule1F1B(pipeline_stages[0], micro_batches, loss_fn=loss_fn)
+            self.schedule = schedules.Schedule1F1B(pipeline_stages[0], micro_batches, loss_fn=schedule_loss)
         else:
             kind = {
                 "interleaved": schedules.ScheduleInterleaved1F1B,
                 "zero-bubble": schedules.ScheduleZBVZeroBubble,
                 "dualpipev": schedules.ScheduleDualPipeV,
             }[schedule]
-            self.schedule = kind(pipeline_stages, micro_batches, loss_fn=loss_fn)
+            self.schedule = kind(pipeline_stages, micro_batches, loss_fn=schedule_loss)
         config = parts[0].config
         self.router_shape = (config.num_hidden_layers, config.num_local_experts) if config.is_moe else (0, 0)
         self.aux_coef, self.z_coef = config.router_aux_loss_coef, config.router_z_loss_coef
@@ -308,6 +316,9 @@ class Pipeline:
                 loss = self.loss_fn(hidden, targets)
             elif stage + 1 not in self.by_stage:
                 self._send(hidden, self._owner(stage + 1))
+        for module in (module for part in self.parts for module in part.modules()):
+            if isinstance(module, FSDPModule):
+                module.reshard()  # they stay gathered after a forward under pp; training regathers them anyway
         return loss
 
     def _owner(self, stage: int) -> int:
