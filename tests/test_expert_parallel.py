@@ -180,6 +180,16 @@ def test_ep2_with_two_data_parallel_shards_on_four_processes(data_dir, tmp_path)
         (2, ["--parallel.pp_virtual_stages=2"], "parallel.pp_virtual_stages is for the interleaved schedule"),
         (
             2,
+            ["--parallel.pp_size=2", "--batch.micro_batch_size=2", "--parallel.pp_microbatches=5"],
+            "parallel.pp_microbatches 5 does not divide this run's 12 micro-batches a step",
+        ),
+        (
+            2,
+            ["--parallel.pp_size=2", "--batch.micro_batch_size=2", "--parallel.pp_microbatches=1"],
+            "needs at least 2 micro-batches a step, and this run has 1 (parallel.pp_microbatches); raise",
+        ),
+        (
+            2,
             ["--parallel.cp_size=2", "--data.seq_len=62"],
             "2 x 2 equal chunks, which data.seq_len 62 is not a multiple",
         ),

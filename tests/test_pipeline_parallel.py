@@ -76,6 +76,15 @@ def torch_version() -> tuple[int, int]:
 
 
 @pytest.mark.distributed
+def test_pp2_in_two_passes_a_step_follows_the_single_process_run(data_dir, tmp_path):
+    """parallel.pp_microbatches 2 of 4 micro-batches a step: two pipeline passes whose gradients accumulate."""
+    micro = ["--batch.micro_batch_size=2"]
+    single = train(data_dir, tmp_path / "single", *micro, steps=4)
+    passes = ["--parallel.pp_microbatches=2", "--parallel.pp_schedule=interleaved"]
+    assert_same_run(train(data_dir, tmp_path / "pp", *PP2, *micro, *passes, nproc=2, steps=4), single)
+
+
+@pytest.mark.distributed
 def test_pp2_on_a_dense_model_with_an_untied_output_follows_the_single_process_run(data_dir, tmp_path):
     flags = [*DENSE, "--model.overrides.tie_word_embeddings=false"]
     single = train(data_dir, tmp_path / "single", *flags, steps=4)

@@ -101,6 +101,9 @@ class ParallelSection(Section):
     pp_size: int = Field(1, gt=0)  # fsdp/hsdp: pipeline parallelism, ranks that split the blocks into stages
     pp_schedule: Literal["1f1b", "interleaved", "zero-bubble", "dualpipev"] = "1f1b"
     pp_virtual_stages: int | None = Field(None, gt=1)  # interleaved: stages per rank (default 2)
+    # micro-batches a pipeline pass schedules; a step makes as many passes as its micro-batches fill (default:
+    # all of them in one pass, the smallest bubble)
+    pp_microbatches: int | None = Field(None, gt=0)
     # fsdp/hsdp: free gathered params after each forward (ZeRO-3 memory). Default: yes, but not under pp, whose
     # micro-batches would each gather again (torchtitan's default); the schedules free them after the step.
     reshard_after_forward: bool | None = None

@@ -25,7 +25,15 @@ from .context import apply_context_parallel, sequence_split
 from .data_parallel import apply_ddp, apply_fsdp, gradient_sync, reshards_after_forward
 from .expert import apply_expert_parallel
 from .mesh import Layout, MeshAxis, WorldMesh, build_world_mesh, check_model_fits, layout_of
-from .pipeline import V_SHAPED, Pipeline, split_into_stages, stage_uses_fsdp, stages_per_rank, tied_embedding_group
+from .pipeline import (
+    V_SHAPED,
+    Pipeline,
+    pass_micro_batches,
+    split_into_stages,
+    stage_uses_fsdp,
+    stages_per_rank,
+    tied_embedding_group,
+)
 from .precision import autocast, compute_dtype
 from .process_group import (
     Env,
@@ -93,6 +101,7 @@ def parallelize_pipeline(
         stages,
         par.pp_schedule,
         micro_batches,
+        pass_micro_batches(par.pp_microbatches, micro_batches),
         mesh.pipeline_parallel.get_group(),
         tied_embedding_group(mesh, model.config.tie_word_embeddings and par.pp_schedule not in V_SHAPED),
         env.device,

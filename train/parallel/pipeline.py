@@ -57,10 +57,16 @@ def rank_stages(pp_rank: int, pp: int, schedule: str, virtual_stages: int | None
     return [pp_rank + pp * chunk for chunk in range(stages_per_rank(schedule, virtual_stages))]
 
 
+def pass_micro_batches(configured: int | None, micro_batches: int) -> int:
+    """The micro-batches of one pipeline pass: parallel.pp_microbatches, or all of the step's."""
+    return configured or micro_batches
+
+
 def check_pipeline(
     config: TrainConfig, model_config: GrokConfig, layout: Layout, micro_batches: int, uses_cuda: bool
 ) -> None:
-    """What the configured pipeline needs of the model, the batch, torch and the backend; one line otherwise."""
+    """What the configured pipeline needs of the model, the batch (`micro_batches` a step on each rank), torch
+    and the backend; one line otherwise."""
     par = config.parallel
     if par.pp_virtual_stages is not None and par.pp_schedule != "interleaved":
         raise ConfigError(
@@ -77,12 +83,28 @@ def check_pipeline(
             f"but the model has {model_config.num_hidden_layers} layers; lower parallel.pp_size (or "
             f"pp_virtual_stages) or raise model.overrides.num_hidden_layers"
         )
-    shortfall = micro_batch_shortfall(par.pp_schedule, layout.pp, micro_batches)
+    if par.pp_microbatches is not None and micro_batches % par.pp_microbatches:
+        raise ConfigError(
+            f"parallel.pp_microbatches {par.pp_microbatches} does not divide this run's {micro_batches} micro-batches "
+            f"a step (the global batch / batch.micro_batch_size x data-parallel ranks); use a divisor of "
+            f"{micro_batches}, or remove it to schedule them all in one pass"
+        )
+    per_pass = pass_micro_batches(par.pp_microbatches, micro_batches)
+    shortfall = micro_batch_shortfall(par.pp_schedule, layout.pp, per_pass)
     if shortfall:
+        where = (
+            "parallel.pp_microbatches"
+            if par.pp_microbatches
+            else "the global batch / batch.micro_batch_size x data-parallel ranks"
+        )
         raise ConfigError(
             f"parallel.pp_schedule {par.pp_schedule!r} on {layout.pp} pipeline ranks {shortfall}, and this run has "
-            f"{micro_batches} (the global batch / batch.micro_batch_size x data-parallel ranks); lower "
-            f"batch.micro_batch_size or raise the global batch"
+            f"{per_pass} ({where}); "
+            + (
+                "raise parallel.pp_microbatches"
+                if par.pp_microbatches
+                else "lower batch.micro_batch_size or raise the global batch"
+            )
         )
     if par.pp_schedule in V_SHAPED and stage_uses_fsdp(layout) and par.reshard_after_forward:
         raise ConfigError(
@@ -148,7 +170,7 @@ def stage_layer_counts(layers: int, stages: int, last_extra: float) -> list[int]
 
 class RouterLossGradient(torch.autograd.Function):
     """Passes `hidden` through; in the backward, gives `router_loss` the gradient 1, as if it were added to the
-    loss (whose own gradient is 1 per micro-batch before the schedule scales every gradient by 1 / micro-batches)."""
+    schedule's loss (the micro-batch's, weighted by its share of the step)."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, hidden: torch.Tensor, router_loss: torch.Tensor) -> torch.Tensor:
@@ -179,6 +201,7 @@ class StageModel(nn.Module):
         self.moe_layers = whole.config.num_hidden_layers if whole.config.is_moe else 0
         self.sequence_shards = 1  # tensor parallelism: the residual stream between blocks holds 1/tp of the tokens
         self.cp_rank, self.cp_size = 0, 1  # context parallelism: which chunks of each sequence the tokens are
+        self.loss_weight = 1.0  # a micro-batch's share of the step's loss: 1 / micro-batches a step
         self.router_records: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def initial_std(self, module: nn.Module, name: str) -> float | None:
@@ -203,7 +226,7 @@ class StageModel(nn.Module):
             h, stats = block(h, inputs)
             if stats is not None:
                 router_loss = config.router_aux_loss_coef * stats.aux_loss + config.router_z_loss_coef * stats.z_loss
-                h = RouterLossGradient.apply(h, router_loss / self.moe_layers)
+                h = RouterLossGradient.apply(h, router_loss * self.loss_weight / self.moe_layers)
                 self.router_records.append(
                     (int(index), stats.aux_loss.detach(), stats.z_loss.detach(), stats.expert_token_counts.detach())
                 )
@@ -230,7 +253,8 @@ def split_into_stages(
 
 class Pipeline:
     """This rank's stages (`parts`, the split and wrapped StageModels) under a schedule: a training step over the
-    micro-batches, a forward-only pass for evaluation, and the tied embedding's gradient sum."""
+    micro-batches (`micro_batches` a step, in passes of `pass_size`), a forward-only pass for evaluation, and the
+    tied embedding's gradient sum."""
 
     def __init__(
         self,
@@ -238,6 +262,7 @@ class Pipeline:
         stages: int,
         schedule: str,
         micro_batches: int,
+        pass_size: int,
         group: dist.ProcessGroup,
         tie_group: dist.ProcessGroup | None,
         device: torch.device,
@@ -247,40 +272,51 @@ class Pipeline:
         self.pp, self.pp_rank = dist.get_world_size(group), dist.get_rank(group)
         self.by_stage = {part.stage: part for part in parts}
         self.holds_first, self.holds_last = 0 in self.by_stage, stages - 1 in self.by_stage
-        self.loss_fn, self.v_shaped, self.micro_batches = loss_fn, schedule in V_SHAPED, micro_batches
+        self.loss_fn, self.v_shaped = loss_fn, schedule in V_SHAPED
+        self.micro_batches, self.passes = micro_batches, micro_batches // pass_size
+        self.lm_losses: list[torch.Tensor] = []  # each micro-batch's, as the last stage computed it
+        for part in parts:
+            part.loss_weight = 1 / micro_batches
         pipeline_stages = [PipelineStage(part, part.stage, stages, device, group=group) for part in parts]
 
         def schedule_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            # not a view (tensor parallelism's loss is a DTensor's local tensor): the zero-bubble schedules
-            # detach the loss in place after the input gradients
-            return loss_fn(logits, targets).clone()
+            # Weighted here, not by the schedule (scale_grads=False), which would divide the gradients that
+            # earlier passes accumulated again: the step's gradient is the mean over its micro-batches, as
+            # without pp. (A new tensor, not a view: the zero-bubble schedules detach the loss in place.)
+            loss = loss_fn(logits, targets)
+            self.lm_losses.append(loss.detach())
+            return loss / micro_batches
 
+        options = dict(loss_fn=schedule_loss, scale_grads=False)
         if schedule == "1f1b":
-            self.schedule = schedules.Schedule1F1B(pipeline_stages[0], micro_batches, loss_fn=schedule_loss)
+            self.schedule = schedules.Schedule1F1B(pipeline_stages[0], pass_size, **options)
         else:
             kind = {
                 "interleaved": schedules.ScheduleInterleaved1F1B,
                 "zero-bubble": schedules.ScheduleZBVZeroBubble,
                 "dualpipev": schedules.ScheduleDualPipeV,
             }[schedule]
-            self.schedule = kind(pipeline_stages, micro_batches, loss_fn=schedule_loss)
+            self.schedule = kind(pipeline_stages, pass_size, **options)
         config = parts[0].config
         self.router_shape = (config.num_hidden_layers, config.num_local_experts) if config.is_moe else (0, 0)
         self.aux_coef, self.z_coef = config.router_aux_loss_coef, config.router_z_loss_coef
         self.tied = config.tie_word_embeddings
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward of every micro-batch. Returns this rank's part of the step's sums over micro-batches
-        (loss, lm_loss, aux_loss, z_loss: summed over the pp group they are the whole model's) and of the
-        experts' token counts per layer."""
-        losses = []
-        # contiguous: the loader's windows are views of a wider buffer, and torch 2.11's schedules check that
-        # every micro-batch has the strides the first one had
-        inputs, targets = inputs.contiguous(), targets.contiguous()
-        args = (inputs,) if self.holds_first else ()
-        kwargs = {"target": targets, "losses": losses} if self.holds_last else {}
-        self.schedule.step(*args, **kwargs)
-        lm_loss = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=inputs.device)
+        """Forward and backward of every micro-batch, pass after pass. Returns this rank's part of the step's sums
+        over micro-batches (loss, lm_loss, aux_loss, z_loss: summed over the pp group they are the whole model's)
+        and of the experts' token counts per layer."""
+        rows = inputs.shape[0] // self.passes
+        for first in range(0, inputs.shape[0], rows):
+            # contiguous: the loader's windows are views of a wider buffer, and torch 2.11's schedules check that
+            # every micro-batch has the strides the first one had
+            args = (inputs[first : first + rows].contiguous(),) if self.holds_first else ()
+            kwargs = {"target": targets[first : first + rows].contiguous()} if self.holds_last else {}
+            self.schedule.step(*args, **kwargs)
+        # the schedule's first step infers the shapes of the stages' outputs and gradients with a pass of its own,
+        # through the loss too (on empty tensors): those come first, and are not the step's
+        losses, self.lm_losses = self.lm_losses[len(self.lm_losses) - self.micro_batches :], []
+        lm_loss = torch.stack(losses).sum().float() if losses else torch.zeros((), device=inputs.device)
         return self.router_sums(lm_loss)
 
     def router_sums(self, lm_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
