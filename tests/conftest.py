@@ -146,10 +146,15 @@ def train(data_dir, out, *overrides, nproc: int = 1, steps: int = STEPS) -> list
 
 
 @pytest.fixture(scope="session")
-def reference(data_dir, tmp_path_factory) -> list[dict]:
+def reference(data_dir, tmp_path_factory) -> tuple[list[dict], Path]:
     """One process, no parallelism, checkpoints at steps 6 and 12."""
-    out = tmp_path_factory.mktemp("reference")
-    return train(data_dir, out, "--checkpoint.every=6", "--checkpoint.keep=3"), out
+    return checkpointed_run(data_dir, tmp_path_factory, "reference")
+
+
+def checkpointed_run(data_dir, tmp_path_factory, name, *flags, nproc=1) -> tuple[list[dict], Path]:
+    """A 12-step run with checkpoints at steps 6 and 12: (metrics rows, run folder)."""
+    out = tmp_path_factory.mktemp(name)
+    return train(data_dir, out, *flags, "--checkpoint.every=6", "--checkpoint.keep=3", nproc=nproc), out
 
 
 def assert_same_run(rows, single):

@@ -4,7 +4,7 @@ checkpoints resume on one process and export the single-process weights."""
 
 import pytest
 import torch
-from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, losses, train
+from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, checkpointed_run, losses, train
 
 from train.parallel.context import chunk_positions
 
@@ -21,9 +21,7 @@ def test_the_chunks_of_a_cp_group_cover_the_sequence_once_with_equal_causal_work
 
 @pytest.fixture(scope="module")
 def cp_run(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cp2")
-    flags = ["--parallel.cp_size=2", "--checkpoint.every=6", "--checkpoint.keep=3"]
-    return train(data_dir, out, *flags, nproc=2), out
+    return checkpointed_run(data_dir, tmp_path_factory, "cp2", "--parallel.cp_size=2", nproc=2)
 
 
 @pytest.mark.distributed

@@ -4,10 +4,15 @@ every stage contributes, and a dense model); its checkpoints resume on one proce
 the single-process weights."""
 
 import pytest
-import torch
-from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, losses, train
+from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, checkpointed_run, losses, train
 
-from train.parallel.pipeline import V_SHAPED, V_SHAPED_ON_GLOO_SINCE, rank_stages, stage_layer_counts
+from train.parallel.pipeline import (
+    V_SHAPED,
+    V_SHAPED_ON_GLOO_SINCE,
+    rank_stages,
+    stage_layer_counts,
+    v_shaped_runs_on_gloo,
+)
 
 PP2 = ["--parallel.pp_size=2"]
 DENSE = ["--model.overrides.num_local_experts=1", "--model.overrides.num_experts_per_tok=1"]
@@ -43,8 +48,7 @@ def test_each_schedule_gives_every_stage_to_one_rank():
 
 @pytest.fixture(scope="module")
 def pp_run(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp2")
-    return train(data_dir, out, *PP2, "--checkpoint.every=6", "--checkpoint.keep=3", nproc=2), out
+    return checkpointed_run(data_dir, tmp_path_factory, "pp2", *PP2, nproc=2)
 
 
 @pytest.mark.distributed
@@ -64,15 +68,11 @@ def test_pp2_1f1b_follows_the_single_process_run(reference, pp_run):
     ids=["interleaved", "zero-bubble", "dualpipev"],
 )
 def test_pp2_schedules_follow_the_single_process_run(data_dir, tmp_path, schedule):
-    if any(name in schedule[0] for name in V_SHAPED) and torch_version() < V_SHAPED_ON_GLOO_SINCE:
+    if any(name in schedule[0] for name in V_SHAPED) and not v_shaped_runs_on_gloo():
         pytest.skip(f"V-shaped schedules need torch {V_SHAPED_ON_GLOO_SINCE} on gloo")
     micro = [flag for flag in schedule if flag.startswith("--batch.")]
     single = train(data_dir, tmp_path / "single", *micro, steps=4)
     assert_same_run(train(data_dir, tmp_path / "pp", *PP2, *schedule, nproc=2, steps=4), single)
-
-
-def torch_version() -> tuple[int, int]:
-    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
 @pytest.mark.distributed
@@ -120,7 +120,7 @@ def test_pp2_with_another_dimension_on_four_processes_follows_the_single_process
 def test_v_shaped_schedules_with_fsdp_in_each_stage_follow_the_single_process_run(data_dir, tmp_path, schedule, flags):
     """The V's split backward computes weight gradients after the input gradients: FSDP must keep the stage's
     parameters gathered until then (the default under pp), and the schedule reduces them after the last."""
-    if torch_version() < V_SHAPED_ON_GLOO_SINCE:
+    if not v_shaped_runs_on_gloo():
         pytest.skip(f"V-shaped schedules need torch {V_SHAPED_ON_GLOO_SINCE} on gloo")
     model = [flag for flag in flags if flag.startswith(("--batch.", "--model."))]
     single = train(data_dir, tmp_path / "single", *model, steps=4)

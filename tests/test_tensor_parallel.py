@@ -3,25 +3,19 @@ parallelism follows the single-process run step for step; its checkpoints resume
 
 import pytest
 import torch
-from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, losses, train
+from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, checkpointed_run, losses, train
 
 KV2 = ["--model.overrides.num_key_value_heads=2"]  # tiny has 1 KV head; tp 2 splits heads over 2 ranks
 
 
-def checkpointed_run(data_dir, tmp_path_factory, name, *flags, nproc=1):
-    """A 12-step run with checkpoints at steps 6 and 12: (metrics rows, run folder)."""
-    out = tmp_path_factory.mktemp(name)
-    return train(data_dir, out, *KV2, *flags, "--checkpoint.every=6", "--checkpoint.keep=3", nproc=nproc), out
-
-
 @pytest.fixture(scope="module")
 def single_kv2(data_dir, tmp_path_factory):
-    return checkpointed_run(data_dir, tmp_path_factory, "single-kv2")
+    return checkpointed_run(data_dir, tmp_path_factory, "single-kv2", *KV2)
 
 
 @pytest.fixture(scope="module")
 def tp_run(data_dir, tmp_path_factory):
-    return checkpointed_run(data_dir, tmp_path_factory, "tp2", "--parallel.tp_size=2", nproc=2)
+    return checkpointed_run(data_dir, tmp_path_factory, "tp2", *KV2, "--parallel.tp_size=2", nproc=2)
 
 
 @pytest.mark.distributed
@@ -88,7 +82,7 @@ def test_a_tp2_checkpoint_exports_the_weights_one_process_trained(single_kv2, tp
 @pytest.fixture(scope="module")
 def tp_ep_run(data_dir, tmp_path_factory):
     return checkpointed_run(
-        data_dir, tmp_path_factory, "tp2-ep2", "--parallel.tp_size=2", "--parallel.ep_size=2", nproc=2
+        data_dir, tmp_path_factory, "tp2-ep2", *KV2, "--parallel.tp_size=2", "--parallel.ep_size=2", nproc=2
     )
 
 

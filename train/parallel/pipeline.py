@@ -44,6 +44,11 @@ V_SHAPED = ("zero-bubble", "dualpipev")
 V_SHAPED_ON_GLOO_SINCE = (2, 13)
 
 
+def v_shaped_runs_on_gloo() -> bool:
+    """Whether the installed torch runs the V-shaped schedules over gloo."""
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= V_SHAPED_ON_GLOO_SINCE
+
+
 def stages_per_rank(schedule: str, virtual_stages: int | None) -> int:
     if schedule in V_SHAPED:
         return 2
@@ -113,8 +118,7 @@ def check_pipeline(
             f"gathered after the forward (measured: resharded, the gradients are not one process's); remove "
             f"parallel.reshard_after_forward (under pp it defaults to false) or use 1f1b or interleaved"
         )
-    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    if par.pp_schedule in V_SHAPED and not uses_cuda and version < V_SHAPED_ON_GLOO_SINCE:
+    if par.pp_schedule in V_SHAPED and not uses_cuda and not v_shaped_runs_on_gloo():
         raise ConfigError(
             f"parallel.pp_schedule {par.pp_schedule!r} does not run on gloo with torch {torch.__version__} (it "
             f"needs {'.'.join(map(str, V_SHAPED_ON_GLOO_SINCE))} on CPU); use 1f1b or interleaved, or a GPU"
