@@ -62,6 +62,19 @@ def test_a_nan_loss_skips_one_update_and_training_goes_on(work):
     assert all(r["loss"] == r["loss"] for r in logged[5:])
 
 
+@pytest.mark.distributed
+def test_under_pipeline_parallelism_preemption_resumes_exactly_and_a_nan_loss_skips_one_update(work):
+    data, folder, _ = work
+    pp2 = ("--parallel.pp_size=2",)
+    reference = report.uninterrupted(data, folder, *pp2, tag="-pp2")
+    row = report.preemption(data, folder, reference, *pp2, tag="-pp2")
+    assert row["survived"] and row["steps_lost"] == 0 and row["losses_equal"] and row["weights_equal"], row
+    row = report.nan_loss(data, folder, reference, *pp2, tag="-pp2")
+    assert row["survived"] and row["skipped_steps"] == 1 and not row["weights_equal"], row
+    logged = report.rows(folder / "nan-pp2")
+    assert logged[4]["loss"] != logged[4]["loss"] and all(r["loss"] == r["loss"] for r in logged[5:])
+
+
 def train_one_process(data, out, *overrides, fault=None, timeout=120):
     argv = [sys.executable, "-m", "train", *report.train_args(data, out, *overrides), "--parallel.strategy=none"]
     return report.launch(argv, fault=fault, timeout=timeout)

@@ -85,10 +85,22 @@ def test_pp2_in_two_passes_a_step_follows_the_single_process_run(data_dir, tmp_p
 
 
 @pytest.mark.distributed
-def test_pp2_on_a_dense_model_with_an_untied_output_follows_the_single_process_run(data_dir, tmp_path):
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        [],
+        ["--parallel.pp_schedule=interleaved"],
+        ["--parallel.pp_schedule=zero-bubble", "--batch.micro_batch_size=2"],
+    ],
+    ids=["1f1b", "interleaved", "zero-bubble"],
+)
+def test_pp2_on_a_dense_model_with_an_untied_output_follows_the_single_process_run(data_dir, tmp_path, schedule):
+    if schedule and "zero-bubble" in schedule[0] and not v_shaped_runs_on_gloo():
+        pytest.skip(f"V-shaped schedules need torch {V_SHAPED_ON_GLOO_SINCE} on gloo")
     flags = [*DENSE, "--model.overrides.tie_word_embeddings=false"]
-    single = train(data_dir, tmp_path / "single", *flags, steps=4)
-    assert_same_run(train(data_dir, tmp_path / "pp", *PP2, *flags, nproc=2, steps=4), single)
+    micro = [flag for flag in schedule if flag.startswith("--batch.")]
+    single = train(data_dir, tmp_path / "single", *flags, *micro, steps=4)
+    assert_same_run(train(data_dir, tmp_path / "pp", *PP2, *flags, *schedule, nproc=2, steps=4), single)
 
 
 @pytest.mark.distributed

@@ -283,6 +283,16 @@ STRATEGY_RUNS = {  # name -> (processes, overrides)
         4,
         ["--parallel.strategy=fsdp", "--parallel.pp_size=2", "--parallel.ep_size=2", "--batch.micro_batch_size=8"],
     ),
+    # FSDP inside each stage of a V: 2 data-parallel ranks, 4 micro-batches of 4 each a step
+    "fsdp2-x-pp2-dualpipev": (
+        4,
+        [
+            "--parallel.strategy=fsdp",
+            "--parallel.pp_size=2",
+            "--parallel.pp_schedule=dualpipev",
+            "--batch.micro_batch_size=4",
+        ],
+    ),
 }
 PRESET_RUNS = {  # preset -> (config file, prepare arguments for its vocabulary)
     "tiny": ("configs/tiny.toml", ["--vocab-size", "2048"]),

@@ -134,10 +134,11 @@ def compare(case: str, out: Path, reference: Path, survived: bool, **extra: int 
     }
 
 
-def uninterrupted(data: Path, work: Path) -> Path:
-    out = work / "uninterrupted"
+def uninterrupted(data: Path, work: Path, *overrides: str, tag: str = "") -> Path:
+    """The run a case is compared with; `overrides` (and a `tag` for its folder) for another layout."""
+    out = work / f"uninterrupted{tag}"
     if not (out / "metrics.jsonl").is_file():
-        result = launch(command(data, out))
+        result = launch(command(data, out, *overrides))
         assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -157,10 +158,10 @@ def crash_during_save(data: Path, work: Path, reference: Path) -> dict:
     return row
 
 
-def preemption(data: Path, work: Path, reference: Path) -> dict:
+def preemption(data: Path, work: Path, reference: Path, *overrides: str, tag: str = "") -> dict:
     """SIGTERM to the job (what SLURM and Kubernetes send) once step 4 is logged, then the same command again."""
-    out = work / "preempted"
-    argv = command(data, out)
+    out = work / f"preempted{tag}"
+    argv = command(data, out, *overrides)
     job = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while job.poll() is None and max((r["step"] for r in rows(out)), default=0) < 4:
         time.sleep(0.05)
@@ -197,10 +198,10 @@ def hang(data: Path, work: Path, reference: Path) -> dict:
     )
 
 
-def nan_loss(data: Path, work: Path, reference: Path) -> dict:
+def nan_loss(data: Path, work: Path, reference: Path, *overrides: str, tag: str = "") -> dict:
     """A NaN loss at step 5: the update is skipped, counted, and training goes on (weights differ by design)."""
-    out = work / "nan"
-    result = launch(command(data, out), fault="nan:step=5")
+    out = work / f"nan{tag}"
+    result = launch(command(data, out, *overrides), fault="nan:step=5")
     logged = rows(out)
     row = compare("NaN loss at step 5 (update skipped)", out, reference, result.returncode == 0)
     row["skipped_steps"] = logged[-1]["skipped_steps"] if logged else None

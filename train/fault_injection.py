@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from .config import ConfigError
@@ -72,17 +73,23 @@ class FaultInjector:
         if self.fault.fires("killsave", step, self.rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def poison_loss(self, model: nn.Module, current_step: Callable[[], int]) -> None:
-        """From now on the model's loss is NaN during the nan fault's step (its other outputs stay finite)."""
+    def poison_loss(self, outputs: list[nn.Module], current_step: Callable[[], int]) -> None:
+        """From now on the loss is NaN during the nan fault's step: the model's (its other outputs stay finite),
+        or, pipelined, that of the last stage's logits (`outputs`: the model, or the last stages here)."""
         if self.fault.kind != "nan":
             return
 
         def poison(module: nn.Module, inputs: tuple, output: object) -> object:
-            if self.fault.fires("nan", current_step(), self.rank) and getattr(output, "loss", None) is not None:
+            if not self.fault.fires("nan", current_step(), self.rank):
+                return output
+            if isinstance(output, torch.Tensor):  # a last pipeline stage's logits
+                return output * float("nan")
+            if getattr(output, "loss", None) is not None:
                 output.loss = output.loss * float("nan")
             return output
 
-        model.register_forward_hook(poison)
+        for module in outputs:
+            module.register_forward_hook(poison)
 
 
 def injector_from_env(rank: int) -> FaultInjector | None:

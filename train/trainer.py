@@ -91,7 +91,9 @@ class Trainer:
         self.loss_mean = None  # running mean of accepted losses, for the spike guard
         self.faults = fault_injection.injector_from_env(env.rank)  # None unless MINICOLOSSUS_FAULT is set
         if self.faults is not None:
-            self.faults.poison_loss(self.model, lambda: self.step + 1)
+            pipeline = self.engine.pipeline
+            outputs = [part for part in pipeline.parts if part.last] if pipeline is not None else [self.model]
+            self.faults.poison_loss(outputs, lambda: self.step + 1)
         self.checkpointer = Checkpointer(
             config.checkpoint_dir,
             env,
