@@ -8,7 +8,8 @@
     python scripts/plan.py --published [--json]
     python scripts/plan.py --scaling grok-1,grok-2 --gpu-counts 1024,8192,100000 [--plot FILE.png] [--json]
 
-MODEL is a preset or a reference spec (llama3-405b, deepseek-v3, megatron-1t). A layout is --strategy (the
+MODEL is a preset, a reference spec (llama3-405b, deepseek-v3, megatron-1t) or a Hugging Face config.json (Llama,
+Mistral, Qwen, Mixtral, Qwen-MoE, DeepSeek-V2/V3, GPT-OSS, Grok and this project's exports). A layout is --strategy (the
 data-parallel kind: ddp, zero1-3, fsdp, hsdp) with --tp/--pp/--ep/--cp; data parallelism is what remains of
 --gpus. --search ranks every layout that fits by predicted throughput instead (--runnable: only those the
 trainer runs). --published prints the
@@ -25,6 +26,7 @@ from pathlib import Path
 from groundwork.cli import ArgumentParser, integer, positive_number, run_main
 
 from .planner.hardware import FABRICS, GPUS, Cluster
+from .planner.hf_config import spec_from_hf_config
 from .planner.job import CHECKPOINTING, DATA_PARALLEL, InvalidParallelism, Job, Parallelism
 from .planner.launch import not_runnable, trainer_flags
 from .planner.layout import Estimate, estimate
@@ -200,7 +202,7 @@ def print_scaling(models: list[str], gpu_counts: list[int], args: argparse.Names
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="scripts/plan.py", description=__doc__)
-    parser.add_argument("--model", choices=MODELS)
+    parser.add_argument("--model", help=f"{', '.join(MODELS)}, or a model's config.json (or its folder)")
     parser.add_argument("--gpus", type=integer(1))
     parser.add_argument("--gpu", default="h100", choices=list(GPUS))
     parser.add_argument("--fabric", default="roce400", choices=list(FABRICS), help="scale-out network per GPU")
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.published or args.scaling) and (args.model is None or args.gpus is None):
         parser.error("--model and --gpus are required (or --published, or --scaling)")
+    if args.model is not None and args.model not in MODELS and not Path(args.model).exists():
+        parser.error(f"argument --model: {args.model!r} is neither a model ({', '.join(MODELS)}) nor a config.json")
     scaling_models = args.scaling.split(",") if args.scaling else []
     for name in scaling_models:
         if name not in MODELS:
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if scaling_models:
             return print_scaling(scaling_models, gpu_counts, args)
-        spec = model_spec(args.model)
+        spec = model_spec(args.model) if args.model in MODELS else spec_from_hf_config(Path(args.model))
         seq_len = args.seq_len or min(8192, spec.context)
         job = Job(
             spec, Cluster(GPUS[args.gpu], FABRICS[args.fabric]), args.gpus, seq_len, int(args.global_batch_tokens)

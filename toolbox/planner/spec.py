@@ -54,7 +54,8 @@ class ModelSpec:
         h = self.hidden
         if self.kv_lora_rank:
             qk = self.head_dim + self.qk_rope_dim
-            q = h * self.q_lora_rank + self.q_lora_rank * self.heads * qk
+            # queries through a low-rank bottleneck (V3), or projected straight when there is none (V2-Lite)
+            q = h * self.q_lora_rank + self.q_lora_rank * self.heads * qk if self.q_lora_rank else h * self.heads * qk
             kv = h * (self.kv_lora_rank + self.qk_rope_dim) + self.kv_lora_rank * self.heads * (
                 self.head_dim + self.v_head_dim
             )
