@@ -6,6 +6,7 @@
                            [--global-batch-tokens B] [--token-budget TOKENS] [--search [--top K] [--runnable]]
                            [--json]
     python scripts/plan.py --published [--json]
+    python scripts/plan.py --held-out [--json]
     python scripts/plan.py --scaling grok-1,grok-2 --gpu-counts 1024,8192,100000 [--plot FILE.png] [--json]
 
 MODEL is a preset, a reference spec (llama3-405b, deepseek-v3, megatron-1t) or a Hugging Face config.json (Llama,
@@ -25,7 +26,9 @@ from pathlib import Path
 
 from groundwork.cli import ArgumentParser, integer, positive_number, run_main
 
+from .planner.accuracy import prediction, summary
 from .planner.hardware import FABRICS, GPUS, Cluster
+from .planner.heldout import RUNS as HELD_OUT
 from .planner.hf_config import spec_from_hf_config
 from .planner.job import CHECKPOINTING, DATA_PARALLEL, InvalidParallelism, Job, Parallelism
 from .planner.launch import not_runnable, trainer_flags
@@ -163,6 +166,50 @@ def published_rows() -> list[dict]:
     return rows
 
 
+def held_out_rows() -> list[dict]:
+    """Each held-out published run, predicted; then one summary row per split (calibration, held out)."""
+    rows = []
+    for run in HELD_OUT:
+        result = prediction(run)
+        rows.append(
+            {
+                "run": run.key,
+                "model": run.spec.name,
+                "gpus": f"{run.gpus:,} x {run.gpu}",
+                "layout": result.parallelism.describe(),
+                "software": run.software,
+                "stated": run.stated,
+                "published_tokens_per_gpu_s": run.tokens_per_gpu_s,
+                "predicted_tokens_per_gpu_s": result.tokens_per_s / run.gpus,
+                "error": result.tokens_per_s / run.gpus / run.tokens_per_gpu_s - 1,
+                "split": "calibration" if run.calibration else "held out",
+                "source": run.source,
+            }
+        )
+    for split in ("calibration", "held out"):
+        stats = summary(tuple(run for run in HELD_OUT if run.calibration == (split == "calibration")))
+        rows.append({"summary": split, **{key: value for key, value in stats.items() if key != "errors"}})
+    return rows
+
+
+def print_held_out(as_json: bool) -> None:
+    for row in held_out_rows():
+        if as_json:
+            print(json.dumps(row))
+        elif "summary" in row:
+            print(
+                f"{row['summary']}: {row['runs']} runs, median |error| {row['median_abs_error']:.0%} (median "
+                f"{row['median_error']:+.0%}), {row['within_20_percent']:.0%} within 20%, faster of "
+                f"{row['pairs']} measured pairs ranked first: {row['pairs_ordered']}"
+            )
+        else:
+            print(
+                f"{row['run']:<4} {row['model']:<16} {row['gpus']:<14} {row['layout']:<44} published "
+                f"{row['published_tokens_per_gpu_s']:>8,.1f} predicted {row['predicted_tokens_per_gpu_s']:>8,.1f} "
+                f"tokens/s/GPU ({row['error']:+.0%}) [{row['split']}]"
+            )
+
+
 def print_scaling(models: list[str], gpu_counts: list[int], args: argparse.Namespace) -> int:
     curves = {}
     for name in models:
@@ -221,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=integer(1), default=10, help="--search: how many to print")
     parser.add_argument("--runnable", action="store_true", help="--search: only the layouts the trainer runs")
     parser.add_argument("--published", action="store_true", help="the published runs, predicted vs published")
+    parser.add_argument("--held-out", action="store_true", help="the held-out published runs and their error")
     parser.add_argument("--scaling", help="comma-separated models: best layout at each of --gpu-counts")
     parser.add_argument("--gpu-counts", default="1024,2048,4096,8192,16384,32768,65536,100000,200000")
     parser.add_argument(
@@ -228,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line, one per layout")
     args = parser.parse_args(argv)
-    if not (args.published or args.scaling) and (args.model is None or args.gpus is None):
+    if not (args.published or args.held_out or args.scaling) and (args.model is None or args.gpus is None):
         parser.error("--model and --gpus are required (or --published, or --scaling)")
     if args.model is not None and args.model not in MODELS and not Path(args.model).exists():
         parser.error(f"argument --model: {args.model!r} is neither a model ({', '.join(MODELS)}) nor a config.json")
@@ -250,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         if args.plot:
             check_png_out(args.plot, "--plot")  # before the search: a refused file costs nothing
+        if args.held_out:
+            print_held_out(args.json)
+            return 0
         if args.published:
             rows = published_rows()
             for row in rows:

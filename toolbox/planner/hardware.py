@@ -50,6 +50,8 @@ FABRICS = {
     "roce400": Fabric("400 Gb/s RDMA over Ethernet per GPU (Colossus, Meta's RoCE cluster)", 400e9 / 8, 10e-6),
     "ib-ndr": Fabric("InfiniBand NDR 400 Gb/s per GPU", 400e9 / 8, 5e-6),
     "ib-hdr": Fabric("InfiniBand HDR 200 Gb/s per GPU", 200e9 / 8, 5e-6),
+    # BLOOM's Jean Zay nodes: 4 Omni-Path links of 100 Gb/s for 8 GPUs
+    "opa-4x100": Fabric("Omni-Path 4 x 100 Gb/s per node of 8 GPUs", 4 * 100e9 / 8 / 8, 5e-6),
 }
 NVLINK_LATENCY_S = 3e-6
 BUS_EFFICIENCY = 0.8  # NCCL's large-message bus bandwidth against the links' line rate, NVLink and NICs alike

@@ -1,0 +1,84 @@
+"""How far the planner's predictions are from the held-out published runs (toolbox/planner/heldout.py): each run's
+error, and the statistics the README reports (median absolute error, the share within 20%, and whether the faster
+layout of each measured pair is predicted faster)."""
+
+import itertools
+import statistics
+from dataclasses import replace
+
+from .hardware import FABRICS, GPUS, Cluster
+from .heldout import (
+    DEEPSPEED_ZERO3_2021,
+    LLM_FOUNDRY,
+    MEGATRON_2021,
+    MEGATRON_2022,
+    MEGATRON_DEEPSPEED,
+    HeldOutRun,
+)
+from .job import CHECKPOINTING, InvalidParallelism, Job
+from .layout import Estimate, estimate
+from .search import MICRO_BATCHES, VIRTUAL_STAGES
+
+# (flash attention, sequence parallelism) of each run's software: Megatron-LM had neither in 2021 and sequence
+# parallelism from 2022; llm-foundry runs FSDP without tensor parallelism (nothing to split the sequence over)
+KERNELS = {
+    MEGATRON_2021: (False, False),
+    DEEPSPEED_ZERO3_2021: (False, False),
+    MEGATRON_2022: (False, True),
+    MEGATRON_DEEPSPEED: (False, False),
+    LLM_FOUNDRY: (True, False),
+}
+
+
+def job(run: HeldOutRun) -> Job:
+    fused, sequence_parallel = KERNELS.get(run.software, (True, True))
+    return Job(
+        run.spec,
+        Cluster(GPUS[run.gpu], FABRICS[run.fabric]),
+        run.gpus,
+        run.spec.context,
+        run.global_batch_sequences * run.spec.context,
+        fused_attention=fused,
+        sequence_parallel=sequence_parallel,
+    )
+
+
+def prediction(run: HeldOutRun) -> Estimate:
+    """The run's layout, its open knobs filled as the search would: the fastest choice that fits (or the fastest)."""
+    choices = {"micro_batch": MICRO_BATCHES, "virtual_stages": VIRTUAL_STAGES, "checkpointing": CHECKPOINTING}
+    planned, results = job(run), []
+    for values in itertools.product(*(choices[knob] for knob in run.open)):
+        try:
+            results.append(estimate(planned, replace(run.parallelism, **dict(zip(run.open, values)))))
+        except InvalidParallelism:
+            continue
+    if not results:
+        raise InvalidParallelism(f"held-out run {run.key}: its layout does not divide its job")
+    return max(results, key=lambda result: (result.fits, result.tokens_per_s))
+
+
+def error(run: HeldOutRun) -> float:
+    """Predicted over published tokens/s per GPU, minus 1 (+ means predicted too fast)."""
+    return prediction(run).tokens_per_s / run.gpus / run.tokens_per_gpu_s - 1
+
+
+def summary(runs: tuple[HeldOutRun, ...]) -> dict:
+    errors = {run.key: error(run) for run in runs}
+    pairs = {}
+    for run in runs:
+        if run.pair:
+            pairs.setdefault(run.pair, []).append(run)
+    ordered = [
+        (first.tokens_per_gpu_s > second.tokens_per_gpu_s)
+        == ((1 + errors[first.key]) * first.tokens_per_gpu_s > (1 + errors[second.key]) * second.tokens_per_gpu_s)
+        for first, second in (members for members in pairs.values() if len(members) == 2)
+    ]
+    return {
+        "runs": len(errors),
+        "median_abs_error": statistics.median(abs(value) for value in errors.values()),
+        "median_error": statistics.median(errors.values()),
+        "within_20_percent": sum(abs(value) <= 0.20 for value in errors.values()) / len(errors),
+        "pairs_ordered": sum(ordered),
+        "pairs": len(ordered),
+        "errors": errors,
+    }
