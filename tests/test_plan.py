@@ -143,6 +143,18 @@ def test_a_published_parallelism_keeps_what_its_paper_states_and_fills_in_only_w
     assert dualpipe.parallelism.ep >= 64 and dualpipe.tokens_per_s >= 0.97 * ranked[0].tokens_per_s
 
 
+def test_the_step_breakdown_adds_up_to_the_step():
+    job = RUNS[0].job()
+    for parallelism in (
+        Parallelism("zero1", tp=8, pp=16, schedule="interleaved", virtual_stages=4),  # sends exposed in fill and drain
+        Parallelism("fsdp", tp=8, pp=16, micro_batch=1),
+        Parallelism("zero3", tp=8, checkpointing="full"),
+    ):
+        result = estimate(job, parallelism)
+        assert result.bubble_s > 0 or parallelism.pp == 1
+        assert result.step_s == pytest.approx(result.compute_s + result.bubble_s + result.exposed_comm_s, rel=1e-12)
+
+
 def test_dualpipe_hides_the_all_to_all_behind_the_other_micro_batch_at_twice_the_parameters():
     deepseek = RUNS[3]
     job, dualpipe = deepseek.job(), deepseek.parallelism

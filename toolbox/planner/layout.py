@@ -157,10 +157,11 @@ def estimate(job: Job, parallelism: Parallelism) -> Estimate:
     idle = bubble(parallelism.pp, parallelism.schedule, parallelism.virtual_stages, forward_share, weights_share)
     result.compute_s = micro_batches * compute_s
     result.bubble_s = idle * micro_batch_s
-    result.traffic = [traffic.over_step(micro_batches, idle) for traffic in per_micro_batch]
+    result.traffic = [traffic.over_step(micro_batches) for traffic in per_micro_batch]
     result.traffic += data_parallel_traffic(job, parallelism, dp, micro_batches, compute_s, forward_share)
     tied = tied_embedding_traffic(job, parallelism, dp)
     result.traffic += [tied] if tied is not None else []
-    data_parallel_exposed_s = sum(t.exposed_s for t in result.traffic if t.name.startswith(("dp", "pp tied")))
-    result.step_s = (micro_batches + idle) * micro_batch_s + data_parallel_exposed_s
+    # the bubble is idle micro-batch times, their exposed communication included; the rest is each
+    # collective's exposed time over the step: the breakdown adds up to the step
+    result.step_s = result.compute_s + result.bubble_s + result.exposed_comm_s
     return result

@@ -61,9 +61,9 @@ class MicroBatchTraffic:
     exposed_s: float
     step_exposed_s: float | None = None  # when the step exposes it otherwise (pipeline sends: fill and drain)
 
-    def over_step(self, micro_batches: int, idle: float) -> Traffic:
-        """The step's: `micro_batches` of it, exposed in `idle` bubble micro-batch times besides."""
-        exposed = self.exposed_s * (micro_batches + idle) if self.step_exposed_s is None else self.step_exposed_s
+    def over_step(self, micro_batches: int) -> Traffic:
+        """The step's: `micro_batches` of it (what the bubble's idle micro-batch times expose is the bubble's)."""
+        exposed = self.exposed_s * micro_batches if self.step_exposed_s is None else self.step_exposed_s
         return Traffic(self.name, self.link, self.sent * micro_batches, self.seconds * micro_batches, exposed)
 
 
