@@ -4,6 +4,7 @@
                            [--tp N] [--pp N] [--ep N] [--cp N] [--schedule 1f1b|interleaved|dualpipe]
                            [--virtual-stages V] [--checkpointing none|selective|full] [--micro-batch M] [--seq-len T]
                            [--global-batch-tokens B] [--token-budget TOKENS] [--search [--top K] [--runnable]]
+                           [--software any|megatron-lm-2021|megatron-core|deepseek|pytorch-fsdp|minicolossus|...]
                            [--json]
     python scripts/plan.py --published [--json]
     python scripts/plan.py --held-out [--json]
@@ -37,6 +38,7 @@ from .planner.pipeline import SCHEDULES
 from .planner.published import RUNS
 from .planner.scaling import scaling
 from .planner.search import search
+from .planner.software import SOFTWARE
 from .planner.spec import MODELS, model_spec
 from .plot import check_png_out, plot_scaling
 
@@ -50,6 +52,7 @@ def as_dict(result: Estimate, token_budget: float | None = None) -> dict:
         "gpus": job.gpus,
         "gpu": job.cluster.gpu.name,
         "fabric": job.cluster.fabric.name,
+        "software": job.software.name,
         "layout": parallelism.describe(),
         "strategy": parallelism.data_parallel,
         "dp": result.dp,
@@ -149,7 +152,7 @@ def published_rows() -> list[dict]:
     rows = []
     for run in RUNS:
         result = run.estimate()
-        best = search(run.job(), top=1, data_parallel=run.data_parallel)
+        best = search(run.job(), top=1)
         rows.append(
             {
                 "run": run.name,
@@ -267,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search", action="store_true", help="rank every layout that fits")
     parser.add_argument("--top", type=integer(1), default=10, help="--search: how many to print")
     parser.add_argument("--runnable", action="store_true", help="--search: only the layouts the trainer runs")
+    parser.add_argument(
+        "--software", default="any", choices=list(SOFTWARE), help="the training stack: what it offers, its kernels"
+    )
     parser.add_argument("--published", action="store_true", help="the published runs, predicted vs published")
     parser.add_argument("--held-out", action="store_true", help="the held-out published runs and their error")
     parser.add_argument("--scaling", help="comma-separated models: best layout at each of --gpu-counts")
@@ -316,9 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             return print_scaling(scaling_models, gpu_counts, args)
         spec = model_spec(args.model) if args.model in MODELS else spec_from_hf_config(Path(args.model))
         seq_len = args.seq_len or min(8192, spec.context)
-        job = Job(
-            spec, Cluster(GPUS[args.gpu], FABRICS[args.fabric]), args.gpus, seq_len, int(args.global_batch_tokens)
-        )
+        cluster = Cluster(GPUS[args.gpu], FABRICS[args.fabric])
+        job = Job(spec, cluster, args.gpus, seq_len, int(args.global_batch_tokens), software=SOFTWARE[args.software])
         if args.search:
             found = search(job, top=args.top, runnable_only=args.runnable)
             rows = [as_dict(result, args.token_budget) for result in found]

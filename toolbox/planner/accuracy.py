@@ -12,34 +12,38 @@ from .heldout import (
     LLM_FOUNDRY,
     MEGATRON_2021,
     MEGATRON_2022,
+    MEGATRON_2023,
+    MEGATRON_BRIDGE,
     MEGATRON_DEEPSPEED,
+    NEMO_2024,
     HeldOutRun,
 )
 from .job import CHECKPOINTING, InvalidParallelism, Job
 from .layout import Estimate, estimate
 from .search import MICRO_BATCHES, VIRTUAL_STAGES
+from .software import SOFTWARE
 
-# (flash attention, sequence parallelism) of each run's software: Megatron-LM had neither in 2021 and sequence
-# parallelism from 2022; llm-foundry runs FSDP without tensor parallelism (nothing to split the sequence over)
-KERNELS = {
-    MEGATRON_2021: (False, False),
-    DEEPSPEED_ZERO3_2021: (False, False),
-    MEGATRON_2022: (False, True),
-    MEGATRON_DEEPSPEED: (False, False),
-    LLM_FOUNDRY: (True, False),
+# Each run's stack as a software profile (toolbox/planner/software.py)
+PROFILES = {
+    MEGATRON_2021: "megatron-lm-2021",
+    DEEPSPEED_ZERO3_2021: "deepspeed-2021",
+    MEGATRON_2022: "megatron-lm-2022",
+    MEGATRON_2023: "megatron-core",
+    NEMO_2024: "megatron-core",
+    MEGATRON_DEEPSPEED: "megatron-deepspeed",
+    LLM_FOUNDRY: "pytorch-fsdp",
+    MEGATRON_BRIDGE: "megatron-core",
 }
 
 
 def job(run: HeldOutRun) -> Job:
-    fused, sequence_parallel = KERNELS.get(run.software, (True, True))
     return Job(
         run.spec,
         Cluster(GPUS[run.gpu], FABRICS[run.fabric]),
         run.gpus,
         run.spec.context,
         run.global_batch_sequences * run.spec.context,
-        fused_attention=fused,
-        sequence_parallel=sequence_parallel,
+        software=SOFTWARE[PROFILES[run.software]],
     )
 
 

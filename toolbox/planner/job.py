@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from groundwork.errors import UserError
 
 from .hardware import Cluster
+from .software import CHECKPOINTING, DATA_PARALLEL, SOFTWARE, Software
 from .spec import ModelSpec
 
-DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp")
-CHECKPOINTING = ("none", "selective", "full")
+__all__ = ["CHECKPOINTING", "DATA_PARALLEL", "InvalidParallelism", "Job", "Parallelism"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,15 @@ class Job:
     seq_len: int
     global_batch_tokens: int = 16 * 2**20  # Llama 3's
     model_bytes: int = 2  # bf16 compute; 4 describes this project's fp32 CPU runs
-    # today's kernels; a published run of 2021 (Megatron-LM's 1T) had neither
-    fused_attention: bool = True  # flash attention: no T x T scores kept for the backward
-    sequence_parallel: bool = True  # the residual stream split over tp ranks between blocks
+    software: Software = SOFTWARE["any"]  # what the run's stack offers and its kernels (toolbox/planner/software.py)
+
+    @property
+    def fused_attention(self) -> bool:
+        return self.software.fused_attention
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.software.sequence_parallel
 
 
 class InvalidParallelism(UserError, ValueError):

@@ -14,9 +14,10 @@ import itertools
 from dataclasses import dataclass, replace
 
 from .hardware import FABRICS, GPUS, Cluster
-from .job import CHECKPOINTING, DATA_PARALLEL, InvalidParallelism, Job, Parallelism
+from .job import CHECKPOINTING, InvalidParallelism, Job, Parallelism
 from .layout import Estimate, estimate
 from .search import MICRO_BATCHES, VIRTUAL_STAGES
+from .software import SOFTWARE
 from .spec import REFERENCES, ModelSpec
 
 
@@ -33,10 +34,8 @@ class PublishedRun:
     figure: float
     unit: str  # "TFLOP/s per GPU" or "GPU-hours per 1T tokens"
     source: str
-    # what the run's software offered: the search is ranked among the same choices
-    data_parallel: tuple[str, ...] = DATA_PARALLEL
-    fused_attention: bool = True
-    sequence_parallel: bool = True
+    # what the run's software offered (toolbox/planner/software.py): the search is ranked among the same choices
+    software: str = "any"
     open: tuple[str, ...] = ("micro_batch",)  # the knobs of its parallelism the publication does not state
 
     def estimate(self) -> Estimate:
@@ -57,8 +56,7 @@ class PublishedRun:
             self.gpus,
             self.seq_len,
             self.global_batch_tokens,
-            fused_attention=self.fused_attention,
-            sequence_parallel=self.sequence_parallel,
+            software=SOFTWARE[self.software],
         )
 
     def predicted(self, result: Estimate | None = None) -> float:
@@ -148,9 +146,6 @@ RUNS = (
         163,
         "TFLOP/s per GPU",
         "Narayanan et al. 2021, table 1",
-        # Megatron-LM in 2021: no distributed optimizer, no flash attention, no sequence parallelism
-        data_parallel=("ddp",),
-        fused_attention=False,
-        sequence_parallel=False,
+        software="megatron-lm-2021",  # no distributed optimizer, no flash attention, no sequence parallelism
     ),
 )

@@ -3,7 +3,7 @@
 import itertools
 from collections.abc import Iterator
 
-from .job import CHECKPOINTING, DATA_PARALLEL, InvalidParallelism, Job, Parallelism
+from .job import InvalidParallelism, Job, Parallelism
 from .launch import not_runnable
 from .layout import Estimate, estimate
 
@@ -15,18 +15,28 @@ def powers_of_two(limit: int) -> list[int]:
     return [2**i for i in range(limit.bit_length()) if 2**i <= limit]
 
 
-def candidates(job: Job, data_parallel: tuple[str, ...] = DATA_PARALLEL) -> Iterator[Parallelism]:
+def candidates(job: Job) -> Iterator[Parallelism]:
+    """Every layout the job's software offers (its data-parallel kinds, schedules and checkpointing)."""
     spec, node = job.spec, job.cluster.gpus_per_node
-    tps = powers_of_two(node)
+    offered = job.software.model_parallel
+    tps = powers_of_two(node) if "tp" in offered else [1]
     # any stage count that divides the job (100,000 GPUs = 2^5 x 5^5 take pp 5 or 25), uneven stages allowed
-    pps = [stages for stages in range(1, min(spec.layers, 128) + 1) if job.gpus % stages == 0]
-    eps = powers_of_two(spec.experts) if spec.is_moe else [1]
-    cps = [degree for degree in powers_of_two(32) if job.seq_len >= 16384 or degree == 1]
+    pps = [
+        stages
+        for stages in range(1, min(spec.layers, 128) + 1)
+        if job.gpus % stages == 0 and (stages == 1 or "pp" in offered)
+    ]
+    eps = powers_of_two(spec.experts) if spec.is_moe and "ep" in offered else [1]
+    cps = [degree for degree in powers_of_two(32) if (job.seq_len >= 16384 and "cp" in offered) or degree == 1]
     for dp_kind, tp, pp, ep, cp, checkpointing, micro_batch in itertools.product(
-        data_parallel, tps, pps, eps, cps, CHECKPOINTING, MICRO_BATCHES
+        job.software.data_parallel, tps, pps, eps, cps, job.software.checkpointing, MICRO_BATCHES
     ):
-        schedules = [("1f1b", 1)] + ([("interleaved", virtual) for virtual in VIRTUAL_STAGES] if pp > 1 else [])
-        schedules += [("dualpipe", 1)] if pp % 2 == 0 else []
+        offered = job.software.schedules
+        schedules = [("1f1b", 1)]
+        schedules += (
+            [("interleaved", virtual) for virtual in VIRTUAL_STAGES] if pp > 1 and "interleaved" in offered else []
+        )
+        schedules += [("dualpipe", 1)] if pp % 2 == 0 and "dualpipe" in offered else []
         for schedule, virtual_stages in schedules:
             yield Parallelism(
                 dp_kind,
@@ -46,13 +56,11 @@ def search(
     job: Job,
     top: int | None = None,
     fitting_only: bool = True,
-    data_parallel: tuple[str, ...] = DATA_PARALLEL,
     runnable_only: bool = False,
 ) -> list[Estimate]:
-    """`data_parallel` narrows the kinds tried (a published run's software had only some of them);
-    `runnable_only` to the layouts this project's trainer runs."""
+    """What the job's software offers (Job.software), or with `runnable_only` what this project's trainer runs."""
     results = []
-    for parallelism in candidates(job, data_parallel):
+    for parallelism in candidates(job):
         if runnable_only and not_runnable(job, parallelism) is not None:
             continue
         try:

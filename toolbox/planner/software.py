@@ -1,0 +1,112 @@
+"""The training software a plan assumes, by name: what it offers (data-parallel kinds, pipeline schedules,
+selective checkpointing) and its kernels (flash attention, sequence parallelism). A run is planned for one
+software profile, chosen per run, so that the search tries only what that stack can do and a published run is
+costed with what its stack had: never a per-run constant.
+"""
+
+from dataclasses import dataclass
+
+from groundwork.errors import UserError
+
+DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp")
+CHECKPOINTING = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Software:
+    name: str
+    description: str
+    data_parallel: tuple[str, ...]
+    schedules: tuple[str, ...]  # the planner's names: 1f1b, interleaved, dualpipe
+    model_parallel: tuple[str, ...] = ("tp", "pp", "ep", "cp")  # the dimensions it splits a model along
+    selective_checkpointing: bool = True
+    fused_attention: bool = True  # flash attention: no T x T scores kept for the backward
+    sequence_parallel: bool = True  # the residual stream split over tp ranks between blocks
+
+    @property
+    def checkpointing(self) -> tuple[str, ...]:
+        return CHECKPOINTING if self.selective_checkpointing else ("none", "full")
+
+
+SOFTWARE = {
+    profile.name: profile
+    for profile in (
+        Software("any", "every technique the planner models", DATA_PARALLEL, ("1f1b", "interleaved", "dualpipe")),
+        Software(
+            "megatron-lm-2021",
+            "Megatron-LM as in Narayanan et al. 2021: tp, pp (1F1B, interleaved), plain data parallelism, full recompute",
+            ("ddp",),
+            ("1f1b", "interleaved"),
+            ("tp", "pp"),
+            selective_checkpointing=False,
+            fused_attention=False,
+            sequence_parallel=False,
+        ),
+        Software(
+            "megatron-lm-2022",
+            "Megatron-LM with sequence parallelism and selective recompute (Korthikanti et al. 2022)",
+            ("ddp", "zero1"),
+            ("1f1b", "interleaved"),
+            ("tp", "pp"),
+            fused_attention=False,
+        ),
+        Software(
+            "deepspeed-2021",
+            "DeepSpeed ZeRO as Narayanan et al. 2021 compared it: data parallelism only, full recompute",
+            ("ddp", "zero1", "zero2", "zero3"),
+            ("1f1b",),
+            (),
+            selective_checkpointing=False,
+            fused_attention=False,
+            sequence_parallel=False,
+        ),
+        Software(
+            "megatron-deepspeed",
+            "Megatron-DeepSpeed (BLOOM, MT-NLG): ZeRO-1 beside tp and pp, 1F1B, no sequence parallelism",
+            ("ddp", "zero1"),
+            ("1f1b",),
+            ("tp", "pp"),
+            selective_checkpointing=False,
+            fused_attention=False,
+            sequence_parallel=False,
+        ),
+        Software(
+            "megatron-core",
+            "Megatron-Core / NeMo (2023 on): distributed optimizer, flash attention, sequence parallelism",
+            ("ddp", "zero1"),
+            ("1f1b", "interleaved"),
+        ),
+        Software(
+            "deepseek",
+            "DeepSeek's HAI-LLM (DeepSeek-V3): ZeRO-1, DualPipe",
+            ("zero1",),
+            ("1f1b", "interleaved", "dualpipe"),
+            ("tp", "pp", "ep"),
+        ),
+        Software(
+            "pytorch-fsdp",
+            "PyTorch FSDP without model parallelism (llm-foundry)",
+            ("fsdp", "hsdp"),
+            ("1f1b",),
+            (),
+            sequence_parallel=False,
+        ),
+        Software(
+            "minicolossus",
+            "this project's trainer: ddp, fsdp, hsdp, DeepSpeed ZeRO; tp, cp, ep and pp under fsdp/hsdp",
+            ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp"),
+            ("1f1b", "interleaved", "dualpipe"),
+            selective_checkpointing=False,
+        ),
+    )
+}
+
+
+class UnknownSoftware(UserError, ValueError):
+    """A software profile the planner does not know."""
+
+
+def software(name: str) -> Software:
+    if name not in SOFTWARE:
+        raise UnknownSoftware(f"software profile {name!r} is not one of {', '.join(SOFTWARE)}")
+    return SOFTWARE[name]
