@@ -48,3 +48,10 @@ def test_the_cli_plans_for_a_named_software_and_refuses_an_unknown_one():
     assert all(row["software"] == "pytorch-fsdp" and row["tp"] == row["pp"] == 1 for row in rows)
     unknown = in_process(plan.main, "--model", "grok-1", "--gpus", "8", "--software", "jax")
     assert unknown.returncode == 2 and "--software" in unknown.stderr
+
+
+def test_a_stack_that_reduces_after_the_backward_exposes_the_whole_all_reduce():
+    layout = Parallelism("ddp", tp=8, pp=16, checkpointing="full")
+    for name, exposed_whole in (("megatron-lm-2021", True), ("megatron-core", False)):
+        reduce = next(t for t in estimate(grok_job(name), layout).traffic if t.name.startswith("dp all-reduce"))
+        assert (reduce.exposed_s == reduce.seconds) == exposed_whole, (name, reduce)

@@ -22,6 +22,12 @@ class Software:
     selective_checkpointing: bool = True
     fused_attention: bool = True  # flash attention: no T x T scores kept for the backward
     sequence_parallel: bool = True  # the residual stream split over tp ranks between blocks
+    # What it overlaps with compute. DDP / ZeRO-1/2 gradient all-reduce behind the last backward (Megatron-LM's
+    # own DDP reduced after the whole backward until --overlap-grad-reduce, 2023; DeepSpeed's overlap_comm is
+    # off by default below ZeRO-3), and ZeRO-1/2's parameter all-gather behind the next forward
+    # (--overlap-param-gather, 2023). FSDP and ZeRO-3 always prefetch and reduce behind compute.
+    gradient_overlap: bool = True
+    param_gather_overlap: bool = True
 
     @property
     def checkpointing(self) -> tuple[str, ...]:
@@ -41,6 +47,8 @@ SOFTWARE = {
             selective_checkpointing=False,
             fused_attention=False,
             sequence_parallel=False,
+            gradient_overlap=False,
+            param_gather_overlap=False,
         ),
         Software(
             "megatron-lm-2022",
@@ -49,6 +57,8 @@ SOFTWARE = {
             ("1f1b", "interleaved"),
             ("tp", "pp"),
             fused_attention=False,
+            gradient_overlap=False,
+            param_gather_overlap=False,
         ),
         Software(
             "deepspeed-2021",
@@ -59,6 +69,8 @@ SOFTWARE = {
             selective_checkpointing=False,
             fused_attention=False,
             sequence_parallel=False,
+            gradient_overlap=False,
+            param_gather_overlap=False,
         ),
         Software(
             "megatron-deepspeed",
@@ -69,6 +81,8 @@ SOFTWARE = {
             selective_checkpointing=False,
             fused_attention=False,
             sequence_parallel=False,
+            gradient_overlap=False,
+            param_gather_overlap=False,
         ),
         Software(
             "megatron-core",

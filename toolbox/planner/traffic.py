@@ -193,6 +193,15 @@ def data_parallel_traffic(
     dense, experts = stage_params(spec, parallelism)
     grad_bytes = 4 if strategy in ("ddp", "fsdp", "hsdp") else job.model_bytes
     forward_window, backward_window = compute_s * forward_share, compute_s * (1 - forward_share)
+    software = job.software
+
+    def window(overlaps: bool, phase: str) -> tuple[float, int]:
+        """(compute to hide behind, pieces issued) for a collective its software overlaps or, not, issues
+        after the phase (a single exposed piece)."""
+        if not overlaps:
+            return 0.0, 1
+        return (forward_window if phase == "f" else backward_window), stage_layers
+
     traffic = []
     compute_windows = {}  # per link: the compute left to hide sharded gathers and reductions behind
     groups = [("dense", dense, dp * parallelism.cp, parallelism.tp)]
@@ -212,9 +221,12 @@ def data_parallel_traffic(
             # DeepSpeed all-reduces the gradients at ZeRO-1/2 too (each rank then keeps its partition) and
             # all-gathers the updated parameters after its optimizer step, as measured on this trainer
             reduce = per_layer(collectives.all_reduce, grad_bytes * params, ranks, bandwidth, latency, stage_layers)
-            traffic.append(overlapped(f"dp all-reduce ({what})", kind, *reduce, backward_window, stage_layers))
+            traffic.append(
+                overlapped(f"dp all-reduce ({what})", kind, *reduce, *window(software.gradient_overlap, "b"))
+            )
             if strategy != "ddp":
-                traffic.append(overlapped(f"dp all-gather ({what})", kind, *gather, forward_window, stage_layers))
+                hidden = window(software.param_gather_overlap, "f")
+                traffic.append(overlapped(f"dp all-gather ({what})", kind, *gather, *hidden))
             continue
         # fsdp / hsdp / zero3: gathers for each micro-batch's forward and backward
         reduce = per_layer(
