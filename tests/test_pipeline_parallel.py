@@ -6,7 +6,7 @@ the single-process weights."""
 import pytest
 from conftest import STEPS, assert_exports_the_same_weights, assert_same_run, checkpointed_run, losses, train
 
-from train.parallel.pipeline import (
+from train.parallel.pipeline_plan import (
     V_SHAPED,
     V_SHAPED_ON_GLOO_SINCE,
     rank_stages,

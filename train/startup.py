@@ -14,7 +14,7 @@ from . import checkpoint, checkpoint_files, fault_injection, weights
 from .batch_memory import check_batches_fit
 from .config import ConfigError, TrainConfig
 from .parallel import Env, broadcast_from_main, check_model_fits, layout_of, uses_cuda
-from .parallel.pipeline import check_pipeline
+from .parallel.pipeline_plan import check_pipeline
 from .validation import eval_batch_rows
 
 # What the run writes in run.out_dir besides its checkpoints: each a regular file (or folder) of the run or

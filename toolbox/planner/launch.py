@@ -2,7 +2,7 @@
 parallelism the planner costed (strategy, tp/cp/ep/pp degrees and schedule, micro-batch, sequence and global
 batch), or the one reason it cannot."""
 
-from train.parallel.pipeline import micro_batch_shortfall
+from train.parallel.pipeline_plan import micro_batch_shortfall
 
 from .job import Job, Parallelism
 

@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
     out, trainer_args = Path(argv[0]), argv[1:]
     from train import trainer as trainer_module
     from train.__main__ import main as train_main
-    from train.parallel.pipeline import stages_per_rank
+    from train.parallel.pipeline_plan import stages_per_rank
 
     counter = CollectiveCounter()
     waits = PipelineWaits()

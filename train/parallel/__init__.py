@@ -25,15 +25,8 @@ from .context import apply_context_parallel, sequence_split
 from .data_parallel import apply_ddp, apply_fsdp, gradient_sync, reshards_after_forward
 from .expert import apply_expert_parallel
 from .mesh import Layout, MeshAxis, WorldMesh, build_world_mesh, check_model_fits, layout_of
-from .pipeline import (
-    V_SHAPED,
-    Pipeline,
-    pass_micro_batches,
-    split_into_stages,
-    stage_uses_fsdp,
-    stages_per_rank,
-    tied_embedding_group,
-)
+from .pipeline import Pipeline, split_into_stages, tied_embedding_group
+from .pipeline_plan import V_SHAPED, pass_micro_batches, stage_uses_fsdp, stages_per_rank
 from .precision import autocast, compute_dtype
 from .process_group import (
     Env,
