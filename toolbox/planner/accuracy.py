@@ -2,9 +2,7 @@
 error, and the statistics the README reports (median absolute error, the share within 20%, and whether the faster
 layout of each measured pair is predicted faster)."""
 
-import itertools
 import statistics
-from dataclasses import replace
 
 from .hardware import FABRICS, GPUS, Cluster
 from .heldout import (
@@ -18,9 +16,9 @@ from .heldout import (
     NEMO_2024,
     HeldOutRun,
 )
-from .job import CHECKPOINTING, InvalidParallelism, Job
-from .layout import Estimate, estimate
-from .search import MICRO_BATCHES, VIRTUAL_STAGES
+from .job import Job
+from .layout import Estimate
+from .search import fill_open
 from .software import SOFTWARE
 
 # Each run's stack as a software profile (toolbox/planner/software.py)
@@ -49,16 +47,7 @@ def job(run: HeldOutRun) -> Job:
 
 def prediction(run: HeldOutRun) -> Estimate:
     """The run's layout, its open knobs filled as the search would: the fastest choice that fits (or the fastest)."""
-    choices = {"micro_batch": MICRO_BATCHES, "virtual_stages": VIRTUAL_STAGES, "checkpointing": CHECKPOINTING}
-    planned, results = job(run), []
-    for values in itertools.product(*(choices[knob] for knob in run.open)):
-        try:
-            results.append(estimate(planned, replace(run.parallelism, **dict(zip(run.open, values)))))
-        except InvalidParallelism:
-            continue
-    if not results:
-        raise InvalidParallelism(f"held-out run {run.key}: its layout does not divide its job")
-    return max(results, key=lambda result: (result.fits, result.tokens_per_s))
+    return fill_open(job(run), run.parallelism, run.open)
 
 
 def error(run: HeldOutRun) -> float:

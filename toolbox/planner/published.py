@@ -10,13 +10,12 @@ counts its recomputed forward too (96 B s l h^2 (1 + s / 6h + V / 16 l h) per ba
 GPU-hours per trillion tokens, which needs no FLOP counting at all.
 """
 
-import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .hardware import FABRICS, GPUS, Cluster
-from .job import CHECKPOINTING, InvalidParallelism, Job, Parallelism
-from .layout import Estimate, estimate
-from .search import MICRO_BATCHES, VIRTUAL_STAGES
+from .job import Job, Parallelism
+from .layout import Estimate
+from .search import fill_open
 from .software import SOFTWARE
 from .spec import REFERENCES, ModelSpec
 
@@ -40,14 +39,7 @@ class PublishedRun:
 
     def estimate(self) -> Estimate:
         """The published parallelism, its open knobs filled in as the search would fill them."""
-        choices = {"micro_batch": MICRO_BATCHES, "virtual_stages": VIRTUAL_STAGES, "checkpointing": CHECKPOINTING}
-        job, results = self.job(), []
-        for values in itertools.product(*(choices[knob] for knob in self.open)):
-            try:
-                results.append(estimate(job, replace(self.parallelism, **dict(zip(self.open, values)))))
-            except InvalidParallelism:
-                continue
-        return max(results, key=lambda result: (result.fits, result.tokens_per_s))
+        return fill_open(self.job(), self.parallelism, self.open)
 
     def job(self) -> Job:
         return Job(

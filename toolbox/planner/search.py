@@ -2,8 +2,9 @@
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import replace
 
-from .job import InvalidParallelism, Job, Parallelism
+from .job import CHECKPOINTING, InvalidParallelism, Job, Parallelism
 from .launch import not_runnable
 from .layout import Estimate, estimate
 
@@ -50,6 +51,21 @@ def candidates(job: Job) -> Iterator[Parallelism]:
                 checkpointing=checkpointing,
                 shard_size=node,
             )
+
+
+def fill_open(job: Job, parallelism: Parallelism, open_knobs: tuple[str, ...]) -> Estimate:
+    """A stated layout whose `open_knobs` (micro_batch, virtual_stages, checkpointing) are filled as the search
+    would fill them: the fastest choice that fits, or the fastest if none does."""
+    choices = {"micro_batch": MICRO_BATCHES, "virtual_stages": VIRTUAL_STAGES, "checkpointing": CHECKPOINTING}
+    results = []
+    for values in itertools.product(*(choices[knob] for knob in open_knobs)):
+        try:
+            results.append(estimate(job, replace(parallelism, **dict(zip(open_knobs, values)))))
+        except InvalidParallelism:
+            continue
+    if not results:
+        raise InvalidParallelism(f"{parallelism.describe()} does not divide this job, whatever its open knobs")
+    return max(results, key=lambda result: (result.fits, result.tokens_per_s))
 
 
 def search(

@@ -34,6 +34,16 @@ class Software:
         return CHECKPOINTING if self.selective_checkpointing else ("none", "full")
 
 
+# What stacks of 2021 had not: selective recompute, flash attention, sequence parallelism, and data-parallel
+# reductions overlapped with compute (Megatron-LM's own DDP, DeepSpeed's overlap_comm below ZeRO-3)
+BEFORE_2022 = dict(
+    selective_checkpointing=False,
+    fused_attention=False,
+    sequence_parallel=False,
+    gradient_overlap=False,
+    param_gather_overlap=False,
+)
+
 SOFTWARE = {
     profile.name: profile
     for profile in (
@@ -44,11 +54,7 @@ SOFTWARE = {
             ("ddp",),
             ("1f1b", "interleaved"),
             ("tp", "pp"),
-            selective_checkpointing=False,
-            fused_attention=False,
-            sequence_parallel=False,
-            gradient_overlap=False,
-            param_gather_overlap=False,
+            **BEFORE_2022,
         ),
         Software(
             "megatron-lm-2022",
@@ -56,9 +62,7 @@ SOFTWARE = {
             ("ddp", "zero1"),
             ("1f1b", "interleaved"),
             ("tp", "pp"),
-            fused_attention=False,
-            gradient_overlap=False,
-            param_gather_overlap=False,
+            **{**BEFORE_2022, "selective_checkpointing": True, "sequence_parallel": True},
         ),
         Software(
             "deepspeed-2021",
@@ -66,11 +70,7 @@ SOFTWARE = {
             ("ddp", "zero1", "zero2", "zero3"),
             ("1f1b",),
             (),
-            selective_checkpointing=False,
-            fused_attention=False,
-            sequence_parallel=False,
-            gradient_overlap=False,
-            param_gather_overlap=False,
+            **BEFORE_2022,
         ),
         Software(
             "megatron-deepspeed",
@@ -78,11 +78,7 @@ SOFTWARE = {
             ("ddp", "zero1"),
             ("1f1b",),
             ("tp", "pp"),
-            selective_checkpointing=False,
-            fused_attention=False,
-            sequence_parallel=False,
-            gradient_overlap=False,
-            param_gather_overlap=False,
+            **BEFORE_2022,
         ),
         Software(
             "megatron-core",
