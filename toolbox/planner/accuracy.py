@@ -26,11 +26,11 @@ PROFILES = {
     MEGATRON_2021: "megatron-lm-2021",
     DEEPSPEED_ZERO3_2021: "deepspeed-2021",
     MEGATRON_2022: "megatron-lm-2022",
-    MEGATRON_2023: "megatron-core",
+    MEGATRON_2023: "megatron-lm-2023",
     NEMO_2024: "megatron-core",
     MEGATRON_DEEPSPEED: "megatron-deepspeed",
     LLM_FOUNDRY: "pytorch-fsdp",
-    MEGATRON_BRIDGE: "megatron-core",
+    MEGATRON_BRIDGE: "megatron-core-tp-overlap",  # its published recipes turn tp overlap on
 }
 
 

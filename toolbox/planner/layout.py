@@ -8,8 +8,9 @@ idle micro-batch times; data parallelism's collectives add what their phase's co
 
 from dataclasses import dataclass, field
 
+from . import compute
 from .job import InvalidParallelism, Job, Parallelism
-from .memory import memory
+from .memory import memory, optimizer_params
 from .pipeline import COMMUNICATION_SM_SHARE, bubble, slowest_stage, stages_per_rank
 from .spec import ModelSpec
 from .traffic import (
@@ -32,6 +33,7 @@ class Estimate:
     memory_gib: dict[str, float]
     traffic: list[Traffic] = field(default_factory=list)
     compute_s: float = 0.0  # the step's compute on one GPU, recomputation included
+    optimizer_s: float = 0.0  # the optimizer step, after the last backward
     bubble_s: float = 0.0
     step_s: float = 0.0
 
@@ -122,11 +124,10 @@ def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
 
 
 def micro_batch_compute_s(job: Job, parallelism: Parallelism) -> float:
-    """One micro-batch's forward and backward, recomputation included, on the busiest pipeline rank."""
-    spec, gpu = job.spec, job.cluster.gpu
-    tokens = parallelism.micro_batch * job.seq_len  # one micro-batch, whole sequences
-    work = tokens * work_flops_per_token(spec, job.seq_len, parallelism.checkpointing)
-    seconds = work / (parallelism.tp * parallelism.cp * parallelism.pp) / (gpu.peak_flops * gpu.matmul_efficiency)
+    """One micro-batch's forward and backward, recomputation included, on the busiest pipeline rank: the
+    model's work by shape (toolbox/planner/compute.py) split over the stages."""
+    spec = job.spec
+    seconds = compute.micro_batch_s(job, parallelism) / parallelism.pp
     if parallelism.schedule == "dualpipe" and parallelism.ep > 1:  # the all-to-alls run on SMs of their own
         seconds /= 1 - COMMUNICATION_SM_SHARE
     # a pipeline runs at the pace of its busiest rank
@@ -156,12 +157,17 @@ def estimate(job: Job, parallelism: Parallelism) -> Estimate:
     weights_share = 2 * spec.trained_params_active / work  # the backward's weight gradients
     idle = bubble(parallelism.pp, parallelism.schedule, parallelism.virtual_stages, forward_share, weights_share)
     result.compute_s = micro_batches * compute_s
+    result.optimizer_s = compute.optimizer_step_s(job.cluster.gpu, optimizer_params(job, parallelism, dp))
     result.bubble_s = idle * micro_batch_s
     result.traffic = [traffic.over_step(micro_batches) for traffic in per_micro_batch]
     result.traffic += data_parallel_traffic(job, parallelism, dp, micro_batches, compute_s, forward_share)
     tied = tied_embedding_traffic(job, parallelism, dp)
     result.traffic += [tied] if tied is not None else []
+    for traffic in result.traffic:
+        if not (parallelism.schedule == "dualpipe" and traffic.name.startswith("ep")):  # counted in compute_s
+            # what the compute hides still costs the SMs its kernels hold while they run
+            traffic.exposed_s += (traffic.seconds - traffic.exposed_s) * COMMUNICATION_SM_SHARE
     # the bubble is idle micro-batch times, their exposed communication included; the rest is each
     # collective's exposed time over the step: the breakdown adds up to the step
-    result.step_s = result.compute_s + result.bubble_s + result.exposed_comm_s
+    result.step_s = result.compute_s + result.optimizer_s + result.bubble_s + result.exposed_comm_s
     return result

@@ -33,18 +33,25 @@ def expert_replicas(parallelism: Parallelism, dp: int) -> int:
     return dp * parallelism.cp
 
 
+def optimizer_params(job: Job, parallelism: Parallelism, dp: int) -> float:
+    """The parameters whose optimizer state one GPU of the first stage keeps: its stage's, sharded as the
+    data-parallel kind shards them."""
+    dense, experts = stage_params(job.spec, parallelism)
+    expert_data_parallel = expert_replicas(parallelism, dp)
+    shard_dense, shard_experts = {
+        "ddp": (1, 1),
+        "hsdp": (parallelism.shard_size, max(1, expert_data_parallel * parallelism.shard_size // dp)),
+    }.get(parallelism.data_parallel, (dp * parallelism.cp, expert_data_parallel))
+    return dense / shard_dense + experts / shard_experts
+
+
 def memory(job: Job, parallelism: Parallelism, dp: int) -> dict[str, float]:
     """Bytes per GPU on the busiest (first) pipeline stage, in GiB."""
     spec, strategy = job.spec, parallelism.data_parallel
     stage_layers = math.ceil(spec.layers / parallelism.pp)
     moe_stage_layers = math.ceil(spec.moe_layers / parallelism.pp)
     dense, experts = stage_params(spec, parallelism)
-    expert_data_parallel = expert_replicas(parallelism, dp)
-    shard_dense, shard_experts = {
-        "ddp": (1, 1),
-        "hsdp": (parallelism.shard_size, max(1, expert_data_parallel * parallelism.shard_size // dp)),
-    }.get(strategy, (dp * parallelism.cp, expert_data_parallel))
-    held = dense / shard_dense + experts / shard_experts  # parameters whose optimizer state this GPU keeps
+    held = optimizer_params(job, parallelism, dp)
     if strategy in ("ddp", "fsdp", "hsdp"):  # this trainer: fp32 parameters and gradients (autocast)
         params = grads = 4 * held
         optim = 8 * held

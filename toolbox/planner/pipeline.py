@@ -12,7 +12,8 @@ import math
 from .spec import ModelSpec
 
 SCHEDULES = ("1f1b", "interleaved", "dualpipe")
-# DualPipe runs its all-to-alls beside the compute: DeepSeek-V3 gives them 20 of the H800's 132 SMs
+# Communication hidden behind compute holds SMs while it runs: DeepSeek-V3 gives its all-to-alls 20 of the H800's
+# 132 SMs (DualPipe), and every overlapped collective is charged the same share of its time
 COMMUNICATION_SM_SHARE = 20 / 132
 
 

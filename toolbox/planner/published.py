@@ -82,6 +82,7 @@ RUNS = (
         430,
         "TFLOP/s per GPU",
         "Dubey et al. 2024, table 4",
+        software="llama3",
         open=LLAMA_OPEN,
     ),
     PublishedRun(
@@ -96,6 +97,7 @@ RUNS = (
         400,
         "TFLOP/s per GPU",
         "Dubey et al. 2024, table 4",
+        software="llama3",
         open=LLAMA_OPEN,
     ),
     PublishedRun(
@@ -110,6 +112,7 @@ RUNS = (
         380,
         "TFLOP/s per GPU",
         "Dubey et al. 2024, table 4",
+        software="llama3",
         open=(*LLAMA_OPEN, "checkpointing"),
     ),
     # DualPipe; it recomputes the norms and MLA's up-projections in the backward (selective checkpointing)

@@ -9,7 +9,11 @@ from .launch import not_runnable
 from .layout import Estimate, estimate
 
 MICRO_BATCHES = (1, 2, 4)  # sequences per forward
-VIRTUAL_STAGES = (2, 4)  # an interleaved schedule's chunks per rank
+
+
+def interleave_depths(layers: int, pp: int) -> range:
+    """An interleaved schedule's chunks per rank: every depth that leaves each chunk a layer or more."""
+    return range(2, layers // pp + 1)
 
 
 def powers_of_two(limit: int) -> list[int]:
@@ -35,7 +39,9 @@ def candidates(job: Job) -> Iterator[Parallelism]:
         offered = job.software.schedules
         schedules = [("1f1b", 1)]
         schedules += (
-            [("interleaved", virtual) for virtual in VIRTUAL_STAGES] if pp > 1 and "interleaved" in offered else []
+            [("interleaved", virtual) for virtual in interleave_depths(spec.layers, pp)]
+            if pp > 1 and "interleaved" in offered
+            else []
         )
         schedules += [("dualpipe", 1)] if pp % 2 == 0 and "dualpipe" in offered else []
         for schedule, virtual_stages in schedules:
@@ -56,7 +62,8 @@ def candidates(job: Job) -> Iterator[Parallelism]:
 def fill_open(job: Job, parallelism: Parallelism, open_knobs: tuple[str, ...]) -> Estimate:
     """A stated layout whose `open_knobs` (micro_batch, virtual_stages, checkpointing) are filled as the search
     would fill them: the fastest choice that fits, or the fastest if none does."""
-    choices = {"micro_batch": MICRO_BATCHES, "virtual_stages": VIRTUAL_STAGES, "checkpointing": CHECKPOINTING}
+    depths = interleave_depths(job.spec.layers, parallelism.pp)
+    choices = {"micro_batch": MICRO_BATCHES, "virtual_stages": depths, "checkpointing": CHECKPOINTING}
     results = []
     for values in itertools.product(*(choices[knob] for knob in open_knobs)):
         try:

@@ -20,14 +20,29 @@ class Software:
     schedules: tuple[str, ...]  # the planner's names: 1f1b, interleaved, dualpipe
     model_parallel: tuple[str, ...] = ("tp", "pp", "ep", "cp")  # the dimensions it splits a model along
     selective_checkpointing: bool = True
-    fused_attention: bool = True  # flash attention: no T x T scores kept for the backward
+    # the attention kernel (compute.ATTENTION_EFFICIENCY): "unfused" (batched GEMMs around a softmax that writes
+    # the T x T scores), "flash2" (FlashAttention-2, PyTorch's SDPA) or "flash3" (FlashAttention-3 / cuDNN's
+    # fused attention on Hopper and later)
+    attention_kernel: str = "flash3"
     sequence_parallel: bool = True  # the residual stream split over tp ranks between blocks
+    # tp's all-gathers and reduce-scatters cut in chunks and run beside the GEMMs that use them (Megatron-Core's
+    # --tp-comm-overlap, 2023-10; torchtitan's async TP)
+    tp_comm_overlap: bool = False
     # What it overlaps with compute. DDP / ZeRO-1/2 gradient all-reduce behind the last backward (Megatron-LM's
     # own DDP reduced after the whole backward until --overlap-grad-reduce, 2023; DeepSpeed's overlap_comm is
     # off by default below ZeRO-3), and ZeRO-1/2's parameter all-gather behind the next forward
     # (--overlap-param-gather, 2023). FSDP and ZeRO-3 always prefetch and reduce behind compute.
     gradient_overlap: bool = True
     param_gather_overlap: bool = True
+    # an interleaved pipeline's sends posted ahead and waited on when the next chunk needs them (Megatron-Core's
+    # --overlap-p2p-communication; torch.distributed.pipelining's async sends); Megatron-LM's 2021-22 schedules
+    # waited on each send where it was issued
+    p2p_overlap: bool = True
+
+    @property
+    def fused_attention(self) -> bool:
+        """No T x T scores kept for the backward."""
+        return self.attention_kernel != "unfused"
 
     @property
     def checkpointing(self) -> tuple[str, ...]:
@@ -38,16 +53,23 @@ class Software:
 # reductions overlapped with compute (Megatron-LM's own DDP, DeepSpeed's overlap_comm below ZeRO-3)
 BEFORE_2022 = dict(
     selective_checkpointing=False,
-    fused_attention=False,
+    attention_kernel="unfused",
     sequence_parallel=False,
     gradient_overlap=False,
     param_gather_overlap=False,
+    p2p_overlap=False,
 )
 
 SOFTWARE = {
     profile.name: profile
     for profile in (
-        Software("any", "every technique the planner models", DATA_PARALLEL, ("1f1b", "interleaved", "dualpipe")),
+        Software(
+            "any",
+            "every technique the planner models",
+            DATA_PARALLEL,
+            ("1f1b", "interleaved", "dualpipe"),
+            tp_comm_overlap=True,
+        ),
         Software(
             "megatron-lm-2021",
             "Megatron-LM as in Narayanan et al. 2021: tp, pp (1F1B, interleaved), plain data parallelism, full recompute",
@@ -81,10 +103,39 @@ SOFTWARE = {
             **BEFORE_2022,
         ),
         Software(
-            "megatron-core",
-            "Megatron-Core / NeMo (2023 on): distributed optimizer, flash attention, sequence parallelism",
+            "megatron-lm-2023",
+            "Megatron-LM of mid 2023 (MegaScale's baseline): distributed optimizer, FlashAttention-2, sequence "
+            "parallelism; data-parallel and tp collectives not yet overlapped",
             ("ddp", "zero1"),
             ("1f1b", "interleaved"),
+            ("tp", "pp"),
+            attention_kernel="flash2",
+            gradient_overlap=False,
+            param_gather_overlap=False,
+            p2p_overlap=False,
+        ),
+        Software(
+            "megatron-core",
+            "Megatron-Core / NeMo (2024 on): distributed optimizer, Transformer Engine's cuDNN attention, sequence "
+            "parallelism; --tp-comm-overlap left at its default, off",
+            ("ddp", "zero1"),
+            ("1f1b", "interleaved"),
+        ),
+        Software(
+            "megatron-core-tp-overlap",
+            "Megatron-Core with --tp-comm-overlap (Transformer Engine's userbuffers), as its performance recipes run",
+            ("ddp", "zero1"),
+            ("1f1b", "interleaved"),
+            tp_comm_overlap=True,
+        ),
+        Software(
+            "llama3",
+            "Meta's Llama 3 stack (Dubey et al. 2024, section 3.3): FSDP sharding optimizer state (zero1), tp, cp, "
+            "interleaved pp, tp collectives in the critical path; its attention kernel is not named, but its 128K-context "
+            "figure (380 TFLOP/s, mostly attention) needs a Hopper-class one",
+            ("zero1", "fsdp"),
+            ("1f1b", "interleaved"),
+            ("tp", "pp", "cp"),
         ),
         Software(
             "deepseek",
@@ -92,6 +143,7 @@ SOFTWARE = {
             ("zero1",),
             ("1f1b", "interleaved", "dualpipe"),
             ("tp", "pp", "ep"),
+            tp_comm_overlap=True,
         ),
         Software(
             "pytorch-fsdp",
@@ -99,6 +151,7 @@ SOFTWARE = {
             ("fsdp", "hsdp"),
             ("1f1b",),
             (),
+            attention_kernel="flash2",
             sequence_parallel=False,
         ),
         Software(
@@ -107,6 +160,7 @@ SOFTWARE = {
             ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp"),
             ("1f1b", "interleaved", "dualpipe"),
             selective_checkpointing=False,
+            attention_kernel="flash2",  # SDPA's flash backend
         ),
     )
 }

@@ -62,6 +62,13 @@ class ModelSpec:
             return q + kv + self.heads * self.v_head_dim * h
         return h * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
 
+    @property
+    def matrices_per_layer(self) -> int:
+        """Weight matrices of a layer as a framework holds them: fused q/k/v and the output (MLA: its down and up
+        projections), the FFN's two or three (a MoE layer's experts counted as one grouped set)."""
+        attention = 4 if self.kv_lora_rank else 2
+        return attention + (3 if self.gated_ffn else 2)
+
     def ffn_params(self, width: int) -> int:
         return (3 if self.gated_ffn else 2) * self.hidden * width
 

@@ -5,7 +5,8 @@ node, a cp group strides over tp, a dp group over tp x cp, and pipeline stages s
 Expert parallelism borrows consecutive data-parallel (and tp / cp) ranks, as in Megatron and this trainer.
 
 What overlaps with compute, and what does not:
-  tp   its all-gathers / reduce-scatters sit between the matmuls that need them: in the critical path.
+  tp   its all-gathers / reduce-scatters sit between the matmuls that need them: in the critical path, unless
+       the software cuts them in chunks that run beside the GEMMs (Software.tp_comm_overlap).
   cp   the all-gather of K and V before each attention (Llama 3's scheme), its reduce-scatter in the backward:
        in the critical path.
   ep   the token dispatch and combine overlap only with what one micro-batch has in flight that does not
@@ -15,7 +16,7 @@ What overlaps with compute, and what does not:
   pp   the bubble is never hidden: (pp - 1) micro-batch times for 1F1B, (pp - 1) / v interleaved, and
        DualPipe's (pp/2 - 1)(F&B + B - 3W) (a forward, a full backward, a weight-gradient backward). 1F1B's
        point-to-point sends are in the critical path; interleaved and DualPipe overlap them but for the
-       fill and drain.
+       fill and drain, where the software posts them ahead (Software.p2p_overlap).
   dp   gradient reductions overlap with the last micro-batch's backward, ZeRO-1/2's parameter all-gather with
        the first micro-batch's forward, FSDP / ZeRO-3's per-micro-batch all-gathers (prefetched a layer ahead)
        with all of the step's compute; the first gather and last reduction of one layer never overlap.
@@ -28,12 +29,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import collectives
+from . import collectives, compute
 from .job import Job, Parallelism
 from .memory import expert_replicas, stage_params
 from .spec import ModelSpec
 
 ZERO3_REUSE_DISTANCE = 1e9  # DeepSpeed's stage3_max_reuse_distance, in parameters
+ZERO3_PREFETCH_PARAMS = 5e7  # DeepSpeed's stage3_prefetch_bucket_size: what it gathers ahead of the compute
 # (size, ranks, bandwidth, latency) -> (seconds, bytes sent): the functions of collectives.py
 Collective = Callable[[float, int, float, float], tuple[float, float]]
 
@@ -92,7 +94,12 @@ def tensor_parallel_traffic(job: Job, parallelism: Parallelism) -> MicroBatchTra
     stream = tokens / parallelism.cp * job.spec.hidden * job.model_bytes
     seconds, sent = collectives.all_reduce(stream, parallelism.tp, bandwidth, latency)
     count = tensor_parallel_collectives(job.spec, parallelism)
-    return MicroBatchTraffic("tp all-gather/reduce-scatter", kind, seconds * count, sent * count, seconds * count)
+    exposed = seconds * count
+    if job.software.tp_comm_overlap:
+        # cut into tp chunks, each sent while the GEMM computes on the one before: the first chunk is exposed,
+        # and what the split GEMMs' time cannot cover
+        exposed = exposed / parallelism.tp + max(0.0, exposed - compute.tensor_parallel_gemm_s(job, parallelism))
+    return MicroBatchTraffic("tp all-gather/reduce-scatter", kind, seconds * count, sent * count, exposed)
 
 
 def context_parallel_traffic(job: Job, parallelism: Parallelism) -> MicroBatchTraffic | None:
@@ -134,8 +141,11 @@ def expert_parallel_traffic(job: Job, parallelism: Parallelism, compute_s: float
     if parallelism.schedule == "dualpipe":  # behind the compute of the micro-batch running beside it
         exposed = max(0.0, seconds * count - compute_s)
     else:  # behind the shared experts' half of a pass
-        gpu = cluster.gpu
-        shared = local_tokens * 6 * spec.ffn_params(spec.shared_ffn) / (gpu.peak_flops * gpu.matmul_efficiency) / 2
+        units = 2 if spec.gated_ffn else 1
+        shared = sum(  # a pass's shared-expert GEMMs (forward or backward: half of the three passes' time)
+            compute.trained_gemm_s(cluster.gpu, 1.5, local_tokens, *shape)
+            for shape in ((units * spec.shared_ffn, spec.hidden), (spec.hidden, spec.shared_ffn))
+        ) if spec.shared_ffn else 0.0
         exposed = max(0.0, seconds - shared) * count
     return MicroBatchTraffic("ep all-to-all", kind, seconds * count, sent * count, exposed)
 
@@ -159,7 +169,7 @@ def pipeline_traffic(job: Job, parallelism: Parallelism, dp: int, micro_batches:
     seconds, sent = collectives.send(activation * job.model_bytes, bandwidth, latency)
     count = 2 * parallelism.virtual_stages
     sent *= first_rank_sends(parallelism)
-    if parallelism.schedule == "1f1b":
+    if parallelism.schedule == "1f1b" or not job.software.p2p_overlap:
         return MicroBatchTraffic("pp send/recv", kind, seconds * count, sent, seconds * count)
     # overlapped but in the fill and drain, which expose (pp - 1) chunks' sends; worked out from the step's
     # total as the planner always has: another order of the same arithmetic moves figures in their last bit
@@ -213,10 +223,10 @@ def data_parallel_traffic(
             continue
         shard_ranks = parallelism.shard_size if strategy == "hsdp" else ranks
         kind, bandwidth, latency = job.cluster.link(shard_ranks, stride)
-        # issued a layer at a time: each layer's collective pays its own latency
-        gather = per_layer(
-            collectives.all_gather, job.model_bytes * params, shard_ranks, bandwidth, latency, stage_layers
-        )
+        # issued a layer at a time (FSDP's unit), or a module at a time (DeepSpeed ZeRO-3 fetches each
+        # submodule's parameters): each piece pays its own latency
+        pieces = stage_layers * (spec.matrices_per_layer if strategy == "zero3" else 1)
+        gather = per_layer(collectives.all_gather, job.model_bytes * params, shard_ranks, bandwidth, latency, pieces)
         if strategy in ("ddp", "zero1", "zero2"):
             # DeepSpeed all-reduces the gradients at ZeRO-1/2 too (each rank then keeps its partition) and
             # all-gathers the updated parameters after its optimizer step, as measured on this trainer
@@ -229,15 +239,11 @@ def data_parallel_traffic(
                 traffic.append(overlapped(f"dp all-gather ({what})", kind, *gather, *hidden))
             continue
         # fsdp / hsdp / zero3: gathers for each micro-batch's forward and backward
-        reduce = per_layer(
-            collectives.reduce_scatter, grad_bytes * params, shard_ranks, bandwidth, latency, stage_layers
-        )
+        reduce = per_layer(collectives.reduce_scatter, grad_bytes * params, shard_ranks, bandwidth, latency, pieces)
         windows = compute_windows.setdefault(
             kind, {"forward": forward_window, "backward": backward_window, "last backward": backward_window}
         )
-        traffic += sharded_traffic(
-            parallelism, what, kind, micro_batches, gather, reduce, windows, stage_layers, dense + experts
-        )
+        traffic += sharded_traffic(parallelism, what, kind, micro_batches, gather, reduce, windows, pieces, params)
         if strategy == "hsdp" and ranks > shard_ranks:
             replicas = ranks // shard_ranks
             kind, bandwidth, latency = job.cluster.link(replicas, stride * shard_ranks)
@@ -254,28 +260,35 @@ def sharded_traffic(
     gather: tuple[float, float],
     reduce: tuple[float, float],
     windows: dict[str, float],
-    layers: int,
-    stage_params_count: float,
+    pieces: int,
+    params: float,
 ) -> list[Traffic]:
     """FSDP / ZeRO-3, phase by phase: each micro-batch's forward hides its gathers behind the forward's compute
     only, and its backward hides the backward's re-gathers and the gradient reduce-scatter behind the
     backward's compute (ZeRO-3 reduces in every micro-batch's backward, FSDP in the last one's only, so the
     last backward is a window of its own). Collectives on one link share its windows (`windows`, seconds per
-    micro-batch, consumed here): what a phase's compute cannot cover is exposed, plus one layer of each
-    collective, which has nothing to hide behind. `gather` and `reduce` are (seconds, bytes sent) of one."""
+    micro-batch, consumed here): what a phase's compute cannot cover is exposed, plus one piece of each
+    collective, which has nothing to hide behind. `gather` and `reduce` are (seconds, bytes sent) of the
+    `params` issued in `pieces`."""
     (gather_s, gather_sent), (reduce_s, reduce_sent) = gather, reduce
+    zero3 = parallelism.data_parallel == "zero3"
     # DeepSpeed ZeRO-3 keeps what it gathered for the forward until the backward when the stage's
     # parameters are within its reuse distance (stage3_max_reuse_distance, 1e9): one gather, not two
-    regathers = not (parallelism.data_parallel == "zero3" and stage_params_count <= ZERO3_REUSE_DISTANCE)
-    reduces_every_micro_batch = parallelism.data_parallel == "zero3"
+    regathers = not (zero3 and params <= ZERO3_REUSE_DISTANCE)
+    reduces_every_micro_batch = zero3
+    # and it gathers ahead of the compute only its prefetch bucket: the rest of a larger piece on demand
+    prefetched = min(1.0, ZERO3_PREFETCH_PARAMS / (params / pieces)) if zero3 else 1.0
 
     def behind(seconds: float, phase: str) -> float:
         exposed = max(0.0, seconds - windows[phase])
         windows[phase] = max(0.0, windows[phase] - seconds)
         return exposed
 
-    def in_every_backward(seconds: float) -> float:
-        return (micro_batches - 1) * behind(seconds, "backward") + behind(seconds, "last backward")
+    def gathered_behind(seconds: float, phase: str) -> float:
+        return seconds * (1 - prefetched) + behind(seconds * prefetched, phase)
+
+    def in_every_backward(seconds: float, hide=behind) -> float:
+        return (micro_batches - 1) * hide(seconds, "backward") + hide(seconds, "last backward")
 
     if parallelism.pp > 1 and parallelism.data_parallel in ("fsdp", "hsdp"):
         # Pipelined, the trainer (as torchtitan) keeps a stage's parameters gathered from the first micro-batch's
@@ -285,10 +298,10 @@ def sharded_traffic(
         gather_exposed = behind(gather_s, "forward")
     else:
         forward_gathers = micro_batches
-        forward_exposed = micro_batches * behind(gather_s, "forward")
+        forward_exposed = micro_batches * gathered_behind(gather_s, "forward")
         # the backward's re-gathers are prefetched ahead of the compute that needs them: they take the window first
         if regathers:
-            backward_gathers, backward_exposed = micro_batches, in_every_backward(gather_s)
+            backward_gathers, backward_exposed = micro_batches, in_every_backward(gather_s, gathered_behind)
         else:
             backward_gathers, backward_exposed = 0, 0.0
         gather_exposed = forward_exposed + backward_exposed
@@ -301,14 +314,14 @@ def sharded_traffic(
             kind,
             gathers * gather_sent,
             gathers * gather_s,
-            min(gathers * gather_s, gather_exposed + gather_s / layers),
+            min(gathers * gather_s, gather_exposed + gather_s / pieces),
         ),
         Traffic(
             f"dp reduce-scatter ({what})",
             kind,
             reduces * reduce_sent,
             reduces * reduce_s,
-            min(reduces * reduce_s, reduce_exposed + reduce_s / layers),
+            min(reduces * reduce_s, reduce_exposed + reduce_s / pieces),
         ),
     ]
 
