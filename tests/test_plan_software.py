@@ -4,6 +4,7 @@ offers (its data-parallel kinds, schedules, model-parallel dimensions and checkp
 import json
 from dataclasses import replace
 
+import pytest
 from conftest import in_process
 
 from toolbox import plan
@@ -37,7 +38,16 @@ def test_a_profile_without_flash_attention_keeps_the_attention_scores():
     layout = Parallelism("ddp", tp=8, pp=16, checkpointing="full")
     modern, old = (estimate(grok_job(name), layout) for name in ("megatron-core", "megatron-lm-2021"))
     assert old.memory_gib["activations"] > modern.memory_gib["activations"]
-    assert estimate(replace(grok_job("any")), layout).memory_gib == modern.memory_gib
+    assert estimate(replace(grok_job("any")), layout).memory_gib["activations"] == modern.memory_gib["activations"]
+
+
+def test_a_megatron_stack_keeps_bf16_weights_and_an_fp32_gradient_buffer():
+    layout = Parallelism("ddp", tp=8, pp=16)
+    megatron, trainer = (estimate(grok_job(name), layout).memory_gib for name in ("megatron-core", "minicolossus"))
+    # 2 + 4 + 12 bytes a parameter (BigScience's "18 bytes"), against this trainer's fp32 4 + 4 + 8
+    assert megatron["params"] == pytest.approx(trainer["params"] / 2)
+    assert megatron["grads"] == pytest.approx(trainer["grads"])
+    assert megatron["optimizer"] == pytest.approx(trainer["optimizer"] * 12 / 8)
 
 
 def test_the_cli_plans_for_a_named_software_and_refuses_an_unknown_one():

@@ -7,7 +7,6 @@ Each returns (seconds, bytes this GPU sends).
 
 import math
 
-
 RING_RANKS = 8  # NCCL all-reduces on a ring inside a node; on larger groups on a tree, log2(n) deep
 # a tree hop across nodes costs about two ring steps: ~30 us fitted to NCCL's all-reduce bandwidth by message size
 # (hardware.py) against its tuning model's 14 us a ring step over the network (src/graph/tuning.cc, hwLat)

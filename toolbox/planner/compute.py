@@ -89,9 +89,10 @@ def layer_gemms(spec: ModelSpec, parallelism: Parallelism, tokens: float, moe: b
     gemms.append((tokens, spec.experts, hidden))
     if spec.shared_ffn:
         gemms += [(tokens, units * spec.shared_ffn / tp, hidden), (tokens, hidden, spec.shared_ffn / tp)]
-    # each of the rank's experts sees the tokens the ep ranks route to it; without ep a tp rank runs them all
+    # each of the rank's experts sees what the ep ranks route to it of their tokens (a tp rank dispatches its
+    # 1/tp share of the micro-batch's tokens); without ep a rank runs every expert on its own share
     local_experts = spec.experts / parallelism.ep
-    expert_tokens = tokens * parallelism.ep * spec.top_k / spec.experts / (tp if parallelism.ep == 1 else 1)
+    expert_tokens = tokens / tp * parallelism.ep * spec.top_k / spec.experts
     gemms += [(expert_tokens, units * spec.expert_ffn, hidden, local_experts)]
     gemms += [(expert_tokens, hidden, spec.expert_ffn, local_experts)]
     return gemms

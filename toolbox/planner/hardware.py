@@ -42,6 +42,7 @@ class GPU:
 # 1 MB 44 GB/s, 16 MB 235, 128 MB 400, 1 GB 466; A100 1 MB 18-36, 16 MB 106, 128 MB 176, 1 GB 229 (nccl-tests
 # figures collected in stas00/ml-engineering's network notes): 14 steps of ~4.4 us and ~10 us (B200: as H100)
 
+
 def square_sweep(*shares: float) -> tuple[tuple[float, float], ...]:
     """A sweep of m = n = k = 1024 ... 16384 as (FLOPs, share of peak)."""
     return tuple((2.0 * size**3, share) for size, share in zip((1024, 2048, 4096, 8192, 16384), shares))

@@ -52,11 +52,15 @@ def memory(job: Job, parallelism: Parallelism, dp: int) -> dict[str, float]:
     moe_stage_layers = math.ceil(spec.moe_layers / parallelism.pp)
     dense, experts = stage_params(spec, parallelism)
     held = optimizer_params(job, parallelism, dp)
-    if strategy in ("ddp", "fsdp", "hsdp"):  # this trainer: fp32 parameters and gradients (autocast)
+    whole = dense + experts
+    if job.software.fp32_main_grads and strategy in ("ddp", "zero1"):
+        # Megatron: model-dtype parameters, an fp32 gradient buffer for the whole local model, fp32 master weights
+        # and moments (sharded by the distributed optimizer): 18 bytes a parameter unsharded
+        params, grads, optim = job.model_bytes * whole, 4 * whole, 12 * held
+    elif strategy in ("ddp", "fsdp", "hsdp"):  # this trainer: fp32 parameters and gradients (autocast)
         params = grads = 4 * held
         optim = 8 * held
     else:  # DeepSpeed ZeRO: model-dtype parameters and gradients, fp32 master + moments sharded
-        whole = dense + experts
         stage = int(strategy[-1])
         params = job.model_bytes * (held if stage == 3 else whole)
         grads = job.model_bytes * (held if stage >= 2 else whole)
@@ -86,7 +90,7 @@ def activations(job: Job, parallelism: Parallelism) -> float:
     and, gated, its gate, up and product (2 bytes each per unit; ungated: up and activation) -- for the dense
     or shared FFN and for each of the top_k routed experts. Selective checkpointing recomputes the attention
     core with q, k, v and the FFN's product from what it keeps; full keeps only each layer's input (and
-    recomputes one layer at a time). The busiest rank holds its stage's layers for as many micro-batches
+    recomputes one layer at a time; without sequence parallelism every tp rank keeps the whole input). The busiest rank holds its stage's layers for as many micro-batches
     as the schedule keeps in flight (pipeline.micro_batches_in_flight)."""
     spec, tp = job.spec, parallelism.tp
     tokens = parallelism.micro_batch * job.seq_len / parallelism.cp
@@ -108,7 +112,9 @@ def activations(job: Job, parallelism: Parallelism) -> float:
     stage_layers = math.ceil(spec.layers / parallelism.pp)
     in_flight = micro_batches_in_flight(parallelism.pp, parallelism.schedule, parallelism.virtual_stages)
     if parallelism.checkpointing == "full":
-        kept = stage_layers * in_flight * tokens * 2 * spec.hidden / tp + tokens * per_layer
+        # each layer's input, split over tp ranks only where the stream is (sequence parallelism)
+        checkpoint = tokens * 2 * spec.hidden / (tp if job.sequence_parallel else 1)
+        kept = stage_layers * in_flight * checkpoint + tokens * per_layer
     else:
         kept = stage_layers * in_flight * tokens * per_layer
     logits = tokens * 10 * spec.vocab / tp  # fp32 logits and their gradient, on the last stage

@@ -38,6 +38,10 @@ class Software:
     # --overlap-p2p-communication; torch.distributed.pipelining's async sends); Megatron-LM's 2021-22 schedules
     # waited on each send where it was issued
     p2p_overlap: bool = True
+    # Memory: gradients accumulated in an fp32 buffer for the whole local model beside model-dtype parameters
+    # (Megatron's main_grad, --accumulate-allreduce-grads-in-fp32; DeepSpeed's bf16 optimizer does the same), not
+    # DeepSpeed ZeRO's model-dtype gradients
+    fp32_main_grads: bool = False
 
     @property
     def fused_attention(self) -> bool:
@@ -77,6 +81,7 @@ SOFTWARE = {
             ("1f1b", "interleaved"),
             ("tp", "pp"),
             **BEFORE_2022,
+            fp32_main_grads=True,
         ),
         Software(
             "megatron-lm-2022",
@@ -85,6 +90,7 @@ SOFTWARE = {
             ("1f1b", "interleaved"),
             ("tp", "pp"),
             **{**BEFORE_2022, "selective_checkpointing": True, "sequence_parallel": True},
+            fp32_main_grads=True,
         ),
         Software(
             "deepspeed-2021",
@@ -101,6 +107,7 @@ SOFTWARE = {
             ("1f1b",),
             ("tp", "pp"),
             **BEFORE_2022,
+            fp32_main_grads=True,
         ),
         Software(
             "megatron-lm-2023",
@@ -113,6 +120,7 @@ SOFTWARE = {
             gradient_overlap=False,
             param_gather_overlap=False,
             p2p_overlap=False,
+            fp32_main_grads=True,
         ),
         Software(
             "megatron-core",
@@ -120,6 +128,7 @@ SOFTWARE = {
             "parallelism; --tp-comm-overlap left at its default, off",
             ("ddp", "zero1"),
             ("1f1b", "interleaved"),
+            fp32_main_grads=True,
         ),
         Software(
             "megatron-core-tp-overlap",
@@ -127,6 +136,7 @@ SOFTWARE = {
             ("ddp", "zero1"),
             ("1f1b", "interleaved"),
             tp_comm_overlap=True,
+            fp32_main_grads=True,
         ),
         Software(
             "llama3",
@@ -144,6 +154,7 @@ SOFTWARE = {
             ("1f1b", "interleaved", "dualpipe"),
             ("tp", "pp", "ep"),
             tp_comm_overlap=True,
+            fp32_main_grads=True,
         ),
         Software(
             "pytorch-fsdp",

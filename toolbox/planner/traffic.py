@@ -142,10 +142,14 @@ def expert_parallel_traffic(job: Job, parallelism: Parallelism, compute_s: float
         exposed = max(0.0, seconds * count - compute_s)
     else:  # behind the shared experts' half of a pass
         units = 2 if spec.gated_ffn else 1
-        shared = sum(  # a pass's shared-expert GEMMs (forward or backward: half of the three passes' time)
-            compute.trained_gemm_s(cluster.gpu, 1.5, local_tokens, *shape)
-            for shape in ((units * spec.shared_ffn, spec.hidden), (spec.hidden, spec.shared_ffn))
-        ) if spec.shared_ffn else 0.0
+        shared = (
+            sum(  # a pass's shared-expert GEMMs (forward or backward: half of the three passes' time)
+                compute.trained_gemm_s(cluster.gpu, 1.5, local_tokens, *shape)
+                for shape in ((units * spec.shared_ffn, spec.hidden), (spec.hidden, spec.shared_ffn))
+            )
+            if spec.shared_ffn
+            else 0.0
+        )
         exposed = max(0.0, seconds - shared) * count
     return MicroBatchTraffic("ep all-to-all", kind, seconds * count, sent * count, exposed)
 
@@ -287,7 +291,7 @@ def sharded_traffic(
     def gathered_behind(seconds: float, phase: str) -> float:
         return seconds * (1 - prefetched) + behind(seconds * prefetched, phase)
 
-    def in_every_backward(seconds: float, hide=behind) -> float:
+    def in_every_backward(seconds: float, hide: Callable[[float, str], float] = behind) -> float:
         return (micro_batches - 1) * hide(seconds, "backward") + hide(seconds, "last backward")
 
     if parallelism.pp > 1 and parallelism.data_parallel in ("fsdp", "hsdp"):
