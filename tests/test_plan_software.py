@@ -11,7 +11,7 @@ from toolbox import plan
 from toolbox.planner.hardware import FABRICS, GPUS, Cluster
 from toolbox.planner.job import Job, Parallelism
 from toolbox.planner.layout import estimate
-from toolbox.planner.search import search
+from toolbox.planner.search import candidates, search
 from toolbox.planner.software import SOFTWARE
 from toolbox.planner.spec import model_spec
 
@@ -65,3 +65,12 @@ def test_a_stack_that_reduces_after_the_backward_exposes_the_whole_all_reduce():
     for name, exposed_whole in (("megatron-lm-2021", True), ("megatron-core", False)):
         reduce = next(t for t in estimate(grok_job(name), layout).traffic if t.name.startswith("dp all-reduce"))
         assert (reduce.exposed_s == reduce.seconds) == exposed_whole, (name, reduce)
+
+
+def test_megatron_cuts_even_stages_where_other_stacks_take_any_depth():
+    # Grok-1, 64 layers: Megatron-LM asserts layers % (pp x v) == 0; Meta's and this trainer's stacks do not
+    job = Job(model_spec("grok-1"), Cluster(GPUS["h100"], FABRICS["roce400"]), 1536, 8192, 1536 * 8192)
+    megatron = [p for p in candidates(replace(job, software=SOFTWARE["megatron-core"])) if p.pp > 1]
+    assert megatron and all(64 % (p.pp * p.virtual_stages) == 0 for p in megatron)
+    uneven = {(p.pp, p.virtual_stages) for p in candidates(replace(job, software=SOFTWARE["minicolossus"]))}
+    assert (3, 7) in uneven and (3, 21) in uneven and (3, 22) not in uneven  # 64 layers: a layer a chunk at most

@@ -11,9 +11,13 @@ from .layout import Estimate, estimate
 MICRO_BATCHES = (1, 2, 4)  # sequences per forward
 
 
-def interleave_depths(layers: int, pp: int) -> range:
-    """An interleaved schedule's chunks per rank: every depth that leaves each chunk a layer or more."""
-    return range(2, layers // pp + 1)
+def interleave_depths(job: Job, pp: int) -> list[int]:
+    """An interleaved schedule's chunks per rank: every depth that leaves each chunk a layer or more, and, for
+    software that cuts a model into equal stages (Megatron-LM asserts it), only depths that divide them evenly."""
+    layers = job.spec.layers
+    if job.software.uneven_stages:
+        return list(range(2, layers // pp + 1))
+    return [depth for depth in range(2, layers // pp + 1) if layers % (pp * depth) == 0]
 
 
 def powers_of_two(limit: int) -> list[int]:
@@ -25,11 +29,14 @@ def candidates(job: Job) -> Iterator[Parallelism]:
     spec, node = job.spec, job.cluster.gpus_per_node
     offered = job.software.model_parallel
     tps = powers_of_two(node) if "tp" in offered else [1]
-    # any stage count that divides the job (100,000 GPUs = 2^5 x 5^5 take pp 5 or 25), uneven stages allowed
+    # any stage count that divides the job (100,000 GPUs = 2^5 x 5^5 take pp 5 or 25) and, unless the software
+    # takes uneven stages, the layers
     pps = [
         stages
         for stages in range(1, min(spec.layers, 128) + 1)
-        if job.gpus % stages == 0 and (stages == 1 or "pp" in offered)
+        if job.gpus % stages == 0
+        and (stages == 1 or "pp" in offered)
+        and (job.software.uneven_stages or spec.layers % stages == 0)
     ]
     eps = powers_of_two(spec.experts) if spec.is_moe and "ep" in offered else [1]
     cps = [degree for degree in powers_of_two(32) if (job.seq_len >= 16384 and "cp" in offered) or degree == 1]
@@ -39,7 +46,7 @@ def candidates(job: Job) -> Iterator[Parallelism]:
         offered = job.software.schedules
         schedules = [("1f1b", 1)]
         schedules += (
-            [("interleaved", virtual) for virtual in interleave_depths(spec.layers, pp)]
+            [("interleaved", virtual) for virtual in interleave_depths(job, pp)]
             if pp > 1 and "interleaved" in offered
             else []
         )
@@ -62,7 +69,7 @@ def candidates(job: Job) -> Iterator[Parallelism]:
 def fill_open(job: Job, parallelism: Parallelism, open_knobs: tuple[str, ...]) -> Estimate:
     """A stated layout whose `open_knobs` (micro_batch, virtual_stages, checkpointing) are filled as the search
     would fill them: the fastest choice that fits, or the fastest if none does."""
-    depths = interleave_depths(job.spec.layers, parallelism.pp)
+    depths = interleave_depths(job, parallelism.pp)
     choices = {"micro_batch": MICRO_BATCHES, "virtual_stages": depths, "checkpointing": CHECKPOINTING}
     results = []
     for values in itertools.product(*(choices[knob] for knob in open_knobs)):

@@ -42,6 +42,9 @@ class Software:
     # (Megatron's main_grad, --accumulate-allreduce-grads-in-fp32; DeepSpeed's bf16 optimizer does the same), not
     # DeepSpeed ZeRO's model-dtype gradients
     fp32_main_grads: bool = False
+    # pipeline stages of unequal layer counts (Llama 3 took a layer off its first and last; DeepSpeed's pipeline
+    # partitions by parameters; this trainer places layers by cost); Megatron-LM cuts layers / (pp x v) evenly
+    uneven_stages: bool = True
 
     @property
     def fused_attention(self) -> bool:
@@ -82,6 +85,7 @@ SOFTWARE = {
             ("tp", "pp"),
             **BEFORE_2022,
             fp32_main_grads=True,
+            uneven_stages=False,
         ),
         Software(
             "megatron-lm-2022",
@@ -91,6 +95,7 @@ SOFTWARE = {
             ("tp", "pp"),
             **{**BEFORE_2022, "selective_checkpointing": True, "sequence_parallel": True},
             fp32_main_grads=True,
+            uneven_stages=False,
         ),
         Software(
             "deepspeed-2021",
@@ -121,6 +126,7 @@ SOFTWARE = {
             param_gather_overlap=False,
             p2p_overlap=False,
             fp32_main_grads=True,
+            uneven_stages=False,
         ),
         Software(
             "megatron-core",
@@ -129,6 +135,7 @@ SOFTWARE = {
             ("ddp", "zero1"),
             ("1f1b", "interleaved"),
             fp32_main_grads=True,
+            uneven_stages=False,
         ),
         Software(
             "megatron-core-tp-overlap",
@@ -137,6 +144,7 @@ SOFTWARE = {
             ("1f1b", "interleaved"),
             tp_comm_overlap=True,
             fp32_main_grads=True,
+            uneven_stages=False,
         ),
         Software(
             "llama3",
