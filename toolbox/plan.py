@@ -74,6 +74,7 @@ def as_dict(result: Estimate, token_budget: float | None = None) -> dict:
         "mfu": result.mfu,
         "step_s": result.step_s,
         "compute_s": result.compute_s,
+        "optimizer_s": result.optimizer_s,
         "bubble_s": result.bubble_s,
         "exposed_comm_s": result.exposed_comm_s,
         "mem_gib": result.mem_gib,
@@ -110,8 +111,8 @@ def report(row: dict) -> str:
         + f" = {row['mem_gib']:.1f} GiB: "
         + ("fits" if row["fits"] else "DOES NOT FIT")
         + f" in {row['gpu_memory_gib']:.0f} GiB usable",
-        f"  step {row['step_s']:.2f} s = compute {row['compute_s']:.2f} + pipeline bubble {row['bubble_s']:.2f} + "
-        f"exposed communication {row['exposed_comm_s']:.2f}",
+        f"  step {row['step_s']:.2f} s = compute {row['compute_s']:.2f} + optimizer {row['optimizer_s']:.2f} + "
+        f"pipeline bubble {row['bubble_s']:.2f} + exposed communication {row['exposed_comm_s']:.2f}",
         f"  {row['tflops_per_gpu']:.0f} TFLOP/s per GPU ({row['mfu']:.0%} MFU), "
         f"{human(row['tokens_per_day'])} tokens/day"
         + (f", {row['days']:.1f} days for {human(row['token_budget'])} tokens" if "days" in row else ""),
