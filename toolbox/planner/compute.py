@@ -17,6 +17,7 @@ Sources for the kernels:
 """
 
 import math
+from typing import NamedTuple
 
 from .hardware import GPU
 from .job import Job, Parallelism
@@ -62,40 +63,51 @@ def gemm_s(gpu: GPU, m: float, n: float, k: float, batch: float = 1.0, dtype_byt
         return 0.0
     padded = math.ceil(m / TILE) * TILE * math.ceil(n / TILE) * TILE
     flops = 2 * padded * k
-    compute = batch * flops / (gpu.peak_flops * matmul_efficiency(gpu, flops * min(batch, 1e12)))
+    compute = batch * flops / (gpu.peak_flops * matmul_efficiency(gpu, flops * batch))  # one batched kernel
     memory = dtype_bytes * (m * k + k * n + m * n) * batch / (gpu.hbm_bytes_per_s * HBM_EFFICIENCY)
     return max(compute, memory)
 
 
-def trained_gemm_s(gpu: GPU, passes: float, m: float, n: float, k: float, count: float = 1.0) -> float:
-    """`count` weights' GEMMs over `passes` forward-equivalents: the forward, the backward's two GEMMs (input and
-    weight gradients), and recomputed forwards."""
-    return passes * count * gemm_s(gpu, m, n, k)
+class Gemm(NamedTuple):
+    """A weight's GEMM on one rank: m tokens by k inputs by n outputs, `count` of them (a rank's experts), and
+    whether tp splits it (its collectives run beside it under tp communication overlap)."""
+
+    m: float
+    n: float
+    k: float
+    count: float = 1.0
+    tp_split: bool = True
+
+    def trained_s(self, gpu: GPU, passes: float) -> float:
+        """Over `passes` forward-equivalents: the forward, the backward's two GEMMs (input and weight gradients,
+        the forward's dimensions permuted), and recomputed forwards."""
+        return passes * self.count * gemm_s(gpu, self.m, self.n, self.k)
 
 
 def attention_efficiency(kernel: str, gpu: GPU, head_dim: int) -> float:
     return ATTENTION_EFFICIENCY[(kernel, gpu.architecture)] * min(1.0, head_dim / 128) ** 0.3
 
 
-def layer_gemms(spec: ModelSpec, parallelism: Parallelism, tokens: float, moe: bool) -> list[tuple[float, ...]]:
-    """(m, n, k[, count]) of a layer's weight GEMMs on one tp rank: the attention projections, then the FFN (dense, or a
-    MoE layer's router, shared FFN and each local expert with its tokens)."""
+def layer_gemms(spec: ModelSpec, parallelism: Parallelism, tokens: float, moe: bool) -> list[Gemm]:
+    """A layer's weight GEMMs on one tp rank: the attention projections, then the FFN (dense, or a MoE layer's
+    router, shared FFN and the rank's experts with the tokens routed to them)."""
     tp, hidden = parallelism.tp, spec.hidden
     projection_width = spec.attention_params / hidden  # q, k, v (or MLA's) and the output, as one k = hidden
-    gemms = [(tokens, projection_width / tp, hidden)]
+    gemms = [Gemm(tokens, projection_width / tp, hidden)]
     units = 2 if spec.gated_ffn else 1
     if not moe:
-        return gemms + [(tokens, units * spec.ffn / tp, hidden), (tokens, hidden, spec.ffn / tp)]
-    gemms.append((tokens, spec.experts, hidden))
+        return gemms + [Gemm(tokens, units * spec.ffn / tp, hidden), Gemm(tokens, hidden, spec.ffn / tp)]
+    gemms.append(Gemm(tokens, spec.experts, hidden, tp_split=False))
     if spec.shared_ffn:
-        gemms += [(tokens, units * spec.shared_ffn / tp, hidden), (tokens, hidden, spec.shared_ffn / tp)]
+        gemms += [Gemm(tokens, units * spec.shared_ffn / tp, hidden), Gemm(tokens, hidden, spec.shared_ffn / tp)]
     # each of the rank's experts sees what the ep ranks route to it of their tokens (a tp rank dispatches its
     # 1/tp share of the micro-batch's tokens); without ep a rank runs every expert on its own share
     local_experts = spec.experts / parallelism.ep
     expert_tokens = tokens / tp * parallelism.ep * spec.top_k / spec.experts
-    gemms += [(expert_tokens, units * spec.expert_ffn, hidden, local_experts)]
-    gemms += [(expert_tokens, hidden, spec.expert_ffn, local_experts)]
-    return gemms
+    return gemms + [
+        Gemm(expert_tokens, units * spec.expert_ffn, hidden, local_experts, tp_split=False),
+        Gemm(expert_tokens, hidden, spec.expert_ffn, local_experts, tp_split=False),
+    ]
 
 
 def elementwise_bytes_per_token(spec: ModelSpec, job: Job, parallelism: Parallelism, moe: bool) -> float:
@@ -153,12 +165,12 @@ def micro_batch_s(job: Job, parallelism: Parallelism) -> float:
     for moe, count in ((False, spec.layers - spec.moe_layers), (True, spec.moe_layers)):
         if not count:
             continue
-        layer = sum(trained_gemm_s(gpu, passes, *shape) for shape in layer_gemms(spec, parallelism, tokens, moe))
+        layer = sum(gemm.trained_s(gpu, passes) for gemm in layer_gemms(spec, parallelism, tokens, moe))
         layer += attention_core_s(spec, job, parallelism, tokens)
         layer += tokens * elementwise_bytes_per_token(spec, job, parallelism, moe) / memory_rate
         total += count * layer
     depth = 1 + spec.mtp_depth / spec.layers  # multi-token prediction: about one more layer each
-    output = trained_gemm_s(gpu, 3, tokens, spec.vocab / parallelism.tp, spec.hidden)
+    output = Gemm(tokens, spec.vocab / parallelism.tp, spec.hidden).trained_s(gpu, 3)
     loss = tokens * spec.vocab / parallelism.tp * 20 / memory_rate  # fp32 softmax cross-entropy, both ways
     return (total * depth + (1 + spec.mtp_depth) * (output + loss)) / SUSTAINED
 
@@ -171,8 +183,8 @@ def tensor_parallel_gemm_s(job: Job, parallelism: Parallelism) -> float:
     passes = 3 + (1 if parallelism.checkpointing == "full" else 0)
     total = 0.0
     for moe, count in ((False, spec.layers - spec.moe_layers), (True, spec.moe_layers)):
-        shapes = [shape for shape in layer_gemms(spec, parallelism, tokens, moe) if len(shape) == 3]
-        total += count * sum(trained_gemm_s(gpu, passes, *shape) for shape in shapes)
+        gemms = layer_gemms(spec, parallelism, tokens, moe)
+        total += count * sum(gemm.trained_s(gpu, passes) for gemm in gemms if gemm.tp_split)
     return total / parallelism.pp
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from . import compute
 from .job import InvalidParallelism, Job, Parallelism
 from .memory import memory, optimizer_params
-from .pipeline import COMMUNICATION_SM_SHARE, bubble, slowest_stage, stages_per_rank
+from .pipeline import bubble, slowest_stage, stages_per_rank
 from .spec import ModelSpec
 from .traffic import (
     Traffic,
@@ -129,7 +129,7 @@ def micro_batch_compute_s(job: Job, parallelism: Parallelism) -> float:
     spec = job.spec
     seconds = compute.micro_batch_s(job, parallelism) / parallelism.pp
     if parallelism.schedule == "dualpipe" and parallelism.ep > 1:  # the all-to-alls run on SMs of their own
-        seconds /= 1 - COMMUNICATION_SM_SHARE
+        seconds /= 1 - job.cluster.gpu.communication_share
     # a pipeline runs at the pace of its busiest rank
     return seconds * slowest_stage(spec, parallelism.pp, parallelism.schedule, job.seq_len)
 
@@ -166,7 +166,7 @@ def estimate(job: Job, parallelism: Parallelism) -> Estimate:
     for traffic in result.traffic:
         if not (parallelism.schedule == "dualpipe" and traffic.name.startswith("ep")):  # counted in compute_s
             # what the compute hides still costs the SMs its kernels hold while they run
-            traffic.exposed_s += (traffic.seconds - traffic.exposed_s) * COMMUNICATION_SM_SHARE
+            traffic.exposed_s += (traffic.seconds - traffic.exposed_s) * job.cluster.gpu.communication_share
     # the bubble is idle micro-batch times, their exposed communication included; the rest is each
     # collective's exposed time over the step: the breakdown adds up to the step
     result.step_s = result.compute_s + result.optimizer_s + result.bubble_s + result.exposed_comm_s

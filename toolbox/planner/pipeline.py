@@ -12,9 +12,6 @@ import math
 from .spec import ModelSpec
 
 SCHEDULES = ("1f1b", "interleaved", "dualpipe")
-# Communication hidden behind compute holds SMs while it runs: DeepSeek-V3 gives its all-to-alls 20 of the H800's
-# 132 SMs (DualPipe), and every overlapped collective is charged the same share of its time
-COMMUNICATION_SM_SHARE = 20 / 132
 
 
 def stages_per_rank(schedule: str) -> int:

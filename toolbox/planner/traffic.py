@@ -12,7 +12,7 @@ What overlaps with compute, and what does not:
   ep   the token dispatch and combine overlap only with what one micro-batch has in flight that does not
        depend on them, the shared experts; the rest is exposed. DualPipe (DeepSeek-V3) runs one micro-batch's
        forward beside another's backward, so each one's all-to-alls hide behind the other's compute, at the
-       price of the GPU share its communication kernels hold while they run (COMMUNICATION_SM_SHARE).
+       price of the GPU share its communication kernels hold while they run (GPU.communication_share).
   pp   the bubble is never hidden: (pp - 1) micro-batch times for 1F1B, (pp - 1) / v interleaved, and
        DualPipe's (pp/2 - 1)(F&B + B - 3W) (a forward, a full backward, a weight-gradient backward). 1F1B's
        point-to-point sends are in the critical path; interleaved and DualPipe overlap them but for the
@@ -142,14 +142,12 @@ def expert_parallel_traffic(job: Job, parallelism: Parallelism, compute_s: float
         exposed = max(0.0, seconds * count - compute_s)
     else:  # behind the shared experts' half of a pass
         units = 2 if spec.gated_ffn else 1
-        shared = (
-            sum(  # a pass's shared-expert GEMMs (forward or backward: half of the three passes' time)
-                compute.trained_gemm_s(cluster.gpu, 1.5, local_tokens, *shape)
-                for shape in ((units * spec.shared_ffn, spec.hidden), (spec.hidden, spec.shared_ffn))
-            )
-            if spec.shared_ffn
-            else 0.0
+        shared_gemms = (
+            compute.Gemm(local_tokens, units * spec.shared_ffn, spec.hidden),
+            compute.Gemm(local_tokens, spec.hidden, spec.shared_ffn),
         )
+        # a pass's shared-expert GEMMs (forward or backward: half of the three passes' time)
+        shared = sum(gemm.trained_s(cluster.gpu, 1.5) for gemm in shared_gemms) if spec.shared_ffn else 0.0
         exposed = max(0.0, seconds - shared) * count
     return MicroBatchTraffic("ep all-to-all", kind, seconds * count, sent * count, exposed)
 
