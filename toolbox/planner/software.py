@@ -174,6 +174,15 @@ SOFTWARE = {
             sequence_parallel=False,
         ),
         Software(
+            "torchtitan",
+            "torchtitan (PyTorch-native, 2024 on): FSDP2/HSDP with tp (async TP), cp, pp and ep, SDPA's "
+            "FlashAttention-2",
+            ("fsdp", "hsdp"),
+            ("1f1b", "interleaved"),
+            attention_kernel="flash2",
+            tp_comm_overlap=True,
+        ),
+        Software(
             "minicolossus",
             "this project's trainer: ddp, fsdp, hsdp, DeepSpeed ZeRO; tp, cp, ep and pp under fsdp/hsdp",
             ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp"),
