@@ -25,6 +25,25 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
+def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """The document each token of packed windows belongs to, numbered from 0 in each row: EOS ends its
+    document, so the token after it starts the next."""
+    ends = (inputs == eos_id).long()
+    return ends.cumsum(-1) - ends
+
+
+class PackedDocuments:
+    """The model's inputs that keep attention inside each document of packed windows (data.document_mask).
+    Positions are not restarted at documents: under RoPE a token that sees only its own document sees only
+    positions relative to it, so restarting them changes nothing (tests/test_document_mask.py)."""
+
+    def __init__(self, eos_id: int):
+        self.eos_id = eos_id
+
+    def __call__(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"document_ids": document_ids(inputs, self.eos_id)}
+
+
 class SampleOrder:
     """Global sample index -> sample id, one seeded permutation per epoch."""
 

@@ -209,14 +209,44 @@ def attention_temperature(position_ids: torch.Tensor, length: int) -> torch.Tens
     return factor[:, None, :, None]
 
 
+def same_document(document_ids: torch.Tensor, query_len: int) -> torch.Tensor:
+    """Bool mask [B, 1, query_len, key_len]: a query and a key of one document of a packed sequence."""
+    return document_ids[:, None, -query_len:, None] == document_ids[:, None, None, :]
+
+
+def flex_document_mask(document_ids: torch.Tensor, query_len: int, key_len: int) -> BlockMask:
+    """flex_attention's causal block-diagonal mask, as a function of the document ids: blocks that straddle
+    no document boundary are skipped whole or computed without a mask."""
+    offset = key_len - query_len
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (kv <= q + offset) & (document_ids[b, q + offset] == document_ids[b, kv])
+
+    return create_block_mask(mask_mod, document_ids.shape[0], None, query_len, key_len, device=document_ids.device)
+
+
 def make_attention_inputs(
-    config: GrokConfig, position_ids: torch.Tensor, query_len: int, key_len: int, key_keep: torch.Tensor | None
+    config: GrokConfig,
+    position_ids: torch.Tensor,
+    query_len: int,
+    key_len: int,
+    key_keep: torch.Tensor | None,
+    document_ids: torch.Tensor | None = None,
 ) -> AttentionInputs:
+    """What every layer's attention needs. `document_ids` [B, key_len], when given, keeps each token's
+    attention inside its own document of a packed sequence (causal and block-diagonal)."""
     cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
     device = position_ids.device
-    needs_mask = key_keep is not None or (query_len != key_len and query_len > 1)
+    needs_mask = key_keep is not None or (query_len != key_len and query_len > 1) or document_ids is not None
     allowed = causal_allowed(query_len, key_len, key_keep, device) if needs_mask else None
-    block_mask = flex_block_mask(allowed, query_len, key_len, device) if config.attn_backend == "flex" else None
+    if document_ids is not None:
+        allowed = allowed & same_document(document_ids, query_len)
+    if config.attn_backend != "flex":
+        block_mask = None
+    elif document_ids is not None and key_keep is None:
+        block_mask = flex_document_mask(document_ids, query_len, key_len)
+    else:
+        block_mask = flex_block_mask(allowed, query_len, key_len, device)
     # eager: one additive mask for every layer
     logit_bias = eager_logit_bias(allowed, query_len, key_len, device) if config.attn_backend == "eager" else None
     temperature = attention_temperature(position_ids, config.attn_temperature_len)

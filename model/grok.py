@@ -138,8 +138,11 @@ class GrokModel(GrokPreTrainedModel):
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         cache: Cache | None = None,
+        document_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> GrokModelOutput:
+        """`document_ids` [batch, key length] numbers the documents of packed sequences: a token attends only
+        to earlier tokens of its own document (None: to every earlier token)."""
         batch, query_len = input_ids.shape
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
@@ -155,7 +158,12 @@ class GrokModel(GrokPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_len:]
             else:
                 position_ids = torch.arange(past_len, key_len, device=input_ids.device)[None]
-        attention_inputs = make_attention_inputs(self.config, position_ids, query_len, key_len, key_keep)
+        if document_ids is not None and tuple(document_ids.shape) != (batch, key_len):
+            raise ValueError(
+                f"document_ids has shape {tuple(document_ids.shape)}; it numbers every key position: pass "
+                f"[{batch}, {key_len}]"
+            )
+        attention_inputs = make_attention_inputs(self.config, position_ids, query_len, key_len, key_keep, document_ids)
 
         h = self.embed_tokens(input_ids) * self.config.embedding_multiplier
         router_stats = []
@@ -200,16 +208,19 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
         targets: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         cache: Cache | None = None,
+        document_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> GrokCausalLMOutput:
         """`labels` follow transformers (same positions as input_ids, shifted here); `targets` are
-        already aligned with the logits (nanoGPT style, what the trainer passes). -100 is ignored."""
+        already aligned with the logits (nanoGPT style, what the trainer passes). -100 is ignored.
+        `document_ids` keeps attention inside each document of packed sequences (GrokModel.forward)."""
         out = self.model(
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache if cache is not None else past_key_values,
             use_cache=use_cache,
+            document_ids=document_ids,
         )
         h = out.last_hidden_state
         if logits_to_keep > 0:

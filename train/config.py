@@ -60,6 +60,7 @@ class DataSection(Section):
     seq_len: int = Field(128, gt=0)
     prefetch: int = Field(2, ge=0, le=64)  # batches read ahead; a few hide the reads
     verify_checksums: bool = True
+    document_mask: bool = False  # attention stays inside each document of a packed window
 
 
 class OptimSection(Section):
@@ -171,6 +172,11 @@ class TrainConfig(Section):
             raise ValueError(
                 "checkpoint.async_save: DeepSpeed writes its own checkpoint files synchronously; set it "
                 "to false or use none/ddp/fsdp/hsdp"
+            )
+        if self.data.document_mask and (self.parallel.cp_size > 1 or self.parallel.pp_size > 1):
+            raise ValueError(
+                "data.document_mask: context- and pipeline-parallel attention do not take document masks yet; "
+                "set parallel.cp_size and parallel.pp_size to 1 or data.document_mask = false"
             )
         if self.optim.name == "muon" and self.parallel.strategy == "deepspeed":
             raise ValueError(

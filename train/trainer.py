@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from data.loader import TrainLoader
+from data.loader import PackedDocuments, TrainLoader
 from data.shards import DataError, read_manifest
 from groundwork import folders, untrusted
 from groundwork.errors import UserError
@@ -81,8 +81,15 @@ class Trainer:
             verify_checksums=False,  # check_before_start verified both splits
         )
         self.split_sequence = sequence_split(env.layout, env.rank)  # context parallelism: this rank's chunks
+        self.documents = PackedDocuments(manifest["tokenizer"]["eos_id"]) if config.data.document_mask else None
         self.validator = Validator(
-            config, env, self.model, self.engine.forward_context, self.split_sequence, self.engine.pipeline
+            config,
+            env,
+            self.model,
+            self.engine.forward_context,
+            self.split_sequence,
+            self.engine.pipeline,
+            self.documents,
         )
         self.step = 0
         self.tokens_seen = 0
@@ -210,8 +217,11 @@ class Trainer:
         for micro_batch in range(self.grad_accumulation):
             last = micro_batch == self.grad_accumulation - 1
             rows = slice(micro_batch * micro_batch_size, (micro_batch + 1) * micro_batch_size)
+            packing = {"position_ids": positions}
+            if self.documents is not None:  # attention inside each document
+                packing.update(self.documents(inputs[rows]))
             with self.engine.micro_batch(last):
-                out = self.model(inputs[rows], targets=targets[rows], position_ids=positions)
+                out = self.model(inputs[rows], targets=targets[rows], **packing)
                 self.engine.backward(out.loss)
             sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
             counts = out.expert_token_counts.detach()

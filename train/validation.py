@@ -27,10 +27,12 @@ def loss_sums(
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     split_sequence: Callable = whole_sequence,
     pipeline: Pipeline | None = None,
+    documents: Callable[[torch.Tensor], dict] | None = None,
 ) -> torch.Tensor:
     """[nats, tokens, UTF-8 bytes] summed over the batches' targets (-100 ignored), in float64, so that
     sums from several ranks add up before the division (a rank of a cp group: over its chunks of each sequence;
-    under pipeline parallelism, the ranks that hold the last stage)."""
+    under pipeline parallelism, the ranks that hold the last stage). `documents` (data.loader.PackedDocuments)
+    keeps attention inside each document, as the run trained."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=byte_lengths.device)
     for whole_inputs, whole_targets in batches:
@@ -39,7 +41,8 @@ def loss_sums(
             if pipeline is not None:
                 lm_loss = pipeline.evaluate(inputs, targets)
             else:
-                lm_loss = model(inputs, targets=targets, position_ids=positions).lm_loss
+                packing = {"position_ids": positions, **(documents(inputs) if documents is not None else {})}
+                lm_loss = model(inputs, targets=targets, **packing).lm_loss
         valid = targets != -100
         n_valid = valid.sum()
         if n_valid == 0 or lm_loss is None:  # a padding batch of a rank with fewer windows; not the last stage
@@ -76,9 +79,10 @@ class Validator:
         forward_context: Callable,
         split_sequence: Callable = whole_sequence,
         pipeline: Pipeline | None = None,
+        documents: Callable[[torch.Tensor], dict] | None = None,
     ):
         self.config, self.env, self.model, self.forward_context = config, env, model, forward_context
-        self.split_sequence, self.pipeline = split_sequence, pipeline
+        self.split_sequence, self.pipeline, self.documents = split_sequence, pipeline, documents
         self.every = config.eval.every
         self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(config.data.path))).to(env.device)
         val_tokens = len(TokenStream(config.data.path, "val", verify_checksums=False))
@@ -102,6 +106,12 @@ class Validator:
             verify_checksums=False,  # check_before_start verified the split
         )
         sums = loss_sums(
-            self.model, batches, self.byte_lengths, self.forward_context, self.split_sequence, self.pipeline
+            self.model,
+            batches,
+            self.byte_lengths,
+            self.forward_context,
+            self.split_sequence,
+            self.pipeline,
+            self.documents,
         )
         return summarize(all_reduce_sum(sums))
