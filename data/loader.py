@@ -45,26 +45,47 @@ class PackedDocuments:
 
 
 class SampleOrder:
-    """Global sample index -> sample id, one seeded permutation per epoch."""
+    """Global sample index -> sample id, one seeded permutation per epoch (of each source of a mixture)."""
 
-    def __init__(self, num_samples: int, seed: int):
+    def __init__(self, num_samples: int, seed: int, source: int | None = None):
         self.num_samples, self.seed = num_samples, seed
+        self._key = [seed] if source is None else [seed, source]
         self._epoch, self._perm = -1, None
 
     def __getitem__(self, global_index: int) -> int:
         epoch, position = divmod(global_index, self.num_samples)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._perm = np.random.default_rng([*self._key, epoch]).permutation(self.num_samples)
         return int(self._perm[position])
 
 
+class MixtureSchedule:
+    """Which source each global sample comes from: the source furthest below its share so far (Megatron's
+    blended datasets pick the same way), so every prefix of the run holds each source's weight to within a
+    sample, with no randomness. Its state is the samples taken from each source."""
+
+    def __init__(self, weights: list[float]):
+        total = sum(weights)
+        self.shares = np.array([weight / total for weight in weights])
+        self.taken = np.zeros(len(weights), dtype=np.int64)
+
+    def next(self) -> tuple[int, int]:
+        """(source, its sample index) of the next global sample."""
+        source = int(np.argmax(self.shares * (self.taken.sum() + 1) - self.taken))
+        self.taken[source] += 1
+        return source, int(self.taken[source] - 1)
+
+
 class TrainLoader:
-    """Yields this rank's share of each global batch: (inputs, targets), each [B / R, seq_len] int64."""
+    """Yields this rank's share of each global batch: (inputs, targets), each [B / R, seq_len] int64.
+
+    `sources` is one prepared folder or a mixture of (folder, weight): global sample g comes from the source
+    MixtureSchedule gives it, as that source's k-th sample in its own seeded order."""
 
     def __init__(
         self,
-        folder: Path | str,
+        sources: Path | str | list[tuple[Path | str, float]],
         seq_len: int,
         global_batch_size: int,
         rank: int = 0,
@@ -78,23 +99,36 @@ class TrainLoader:
     ):
         if global_batch_size % world_size != 0:
             raise DataError(f"global batch of {global_batch_size} sequences does not split over {world_size} ranks")
-        self.stream = TokenStream(folder, "train", verify_checksums)
-        check_tokenizer(self.stream.manifest, Path(folder), vocab_size, tokenizer_sha256)
+        mixture = not isinstance(sources, (str, Path))
+        weighted = list(sources) if mixture else [(sources, 1.0)]
+        self.folders = [Path(folder) for folder, _ in weighted]
+        self.streams = [TokenStream(folder, "train", verify_checksums) for folder in self.folders]
+        self.stream = self.streams[0]
+        for folder, stream in zip(self.folders, self.streams):
+            check_tokenizer(
+                stream.manifest, folder, vocab_size, tokenizer_sha256 or self.stream.manifest["tokenizer"]["sha256"]
+            )
         self.seq_len, self.seed = seq_len, seed
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.local_batch_size = global_batch_size // world_size
-        num_samples = (len(self.stream) - 1) // seq_len
-        if num_samples < 1:
-            raise DataError(
-                f"{folder}: the train split has {len(self.stream)} tokens, fewer than seq_len + 1 = "
-                f"{seq_len + 1}; use a shorter seq_len or more data"
-            )
-        self.order = SampleOrder(num_samples, seed)
+        self.orders = []
+        for index, (folder, stream) in enumerate(zip(self.folders, self.streams)):
+            num_samples = (len(stream) - 1) // seq_len
+            if num_samples < 1:
+                raise DataError(
+                    f"{folder}: the train split has {len(stream)} tokens, fewer than seq_len + 1 = "
+                    f"{seq_len + 1}; use a shorter seq_len or more data"
+                )
+            self.orders.append(SampleOrder(num_samples, seed, index if mixture else None))
+        self.order = self.orders[0]
+        # a mixture's schedule runs ahead with the batches read ahead; `consumed` is where the trainer is
+        self.schedule = MixtureSchedule([weight for _, weight in weighted]) if mixture else None
+        self.consumed = np.zeros(len(self.folders), dtype=np.int64)
         self.device = torch.device(device)
         self.samples_consumed = 0
         self._prefetch = prefetch
         self._executor = ThreadPoolExecutor(max_workers=1) if prefetch > 0 else None
-        self._pending: deque = deque()  # (global start index, future) of batches being read ahead
+        self._pending: deque = deque()  # (global start index, samples, future) of batches being read ahead
 
     @property
     def num_samples(self) -> int:
@@ -104,14 +138,21 @@ class TrainLoader:
     def epoch(self) -> int:
         return self.samples_consumed // self.num_samples
 
+    def samples(self, global_start: int) -> list[tuple[int, int]]:
+        """(source, sample id) of every row of the global batch that starts at global_start, in order."""
+        if self.schedule is None:
+            return [(0, self.order[g]) for g in range(global_start, global_start + self.global_batch_size)]
+        picks = [self.schedule.next() for _ in range(self.global_batch_size)]
+        return [(source, self.orders[source][index]) for source, index in picks]
+
     def sample_ids(self, global_start: int) -> list[int]:
-        """Sample ids of this rank's slice of the global batch that starts at global_start."""
+        """Sample ids of this rank's slice of the global batch that starts at global_start (one source)."""
         first = global_start + self.rank * self.local_batch_size
         return [self.order[g] for g in range(first, first + self.local_batch_size)]
 
-    def _read(self, global_start: int) -> np.ndarray:
-        ids = self.sample_ids(global_start)
-        return np.stack([self.stream.read(i * self.seq_len, self.seq_len + 1) for i in ids])
+    def _read(self, rows: list[tuple[int, int]]) -> np.ndarray:
+        mine = rows[self.rank * self.local_batch_size : (self.rank + 1) * self.local_batch_size]
+        return np.stack([self.streams[s].read(i * self.seq_len, self.seq_len + 1) for s, i in mine])
 
     def __iter__(self):
         return self
@@ -119,25 +160,36 @@ class TrainLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.samples_consumed
         if self._executor is None:
-            windows = self._read(start)
+            rows = self.samples(start)
+            windows = self._read(rows)
         else:
             while len(self._pending) <= self._prefetch:  # keep `prefetch` batches in flight after this one
                 ahead = start + len(self._pending) * self.global_batch_size
-                self._pending.append((ahead, self._executor.submit(self._read, ahead)))
-            ahead, future = self._pending.popleft()
+                ahead_rows = self.samples(ahead)
+                self._pending.append((ahead, ahead_rows, self._executor.submit(self._read, ahead_rows)))
+            ahead, rows, future = self._pending.popleft()
             assert ahead == start
             windows = future.result()
         self.samples_consumed += self.global_batch_size
+        for source, _ in rows:
+            self.consumed[source] += 1
         batch = _to_device(windows, self.device)
         return batch[:, :-1], batch[:, 1:]
 
+    def tokens_by_source(self) -> dict[str, int]:
+        """Tokens of the global batches consumed so far, by source folder name (a mixture's)."""
+        return {folder.name: int(count) * self.seq_len for folder, count in zip(self.folders, self.consumed)}
+
     def state_dict(self) -> dict:
-        return {
+        state = {
             "samples_consumed": self.samples_consumed,
             "epoch": self.epoch,
             "seed": self.seed,
             "seq_len": self.seq_len,
         }
+        if self.schedule is not None:
+            state["source_samples"] = [int(count) for count in self.consumed]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """A checkpoint's loader state (a file anyone can edit): a count that is not a whole number >= 0 would
@@ -152,10 +204,25 @@ class TrainLoader:
                 f"loader state is for seq_len {state.get('seq_len')} / seed {state.get('seed')}, this run uses "
                 f"seq_len {self.seq_len} / seed {self.seed}; keep them fixed when resuming"
             )
-        for _, future in self._pending:
+        consumed = [samples]
+        if self.schedule is not None:
+            consumed = state.get("source_samples")
+            if (
+                not isinstance(consumed, list)
+                or len(consumed) != len(self.folders)
+                or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in consumed)
+                or sum(consumed) != samples
+            ):
+                raise DataError(
+                    f"loader state: source_samples {consumed!r} is not one count per source of data.mixture adding "
+                    f"up to samples_consumed {samples}; resume with the same data.mixture or from another checkpoint"
+                )
+            self.schedule.taken[:] = consumed
+        for _, _, future in self._pending:
             future.cancel()
         self._pending.clear()
         self.samples_consumed = samples
+        self.consumed[:] = consumed
 
     def close(self) -> None:
         if self._executor is not None:

@@ -55,12 +55,46 @@ class ModelSection(Section):
         return self
 
 
+class MixtureSource(Section):
+    path: str  # a folder made by `python -m data.prepare`
+    weight: float = Field(gt=0, allow_inf_nan=False)  # its share of the samples, relative to the others'
+
+
 class DataSection(Section):
     path: str = "runs/data/stdlib"  # a folder made by `python -m data.prepare`
+    mixture: list[MixtureSource] | None = None  # weighted prepared folders: replaces `path` where given
     seq_len: int = Field(128, gt=0)
     prefetch: int = Field(2, ge=0, le=64)  # batches read ahead; a few hide the reads
     verify_checksums: bool = True
     document_mask: bool = False  # attention stays inside each document of a packed window
+
+    @model_validator(mode="after")
+    def _mixture_sources(self):
+        if self.mixture is not None:
+            paths = [str(Path(source.path).resolve()) for source in self.mixture]
+            if not paths:
+                raise ValueError("data.mixture: an empty mixture; list prepared folders with weights, or drop it")
+            repeated = next((source.path for source, path in zip(self.mixture, paths) if paths.count(path) > 1), None)
+            if repeated is not None:
+                raise ValueError(f"data.mixture: {repeated} is listed twice; give it one entry with the summed weight")
+            names = [Path(path).name for path in paths]
+            twice = next((name for name in names if names.count(name) > 1), None)
+            if twice is not None:
+                raise ValueError(
+                    f"data.mixture: two sources are folders named {twice!r}, and a folder's name names its logged "
+                    f"tokens and val loss; rename one"
+                )
+        return self
+
+    @property
+    def sources(self) -> list[tuple[str, float]]:
+        """The prepared folders the run trains on, with their weights: the mixture's, or `path` alone."""
+        return [(source.path, source.weight) for source in self.mixture] if self.mixture else [(self.path, 1.0)]
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The folder whose tokenizer and manifest describe the run's data (every source shares them)."""
+        return self.sources[0][0]
 
 
 class OptimSection(Section):
@@ -239,6 +273,10 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):  # data.mixture: an array of inline tables
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
     return repr(value)
 
 

@@ -49,23 +49,27 @@ def build_model_config(config: TrainConfig, vocab_size: int | None) -> GrokConfi
 
 def check_before_start(config: TrainConfig) -> None:
     """Everything that can be checked without a process group: fail in one line, before heavy work."""
-    data = Path(config.data.path)
+    data = Path(config.data.tokenizer_path)
     manifest = read_manifest(data)
     model_config = build_model_config(config, manifest["tokenizer"]["vocab_size"])
-    check_tokenizer(manifest, data, vocab_size=model_config.vocab_size)
-    tokens = {}
-    for split in ("train", "val"):  # both, before step 1: a damaged val shard must not wait for the first eval
-        tokens[split] = len(TokenStream(data, split, config.data.verify_checksums))
-        if tokens[split] < config.data.seq_len + 1:
-            raise DataError(
-                f"{data}: the {split} split has {tokens[split]} tokens, fewer than data.seq_len + 1 = "
-                f"{config.data.seq_len + 1}; lower data.seq_len or prepare more data"
-            )
+    val_tokens = 0
+    for source, _ in config.data.sources:  # a mixture's sources must share the first one's tokenizer
+        source_manifest = read_manifest(Path(source))
+        check_tokenizer(source_manifest, Path(source), model_config.vocab_size, manifest["tokenizer"]["sha256"])
+        for split in ("train", "val"):  # both, before step 1: a damaged val shard must not wait for the first eval
+            tokens = len(TokenStream(source, split, config.data.verify_checksums))
+            if tokens < config.data.seq_len + 1:
+                raise DataError(
+                    f"{source}: the {split} split has {tokens} tokens, fewer than data.seq_len + 1 = "
+                    f"{config.data.seq_len + 1}; lower data.seq_len or prepare more data"
+                )
+            if split == "val":
+                val_tokens = max(val_tokens, tokens)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     layout = layout_of(config, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     check_model_fits(layout, model_config, config.data.seq_len)
     check_pipeline(config, model_config, layout, config.grad_accumulation(layout.dp_size), uses_cuda(config))
-    eval_rows = eval_batch_rows(config, tokens["val"], layout.dp_size)
+    eval_rows = eval_batch_rows(config, val_tokens, layout.dp_size)
     check_batches_fit(config, model_config, layout, eval_rows, uses_cuda(config))
     fault_injection.from_env()  # a malformed MINICOLOSSUS_FAULT fails here, not mid-run
     if config.model.init_from:
@@ -73,7 +77,7 @@ def check_before_start(config: TrainConfig) -> None:
         weights.weights_kind(init_from)
         if weights.tokenizer_hash(init_from, "model.init_from") != manifest["tokenizer"]["sha256"]:
             raise ConfigError(
-                f"model.init_from {init_from}: trained with another tokenizer than data.path {data}'s; "
+                f"model.init_from {init_from}: trained with another tokenizer than the data's ({data}); "
                 f"use data prepared with the tokenizer it was trained on"
             )
     if config.parallel.strategy == "deepspeed":

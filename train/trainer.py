@@ -51,7 +51,7 @@ class Trainer:
         self.config, self.env = config, env
         self.grad_accumulation = config.grad_accumulation(env.dp_size)
         self.global_batch = config.global_batch_sequences()
-        manifest = read_manifest(Path(config.data.path))
+        manifest = read_manifest(Path(config.data.tokenizer_path))  # every source of a mixture shares it
         self.tokenizer_sha256 = manifest["tokenizer"]["sha256"]
         self.model_config = build_model_config(config, manifest["tokenizer"]["vocab_size"])
 
@@ -69,7 +69,7 @@ class Trainer:
         self.engine = build_engine(model, config, env, self.grad_accumulation, init_weights)
         self.model = self.engine.model
         self.loader = TrainLoader(
-            config.data.path,
+            config.data.sources if config.data.mixture else config.data.path,
             config.data.seq_len,
             self.global_batch,
             env.dp_rank,
@@ -109,7 +109,7 @@ class Trainer:
             keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save,
             model_config=self.model_config,
-            tokenizer_folder=Path(config.data.path),
+            tokenizer_folder=Path(config.data.tokenizer_path),
             trainer_state=self.checkpoint_record,
             check_state=self.check_resumable,
             shards_written=self.faults.shards_written if self.faults is not None else lambda step: None,
@@ -151,7 +151,12 @@ class Trainer:
             "strategy": self.config.parallel.strategy,
             "preset": self.config.model.preset,
             "tokenizer_sha256": self.tokenizer_sha256,
-            "data_path": str(Path(self.config.data.path).resolve()),
+            "data_path": str(Path(self.config.data.tokenizer_path).resolve()),
+            **(
+                {"data_mixture": [[str(Path(p).resolve()), w] for p, w in self.config.data.sources]}
+                if self.config.data.mixture
+                else {}
+            ),
         }
 
     # --- one optimizer step --------------------------------------------------------------------------
@@ -244,6 +249,8 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
         }
+        if self.config.data.mixture:  # the schedule is the same on every rank: no reduction
+            row |= {f"tokens_seen/{name}": tokens for name, tokens in self.loader.tokens_by_source().items()}
         if counts.numel():
             load = reduced[4:].view_as(counts)
             # per layer: busiest expert's share relative to a perfectly even share (1.0 = balanced)
@@ -316,7 +323,9 @@ class Trainer:
             return
         out_dir = Path(config.run.out_dir)  # its files were checked at start-up: regular files or absent, no links
         folders.write_durably(out_dir / "config.toml", config.dump_toml())
-        manifest = untrusted.read_bytes(Path(config.data.path) / "manifest.json", "data manifest", "prepare it again")
+        manifest = untrusted.read_bytes(
+            Path(config.data.tokenizer_path) / "manifest.json", "data manifest", "prepare it again"
+        )
         folders.write_durably(out_dir / "data_manifest.json", manifest)
         split = max(env.layout.tp, env.layout.ep, env.layout.cp, env.layout.pp) > 1
         layout = f" ({env.layout.describe()})" if split else ""

@@ -5,6 +5,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -84,34 +85,47 @@ class Validator:
         self.config, self.env, self.model, self.forward_context = config, env, model, forward_context
         self.split_sequence, self.pipeline, self.documents = split_sequence, pipeline, documents
         self.every = config.eval.every
-        self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(config.data.path))).to(env.device)
-        val_tokens = len(TokenStream(config.data.path, "val", verify_checksums=False))
-        self.batch_size = eval_batch_rows(config, val_tokens, env.dp_size)
+        tokenizer = load_tokenizer(config.data.tokenizer_path)
+        self.byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)).to(env.device)
+        # each source's val split (one, or a mixture's each), with its own batch rows
+        self.batch_sizes = {
+            path: eval_batch_rows(config, len(TokenStream(path, "val", verify_checksums=False)), env.dp_size)
+            for path, _ in config.data.sources
+        }
 
     def due(self, step: int, last: bool) -> bool:
         """Every `eval.every` steps (0: only at the end) and at the last step."""
         return bool(self.every and step % self.every == 0) or last
 
     def __call__(self) -> dict:
-        """Val loss (nats/token) and bits per byte over the val split, summed across ranks."""
+        """Val loss (nats/token) and bits per byte over the val split, summed across ranks; for a mixture, over
+        every source's val split pooled, and each source's as val_loss/NAME and val_bpb/NAME."""
         config, env = self.config, self.env
-        batches = val_batches(
-            config.data.path,
-            config.data.seq_len,
-            self.batch_size,
-            env.dp_rank,
-            env.dp_size,
-            env.device,
-            config.eval.max_sequences,
-            verify_checksums=False,  # check_before_start verified the split
-        )
-        sums = loss_sums(
-            self.model,
-            batches,
-            self.byte_lengths,
-            self.forward_context,
-            self.split_sequence,
-            self.pipeline,
-            self.documents,
-        )
-        return summarize(all_reduce_sum(sums))
+        by_source = {}
+        for path, batch_size in self.batch_sizes.items():
+            batches = val_batches(
+                path,
+                config.data.seq_len,
+                batch_size,
+                env.dp_rank,
+                env.dp_size,
+                env.device,
+                config.eval.max_sequences,
+                verify_checksums=False,  # check_before_start verified the split
+            )
+            sums = loss_sums(
+                self.model,
+                batches,
+                self.byte_lengths,
+                self.forward_context,
+                self.split_sequence,
+                self.pipeline,
+                self.documents,
+            )
+            by_source[Path(path).name] = all_reduce_sum(sums)
+        row = summarize(sum(by_source.values()))
+        if config.data.mixture:
+            for name, sums in by_source.items():
+                source = summarize(sums)
+                row |= {f"val_loss/{name}": source["val_loss"], f"val_bpb/{name}": source["val_bpb"]}
+        return row
