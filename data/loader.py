@@ -189,6 +189,7 @@ class TrainLoader:
         }
         if self.schedule is not None:
             state["source_samples"] = [int(count) for count in self.consumed]
+            state["source_shares"] = [float(share) for share in self.schedule.shares]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -216,6 +217,13 @@ class TrainLoader:
                 raise DataError(
                     f"loader state: source_samples {consumed!r} is not one count per source of data.mixture adding "
                     f"up to samples_consumed {samples}; resume with the same data.mixture or from another checkpoint"
+                )
+            shares = state.get("source_shares")
+            if not isinstance(shares, list) or not np.allclose(shares, self.schedule.shares, rtol=1e-9, atol=0):
+                raise DataError(
+                    f"loader state: the checkpoint's mixture shares {shares!r} are not this run's "
+                    f"{[round(float(share), 6) for share in self.schedule.shares]}; resume with the same data.mixture "
+                    f"weights, or start a new run"
                 )
             self.schedule.taken[:] = consumed
         for _, _, future in self._pending:

@@ -86,6 +86,9 @@ def test_a_mixture_refuses_an_odd_tokenizer_and_a_malformed_state(sources):
     state = {**loader.state_dict(), "samples_consumed": 6, "source_samples": [5, 2]}
     with pytest.raises(DataError, match="source_samples"):
         loader.load_state_dict(state)
+    reweighted = TrainLoader([(sources["web"], 0.5), (sources["code"], 0.5)], SEQ_LEN, GLOBAL_BATCH, prefetch=0)
+    with pytest.raises(DataError, match="resume with the same data.mixture weights"):
+        reweighted.load_state_dict(loader.state_dict())
 
 
 def test_the_trainer_trains_on_a_mixture_and_logs_each_source(sources, tmp_path):
