@@ -145,14 +145,16 @@ class TrainLoader:
         picks = [self.schedule.next() for _ in range(self.global_batch_size)]
         return [(source, self.orders[source][index]) for source, index in picks]
 
+    def mine(self, rows: list) -> list:
+        """This rank's contiguous slice of a global batch's rows."""
+        return rows[self.rank * self.local_batch_size : (self.rank + 1) * self.local_batch_size]
+
     def sample_ids(self, global_start: int) -> list[int]:
         """Sample ids of this rank's slice of the global batch that starts at global_start (one source)."""
-        first = global_start + self.rank * self.local_batch_size
-        return [self.order[g] for g in range(first, first + self.local_batch_size)]
+        return self.mine([self.order[g] for g in range(global_start, global_start + self.global_batch_size)])
 
     def _read(self, rows: list[tuple[int, int]]) -> np.ndarray:
-        mine = rows[self.rank * self.local_batch_size : (self.rank + 1) * self.local_batch_size]
-        return np.stack([self.streams[s].read(i * self.seq_len, self.seq_len + 1) for s, i in mine])
+        return np.stack([self.streams[s].read(i * self.seq_len, self.seq_len + 1) for s, i in self.mine(rows)])
 
     def __iter__(self):
         return self

@@ -154,18 +154,25 @@ def attention_core_s(spec: ModelSpec, job: Job, parallelism: Parallelism, tokens
     return (scores + outputs) * (3 + recompute)
 
 
+def passes(parallelism: Parallelism) -> int:
+    """Forward-equivalents of a weight's GEMMs in a micro-batch: the forward, the backward's two, a recompute."""
+    return 3 + (1 if parallelism.checkpointing == "full" else 0)
+
+
+def layer_kinds(spec: ModelSpec) -> list[tuple[bool, int]]:
+    """(MoE or not, how many layers) of the model's dense and MoE layers, those it has."""
+    return [(moe, count) for moe, count in ((False, spec.layers - spec.moe_layers), (True, spec.moe_layers)) if count]
+
+
 def micro_batch_s(job: Job, parallelism: Parallelism) -> float:
     """One micro-batch's forward and backward (recomputation included) of the whole model on one tp x cp rank,
     as if it held every layer: the pipeline's split and its balance are layout.py's."""
     spec, gpu = job.spec, job.cluster.gpu
     tokens = parallelism.micro_batch * job.seq_len / parallelism.cp
-    passes = 3 + (1 if parallelism.checkpointing == "full" else 0)
     memory_rate = gpu.hbm_bytes_per_s * HBM_EFFICIENCY
     total = 0.0
-    for moe, count in ((False, spec.layers - spec.moe_layers), (True, spec.moe_layers)):
-        if not count:
-            continue
-        layer = sum(gemm.trained_s(gpu, passes) for gemm in layer_gemms(spec, parallelism, tokens, moe))
+    for moe, count in layer_kinds(spec):
+        layer = sum(gemm.trained_s(gpu, passes(parallelism)) for gemm in layer_gemms(spec, parallelism, tokens, moe))
         layer += attention_core_s(spec, job, parallelism, tokens)
         layer += tokens * elementwise_bytes_per_token(spec, job, parallelism, moe) / memory_rate
         total += count * layer
@@ -180,11 +187,10 @@ def tensor_parallel_gemm_s(job: Job, parallelism: Parallelism) -> float:
     which tp's chunked collectives run beside."""
     spec, gpu = job.spec, job.cluster.gpu
     tokens = parallelism.micro_batch * job.seq_len / parallelism.cp
-    passes = 3 + (1 if parallelism.checkpointing == "full" else 0)
     total = 0.0
-    for moe, count in ((False, spec.layers - spec.moe_layers), (True, spec.moe_layers)):
+    for moe, count in layer_kinds(spec):
         gemms = layer_gemms(spec, parallelism, tokens, moe)
-        total += count * sum(gemm.trained_s(gpu, passes) for gemm in gemms if gemm.tp_split)
+        total += count * sum(gemm.trained_s(gpu, passes(parallelism)) for gemm in gemms if gemm.tp_split)
     return total / parallelism.pp
 
 

@@ -67,6 +67,9 @@ BEFORE_2022 = dict(
     p2p_overlap=False,
 )
 
+# What every Megatron-LM stack does: an fp32 gradient buffer for the whole local model, stages cut evenly
+MEGATRON = dict(fp32_main_grads=True, uneven_stages=False)
+
 SOFTWARE = {
     profile.name: profile
     for profile in (
@@ -84,8 +87,7 @@ SOFTWARE = {
             ("1f1b", "interleaved"),
             ("tp", "pp"),
             **BEFORE_2022,
-            fp32_main_grads=True,
-            uneven_stages=False,
+            **MEGATRON,
         ),
         Software(
             "megatron-lm-2022",
@@ -94,8 +96,7 @@ SOFTWARE = {
             ("1f1b", "interleaved"),
             ("tp", "pp"),
             **{**BEFORE_2022, "selective_checkpointing": True, "sequence_parallel": True},
-            fp32_main_grads=True,
-            uneven_stages=False,
+            **MEGATRON,
         ),
         Software(
             "deepspeed-2021",
@@ -125,8 +126,7 @@ SOFTWARE = {
             gradient_overlap=False,
             param_gather_overlap=False,
             p2p_overlap=False,
-            fp32_main_grads=True,
-            uneven_stages=False,
+            **MEGATRON,
         ),
         Software(
             "megatron-core",
@@ -134,8 +134,7 @@ SOFTWARE = {
             "parallelism; --tp-comm-overlap left at its default, off",
             ("ddp", "zero1"),
             ("1f1b", "interleaved"),
-            fp32_main_grads=True,
-            uneven_stages=False,
+            **MEGATRON,
         ),
         Software(
             "megatron-core-tp-overlap",
@@ -143,8 +142,7 @@ SOFTWARE = {
             ("ddp", "zero1"),
             ("1f1b", "interleaved"),
             tp_comm_overlap=True,
-            fp32_main_grads=True,
-            uneven_stages=False,
+            **MEGATRON,
         ),
         Software(
             "llama3",
