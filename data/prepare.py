@@ -2,12 +2,13 @@
 
 SRC is `stdlib` (the running Python's standard library, offline, the default corpus), a local file or
 folder (.txt, .txt.gz, .jsonl(.gz), .parquet), or a Hugging Face hub dataset name (needs network).
-Documents are split into train/val whole (seeded), the tokenizer is trained on train only, and both
-splits are tokenised with EOS after every document into flat binary shards plus manifest.json.
-Documents are read one at a time and tokenised in bounded pieces, so memory follows the bytes however
-long a line is. The output appears atomically: everything (the `datasets` cache included, deleted before
-the end) is written to a temporary folder renamed at the end, while a lock beside --out stops a second
-prepare of it. Re-running the same command reuses the finished folder only if the source's content is
+Documents are split into train/val whole (seeded), the tokenizer is trained on (a seeded sample of) train
+only, and then datatrove (`engine`) deduplicates, filters and tokenises them, with EOS after every document,
+on --executor local|slurm|ray in --tasks tasks; the ranks' tokens are merged in corpus order into flat binary
+shards plus manifest.json, whatever the executor and the number of tasks. Documents are read one at a time
+and tokenised in bounded pieces, so memory follows the bytes however long a line is. The output appears
+atomically: everything (the `datasets` cache and the engine's work folder included, deleted before the end)
+is written to a temporary folder renamed at the end, while a lock beside --out stops a second prepare of it. Re-running the same command reuses the finished folder only if the source's content is
 unchanged (its sha256 is in the manifest); identical inputs give identical bytes. --overwrite replaces
 only a folder this command made, and only if it holds nothing else; any other existing, non-empty --out
 is refused.
@@ -18,7 +19,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,18 +30,22 @@ from groundwork.cli import ArgumentParser, run_main
 from groundwork.errors import UserError
 
 from . import tokenizer as tok
-from .shards import FORMAT_VERSION, MANIFEST, DataError, ShardWriter, read_manifest, token_dtype, write_manifest
+from .engine import DEDUPS, EXECUTORS, FILTERS, MAX_TASKS
 
 if TYPE_CHECKING:
-    import datasets  # only for annotations: imported where data is prepared
+    from .sources import Corpus  # imports `datasets`: only where data is prepared
 
-ENCODE_BATCH = 64  # pieces per tokenizer call: at most 64 * sources.PIECE_CHARS characters held encoded
+from .shards import FORMAT_VERSION, MANIFEST, DataError, read_manifest, token_dtype, write_manifest
+
 # What a prepared folder holds (and --overwrite may delete): its marker, manifest, tokenizer files and shards,
 # and the temporary name of a marker or manifest whose write was killed.
 OWN_FILE = re.compile(
     r"(\.minicolossus\.json|manifest\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json"
     r"|[a-z]+_\d{3,}\.bin|\.(\.minicolossus|manifest)\.json\.tmp-\d+)"
 )
+
+
+OPTIONAL_SETTINGS = {"val_from": "random", "tokenizer_sample_chars": 1 << 30, "dedup": [], "filters": []}
 
 
 def split_documents(
@@ -58,53 +63,6 @@ def split_documents(
         return np.arange(n_documents - n_val), np.arange(n_documents - n_val, n_documents)
     order = np.random.default_rng(seed).permutation(n_documents)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-_worker_tokenizers: dict = {}
-
-
-def _encode_batch(batch: Mapping[str, list], tokenizer_path: str, dtype: str) -> dict:
-    """datasets.map worker: token ids of each piece, EOS appended where a document ends (the separator of the
-    packed stream); arrays of the shard dtype, so the cache holds what the shard will."""
-    if tokenizer_path not in _worker_tokenizers:
-        _worker_tokenizers[tokenizer_path] = tok.Tokenizer.from_file(tokenizer_path)
-    encodings = _worker_tokenizers[tokenizer_path].encode_batch_fast(batch["text"], add_special_tokens=False)
-    return {
-        "ids": [
-            np.array(e.ids + [tok.EOS_ID] if last else e.ids, dtype=dtype) for e, last in zip(encodings, batch["last"])
-        ]
-    }
-
-
-def write_split(
-    pieces: "datasets.Dataset",
-    documents: int,
-    folder: Path,
-    split: str,
-    dtype: np.dtype,
-    shard_tokens: int,
-    num_proc: int,
-) -> dict:
-    encoded = pieces.map(
-        _encode_batch,
-        batched=True,
-        batch_size=ENCODE_BATCH,
-        writer_batch_size=256,
-        num_proc=num_proc if num_proc > 1 and len(pieces) > 1 else None,
-        fn_kwargs={"tokenizer_path": str(folder / "tokenizer.json"), "dtype": dtype.name},
-        remove_columns=["text", "last"],
-        desc=f"tokenising {split}",
-    )
-    writer = ShardWriter(folder, split, dtype, shard_tokens)
-    for table in encoded.with_format("arrow").iter(batch_size=1024):  # bounded: pieces are bounded
-        writer.write(table.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False))
-    shards = writer.close()
-    return {
-        "documents": documents,
-        "tokens": sum(s["tokens"] for s in shards),
-        "shards": shards,
-        "max_token_id": writer.max_token_id,
-    }
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -129,8 +87,9 @@ def prepare(args: argparse.Namespace) -> dict:
             "max_documents",
         )
     }
-    if args.val_from != "random":  # recorded only when set, so folders prepared before the option still match
-        settings["val_from"] = args.val_from
+    for key, default in OPTIONAL_SETTINGS.items():  # recorded only when set: folders made before still match
+        if getattr(args, key) != default:
+            settings[key] = getattr(args, key)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     try:
         source_sha256 = sources.source_sha256(args.source, files) if files is not None else None
@@ -195,11 +154,12 @@ def _refuse_foreign_files(out: Path, overwrite: bool) -> None:
 
 
 def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: str | None) -> dict:
-    """Everything of a prepared folder, written into `tmp`; `datasets`' cache lives in tmp/cache meanwhile."""
-    from . import sources
+    """Everything of a prepared folder, written into `tmp`; `datasets`' cache and the engine's work folder
+    live in tmp/cache and tmp/work meanwhile."""
+    from . import engine, sources
 
     started = time.perf_counter()
-    cache = tmp / "cache"
+    cache, work = tmp / "cache", tmp / "work"
     try:
         corpus = sources.load_corpus(
             args.source,
@@ -213,21 +173,24 @@ def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: s
         )
         is_val = np.zeros(corpus.count, dtype=bool)
         is_val[split_documents(corpus.count, args.val_fraction, args.seed, args.val_from)[1]] = True
-        cache.mkdir(exist_ok=True)
-        splits = sources.write_pieces(corpus.documents, is_val, cache)
+        tasks = min(args.tasks, corpus.count)
+        engine.stage_documents(zip(sources.texts(corpus.documents), is_val), corpus.count, tasks, work / "staged")
         if args.tokenizer == "bpe":
-            tokenizer = tok.train_bpe(sources.texts(splits["train"][0]), args.vocab_size)
+            tokenizer = tok.train_bpe(tokenizer_sample(corpus, is_val, args), args.vocab_size)
         else:
             tokenizer = tok.byte_tokenizer()
         tokenizer_hash = tok.save(tokenizer, tmp)
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         dtype = token_dtype(vocab_size)
-        written = {
-            name: write_split(pieces, documents, tmp, name, dtype, args.shard_tokens, args.num_proc)
-            for name, (pieces, documents) in splits.items()
-        }
+        stages = engine.plan(work, args.dedup, args.filters, tasks, str(tmp / "tokenizer.json"), dtype.name)
+        executor = engine.Executor(
+            args.executor, tasks, args.workers, args.slurm_partition, args.slurm_time, args.ray_address
+        )
+        engine.run(stages, executor, work)
+        written, counts = engine.merge(work, stages, tmp, dtype, args.shard_tokens)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": corpus.description,
@@ -247,19 +210,45 @@ def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: s
         "replaced_characters": corpus.replaced_characters,
         "splits": written,
     }
+    if args.dedup or args.filters:
+        manifest["filtering"] = {"steps": [f"{kind}-dedup" for kind in args.dedup] + args.filters, **counts}
+    for name, split in written.items():
+        if split["tokens"] == 0:
+            raise DataError(
+                f"--source {args.source}: no {name} document is left after {', '.join(manifest['filtering']['steps'])}"
+                f"; use fewer filters or a larger corpus"
+            )
     _check_seq_len(manifest, args.seq_len, Path(args.out))
     write_manifest(tmp, manifest)
 
     seconds = time.perf_counter() - started
     total = sum(s["tokens"] for s in written.values())
+    removed = counts["in"]["documents"] - counts["out"]["documents"]
     print(
         f"{args.out}: {corpus.description}; {vocab_size}-token {args.tokenizer} tokenizer; "
         + ", ".join(f"{name} {s['documents']} docs / {s['tokens']:,} tokens" for name, s in written.items())
-        + f"; {total / seconds:,.0f} tokens/s end to end"
+        + (
+            f"; {removed} docs removed by {', '.join(manifest['filtering']['steps'])}"
+            if "filtering" in manifest
+            else ""
+        )
+        + f"; {total / seconds:,.0f} tokens/s end to end ({args.executor}, {tasks} task(s))"
         + (f"; {corpus.replaced_characters} undecodable bytes replaced" if corpus.replaced_characters else ""),
         file=sys.stderr,
     )
     return manifest
+
+
+def tokenizer_sample(corpus: "Corpus", is_val: np.ndarray, args: argparse.Namespace) -> Iterator[str]:
+    """The train documents the tokenizer learns from, in pieces: all of them when the corpus has at most
+    --tokenizer-sample-chars characters, else a seeded choice of about that many, in corpus order."""
+    from . import sources
+
+    rate = args.tokenizer_sample_chars / max(corpus.characters, 1)
+    chosen = np.random.default_rng(args.seed).random(corpus.count) < rate if rate < 1 else ~is_val
+    for index, text in enumerate(sources.texts(corpus.documents)):
+        if chosen[index] and not is_val[index]:
+            yield from (piece for piece in tok.pieces(text) if not piece.isspace())
 
 
 def _check_seq_len(manifest: dict, seq_len: int | None, out: Path) -> None:
@@ -271,6 +260,17 @@ def _check_seq_len(manifest: dict, seq_len: int | None, out: Path) -> None:
                 f"{out}: the {name} split has {split['tokens']} tokens, fewer than seq_len + 1 = "
                 f"{seq_len + 1}; use a shorter --seq-len, a larger --val-fraction or more data"
             )
+
+
+def _names(known: Iterable[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if unknown or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"{text!r}: give distinct names among {', '.join(known)}")
+        return sorted(names, key=list(known).index)  # one order, so the same choice is the same setting
+
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -294,7 +294,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="what one document is in .txt files (default: blank-line separated paragraphs)",
     )
     p.add_argument("--seq-len", type=int, help="check that every split holds at least one seq_len + 1 window")
-    p.add_argument("--num-proc", type=int, default=1, help="tokenisation processes")
+    p.add_argument("--num-proc", type=int, default=1, help="tokenisation processes (= --tasks N --workers N)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local", help="where datatrove runs the tasks")
+    p.add_argument("--tasks", type=int, help="pieces the corpus is processed in (default --num-proc)")
+    p.add_argument("--workers", type=int, help="tasks at once (default: local, the cores; slurm and ray, all)")
+    p.add_argument("--slurm-partition", help="--executor slurm: the partition (default: the cluster's)")
+    p.add_argument("--slurm-time", help="--executor slurm: each job's time limit, e.g. 1:00:00")
+    p.add_argument("--ray-address", help="--executor ray: a running cluster's head (default: start one here)")
+    p.add_argument("--dedup", type=_names(DEDUPS), default=[], help="comma-separated: exact, minhash")
+    p.add_argument("--filters", type=_names(FILTERS), default=[], help=f"comma-separated: {', '.join(FILTERS)}")
+    p.add_argument(
+        "--tokenizer-sample-chars",
+        type=int,
+        default=1 << 30,
+        help="train the tokenizer on all train documents up to this many characters, else a seeded sample",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val document split")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file (default 2^28)")
     p.add_argument("--hub-config", help="hub dataset config name")
@@ -309,6 +323,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.num_proc < 1 or args.shard_tokens < 1 or (args.seq_len is not None and args.seq_len < 1):
         p.error("--num-proc, --shard-tokens and --seq-len must be positive")
+    args.tasks = args.tasks or args.num_proc
+    args.workers = args.workers or (args.num_proc if args.num_proc > 1 else None)
+    if not 1 <= args.tasks <= MAX_TASKS or (args.workers is not None and args.workers < 1):
+        p.error(f"--tasks must be 1 to {MAX_TASKS}, and --workers positive")
+    if args.tokenizer_sample_chars < 1:
+        p.error("--tokenizer-sample-chars must be positive")
+    given = [
+        f"--{flag.replace('_', '-')}"
+        for flag in ("slurm_partition", "slurm_time", "ray_address")
+        if getattr(args, flag)
+    ]
+    if any(not flag.startswith(f"--{args.executor}") for flag in given):
+        p.error(f"{', '.join(given)}: only for the executor it names (this run's is --executor {args.executor})")
     if args.seed < 0 or (args.max_documents is not None and args.max_documents < 1):
         p.error("--seed must be 0 or more, and --max-documents positive")
     if args.tokenizer == "bpe" and args.vocab_size < tok.BYTE_VOCAB_SIZE:

@@ -55,7 +55,7 @@ class ShardWriter:
             if self._room == 0:
                 self._open_next()
             part, tokens = tokens[: self._room], tokens[self._room :]
-            part.tofile(self._file)
+            self._file.write(part.tobytes())  # tofile can lose a failed write (a full disk) without a word
             self._room -= len(part)
             self.shards[-1]["tokens"] += len(part)
 

@@ -2,9 +2,8 @@
 
 Every source becomes a `datasets.Dataset` with one document per row in a `text` column, in a
 deterministic order. Undecodable bytes are replaced (U+FFFD) and counted, never fatal. Reading streams:
-documents are taken one at a time from the (memory-mapped) table and cut into pieces of at most
-`PIECE_CHARS` characters, so a corpus that is one 48 MB line costs what its bytes cost, not what the
-tokenizer would need to hold it whole. `datasets` writes its cache where prepare tells it (the run's
+documents are taken one at a time from the (memory-mapped) table, so a corpus that is one 48 MB line costs
+what its bytes cost (the tokenizer sees it in pieces: `tokenizer.pieces`). `datasets` writes its cache where prepare tells it (the run's
 temporary folder), never into the user's home.
 """
 
@@ -20,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import numpy as np
-import pyarrow as pa
 
 from .shards import DataError
 
@@ -30,12 +27,6 @@ LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet":
 # Folders of the standard library that are not its own source: installed packages and test suites.
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "owner/name"
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-# A piece is what the tokenizer sees at once: its memory is ~100 bytes per character of it, so pieces are
-# small; they are cut before a whitespace that starts a word, where byte-level BPE splits words anyway,
-# so cutting changes no token (only a run of 8192 characters without such a place is cut inside a word).
-PIECE_CHARS = 1 << 13
-PIECE_CUT = re.compile(r".*\s(?=\S)", re.DOTALL)  # greedy: the last whitespace before a non-whitespace
-PIECES_SCHEMA = pa.schema([("text", pa.large_string()), ("last", pa.bool_())])  # last: the document ends here
 JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", list: "an array"}
 DISK_FULL = {
     errno.ENOSPC: "no space left on device",
@@ -50,6 +41,7 @@ class Corpus:
     description: str  # what the manifest records as the source
     replaced_characters: int  # U+FFFD characters in the text (from undecodable bytes)
     count: int = 0  # non-empty documents
+    characters: int = 0  # in them
 
 
 def stdlib_files() -> list[Path]:
@@ -222,61 +214,6 @@ def texts(documents: datasets.Dataset) -> Iterator[str]:
                 yield text
 
 
-def pieces(text: str, budget: int = PIECE_CHARS) -> Iterator[str]:
-    """`text` in consecutive pieces of at most `budget` characters, each (but the first) starting at a
-    whitespace that begins a word, within the last half of the budget when there is one."""
-    start = 0
-    while len(text) - start > budget:
-        found = PIECE_CUT.match(text, start + budget // 2, start + budget)
-        cut = found.end() - 1 if found else start + budget
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
-
-
-def write_pieces(documents: datasets.Dataset, is_val: np.ndarray, folder: Path) -> dict[str, tuple]:
-    """Each split's non-empty documents, in order, as a pieces dataset (text, last) in `folder`; with its
-    number of documents. is_val[k]: the k-th non-empty document is held out."""
-    out = {split: _PieceFile(folder / f"{split}-pieces.arrow") for split in ("train", "val")}
-    try:
-        for k, text in enumerate(texts(documents)):
-            out["val" if is_val[k] else "train"].add(text)
-    finally:
-        for piece_file in out.values():
-            piece_file.close()
-    return {split: (datasets.Dataset.from_file(str(f.path)), f.documents) for split, f in out.items()}
-
-
-class _PieceFile:
-    """An arrow stream file of pieces, written in record batches of about a megabyte."""
-
-    def __init__(self, path: Path):
-        self.path, self.documents = path, 0
-        self.writer = pa.ipc.new_stream(str(path), PIECES_SCHEMA)
-        self.texts: list[str] = []
-        self.lasts: list[bool] = []
-        self.chars = 0
-
-    def add(self, text: str) -> None:
-        self.documents += 1
-        for piece in pieces(text):
-            if self.chars >= 1 << 20:
-                self._flush()
-            self.texts.append(piece)
-            self.lasts.append(False)
-            self.chars += len(piece)
-        self.lasts[-1] = True  # the piece that ends the document (a flush never follows it)
-
-    def _flush(self) -> None:
-        if self.texts:
-            self.writer.write_batch(pa.record_batch([self.texts, self.lasts], schema=PIECES_SCHEMA))
-        self.texts, self.lasts, self.chars = [], [], 0
-
-    def close(self) -> None:
-        self._flush()
-        self.writer.close()
-
-
 def disk_full(error: BaseException) -> OSError | None:
     """The disk-full error somewhere in an exception's chain (`datasets` wraps the OSError of a write)."""
     seen = set()
@@ -321,6 +258,7 @@ def load_corpus(
         corpus = load_local(Path(source), text_field, sample_by, cache_dir)
     for text in texts(corpus.documents):
         corpus.count += 1
+        corpus.characters += len(text)
         corpus.replaced_characters += text.count(REPLACEMENT)
     if corpus.count == 0:
         raise DataError(f"--source {source}: the corpus has no non-empty documents")

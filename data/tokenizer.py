@@ -6,7 +6,8 @@ Special tokens sit at fixed ids, as in grok-1: pad 0, bos 1, eos 2, unk 3.
 """
 
 import hashlib
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,23 @@ from transformers import PreTrainedTokenizerFast
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0, 1, 2, 3
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 BYTE_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+# A piece is what the tokenizer sees at once: its memory is ~100 bytes per character of it, so pieces are
+# small; they are cut before a whitespace that starts a word, where byte-level BPE splits words anyway,
+# so cutting changes no token (only a run of 8192 characters without such a place is cut inside a word).
+PIECE_CHARS = 1 << 13
+PIECE_CUT = re.compile(r".*\s(?=\S)", re.DOTALL)  # greedy: the last whitespace before a non-whitespace
+
+
+def pieces(text: str, budget: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `budget` characters, each (but the first) starting at a
+    whitespace that begins a word, within the last half of the budget when there is one."""
+    start = 0
+    while len(text) - start > budget:
+        found = PIECE_CUT.match(text, start + budget // 2, start + budget)
+        cut = found.end() - 1 if found else start + budget
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _byte_level(model: models.Model) -> Tokenizer:

@@ -32,7 +32,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MUST_IMPORT = ("datasets", "pydantic")  # DeepSpeed is optional: its test skips when its wheel did not travel
+MUST_IMPORT = (
+    "datasets",
+    "datatrove",
+    "pydantic",
+)  # DeepSpeed is optional: its test skips when its wheel did not travel
 # (config, compiled), most wanted first: the two models the MFU targets are about, compiled, then the rest
 BENCHES = (
     ("gpu-350m", True),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Python packages a lent GPU machine lacks, as wheels, into a folder that travels with the device call and
 # that scripts/gpu_check.py installs there (it has torch 2.11, transformers 5.17, accelerate, tokenizers,
-# numpy, pyarrow, pandas, pytest, ... but no datasets, pydantic or DeepSpeed, and no network).
+# numpy, pyarrow, pandas, pytest, ... but no datasets, datatrove, pydantic or DeepSpeed, and no network).
 #
 #   bash scripts/gpu_wheels.sh [DEST] [PYTHON_VERSION]      default: .gpu-wheels (git-ignored) and 3.12
 #
@@ -18,7 +18,7 @@ python="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 
 # Binary wheels for the target interpreter (the lent machine: CPython 3.12, manylinux x86_64). pip matches a
 # manylinux tag exactly, so every tag the wheels below use is named.
-binary=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+binary=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 datatrove==0.10.1 loguru==0.7.3 humanize==4.17.0
         pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
         typing-extensions==4.16.0 hjson==3.1.0)
 platforms=()

@@ -26,7 +26,6 @@ import pytest
 from conftest import REPO, base_args, in_process, paragraphs
 from untrusted import assert_one_line, peak_bounded, run_bounded, snapshot
 
-from data import sources
 from data import tokenizer as tok
 from data.loader import TrainLoader
 from data.prepare import OWN_FILE
@@ -210,7 +209,7 @@ CASES = {
     "prepare: disk full while reading the corpus": Case(
         prepare_main, prepare_of("disk.txt"), "writing failed", 200_000
     ),
-    "prepare: disk full while tokenising": Case(prepare_main, prepare_of("disk.txt"), "file too large", 350_000),
+    "prepare: disk full while tokenising": Case(prepare_main, prepare_of("disk.txt"), "file too large", 300_000),
 }
 
 
@@ -296,12 +295,12 @@ def test_pieces_are_bounded_and_change_no_token():
     text = "".join(
         rng.choice(["word", "Ünïcode", "4096", " ", "   ", "\n", "\n\n", "\t", ", ", "'s", "!?"]) for _ in range(40_000)
     )
-    cut = list(sources.pieces(text, budget=256))
+    cut = list(tok.pieces(text, budget=256))
     assert "".join(cut) == text and len(cut) > 100 and all(len(piece) <= 256 for piece in cut)
     tokenizer = tok.train_bpe([text], 400)
     assert [i for piece in cut for i in tokenizer.encode(piece).ids] == tokenizer.encode(text).ids
     unbroken = "x" * 1000  # no place to cut between words: cut anyway, to stay bounded
-    assert [len(piece) for piece in sources.pieces(unbroken, budget=256)] == [256, 256, 256, 232]
+    assert [len(piece) for piece in tok.pieces(unbroken, budget=256)] == [256, 256, 256, 232]
 
 
 @pytest.mark.distributed  # runs a command in a fresh interpreter
