@@ -323,8 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.num_proc < 1 or args.shard_tokens < 1 or (args.seq_len is not None and args.seq_len < 1):
         p.error("--num-proc, --shard-tokens and --seq-len must be positive")
-    args.tasks = args.tasks or args.num_proc
-    args.workers = args.workers or (args.num_proc if args.num_proc > 1 else None)
+    args.tasks = args.num_proc if args.tasks is None else args.tasks
+    if args.workers is None and args.num_proc > 1:
+        args.workers = args.num_proc
     if not 1 <= args.tasks <= MAX_TASKS or (args.workers is not None and args.workers < 1):
         p.error(f"--tasks must be 1 to {MAX_TASKS}, and --workers positive")
     if args.tokenizer_sample_chars < 1:

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, base_args, losses, train
+from conftest import REPO, base_args, in_process, losses, train
+from test_prepare_engine import FILTERS, assert_same_bytes, write_corpus
 
+from data.prepare import main as prepare_main
 from train.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed  # every job runs 2 ranks (and the runs it is compared with, torchrun)
@@ -223,3 +225,24 @@ def test_the_time_limit_warning_checkpoints_and_the_job_ends_with_75(slurm, data
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0", log
     assert "preempted at step" in log
     assert any((folder / "COMPLETE").exists() for folder in (out / "checkpoints").iterdir())
+
+
+def test_data_prepare_as_job_arrays_gives_the_bytes_of_one_local_task(slurm, tmp_path):
+    """datatrove's SLURM executor: each stage a job array after the last; the same bytes as one local task."""
+    env, _ = slurm
+    corpus = write_corpus(tmp_path)
+    args = ["--source", corpus, "--tokenizer", "byte", "--dedup", "exact,minhash", "--filters", FILTERS]
+    local = in_process(prepare_main, *args, "--out", tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    on_slurm = subprocess.run(
+        [sys.executable, "-m", "data.prepare", *map(str, args), "--out", str(tmp_path / "slurm")]
+        + ["--executor", "slurm", "--tasks", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert on_slurm.returncode == 0, on_slurm.stderr
+    assert len(on_slurm.stderr.strip().splitlines()) == 1, on_slurm.stderr
+    assert_same_bytes(tmp_path / "local", tmp_path / "slurm")
