@@ -40,19 +40,24 @@ _tokenizers: dict = {}
 
 
 def encode(texts: list[str], tokenizer_path: str) -> list[list[int]]:
-    """Token ids of each text, cut into pieces the tokenizer holds cheaply (the cut changes no token)."""
+    """Token ids of each text, EOS after it. Texts are cut into pieces the tokenizer holds cheaply (the cut
+    changes no token), and pieces of several texts go to the tokenizer together: a call costs more than a
+    short paragraph's tokens."""
     if tokenizer_path not in _tokenizers:
         _tokenizers[tokenizer_path] = tok.Tokenizer.from_file(tokenizer_path)
     tokenizer = _tokenizers[tokenizer_path]
-    out = []
-    for text in texts:
-        ids: list[int] = []
-        pieces = list(tok.pieces(text))
-        for start in range(0, len(pieces), ENCODE_BATCH):
-            for encoding in tokenizer.encode_batch_fast(pieces[start : start + ENCODE_BATCH], add_special_tokens=False):
-                ids.extend(encoding.ids)
+    owners, pieces = [], []
+    for owner, text in enumerate(texts):
+        for piece in tok.pieces(text):
+            owners.append(owner)
+            pieces.append(piece)
+    out: list[list[int]] = [[] for _ in texts]
+    for start in range(0, len(pieces), ENCODE_BATCH):
+        batch = tokenizer.encode_batch_fast(pieces[start : start + ENCODE_BATCH], add_special_tokens=False)
+        for owner, encoding in zip(owners[start : start + ENCODE_BATCH], batch):
+            out[owner].extend(encoding.ids)
+    for ids in out:
         ids.append(tok.EOS_ID)  # the separator of the packed stream
-        out.append(ids)
     return out
 
 
@@ -147,9 +152,13 @@ class WriteTokens(PipelineStep):
         return iter(())
 
     def _write(self, batch: list[Document], files: dict, kept: dict) -> None:
+        """One write per split for the whole batch: a short paragraph's tokens cost less than a write."""
+        by_split: dict[str, list[int]] = {}
         for doc, ids in zip(batch, encode([doc.text for doc in batch], self.tokenizer_path)):
-            files[doc.metadata["split"]].write(np.asarray(ids, dtype=self.dtype).tobytes())
+            by_split.setdefault(doc.metadata["split"], []).extend(ids)
             _add(kept, doc, len(ids))
+        for split, ids in by_split.items():
+            files[split].write(np.array(ids, dtype=self.dtype).tobytes())
             self.stat_update("tokens", value=len(ids))
 
 

@@ -3,6 +3,8 @@
     python scripts/bench.py model [--config FILE] [--preset P] [--batch B] [--seq-len T] [--section.key=value ...]
                                   [--steps 10] [--warmup 3] [--profile FILE] [--json]
     python scripts/bench.py data  [--source stdlib] [--vocab-size 2048] [--batch 32] [--seq-len 128] [--json]
+    python scripts/bench.py data --prepare [--source ../shared/data/gutenberg_en.txt.gz] [--no-ray] [--json]
+    python scripts/bench.py data --dedup [--books ../shared/data/gutenberg_en.txt.gz] [--copies 10] [--json]
     python scripts/bench.py strategies [--presets tiny small] [--strategies none-1thread ddp fsdp hsdp tp2 ep2 cp2 pp2-1f1b ...]
                                        [--nproc 2] [--steps 24] [--log-every 4] [--json]
     python scripts/bench.py checkpoint [--preset small] [--nproc 2] [--steps 25] [--every 4] [--json]
@@ -21,6 +23,9 @@ and peak memory; warmup_s includes compilation.
 
 `data`: BPE training time and tokenisation throughput on a corpus, the loader's time per batch, and the
 share of a real `tiny` training loop spent waiting for the (prefetching) loader: the target is < 2%.
+`data --prepare`: data.prepare's tokens/s per core on each executor against the previous single-process path,
+and the whole dedup + filter + tokenise pipeline; `data --dedup`: each dedup's recall and precision on books
+with planted exact and edited copies (toolbox/bench_prepare.py).
 
 `strategies`: the real trainer (`python -m train` / torchrun, under the traffic probe) per preset and strategy
 (data, tensor, expert, context and pipeline parallel layouts, each schedule): tokens/s, per-rank peak memory,
@@ -472,9 +477,10 @@ def bench_checkpoint(args: argparse.Namespace) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     """The runs as one table, the form the README's Performance section uses."""
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    cell = lambda value: f"{value:,}" if isinstance(value, int) else str(value)
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
-    lines += ["| " + " | ".join(f"{r[k]:,}" if isinstance(r[k], int) else str(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r[k]) if k in r else "" for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -502,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seq-len", type=integer(1), default=128)
     d.add_argument("--steps", type=integer(1), default=20)
     d.add_argument("--warmup", type=integer(0), default=3)
+    d.add_argument("--prepare", action="store_true", help="data.prepare per executor (default --source: Gutenberg)")
+    d.add_argument("--no-ray", action="store_true", help="--prepare without the Ray run")
+    d.add_argument("--dedup", action="store_true", help="dedup recall and precision on planted copies of books")
+    d.add_argument("--books", default="../shared/data/gutenberg_en.txt.gz", help="--dedup: the books' corpus")
+    d.add_argument("--copies", type=integer(1), default=10, help="--dedup: copies planted per kind of edit")
     d.add_argument("--json", action="store_true")
     st = sub.add_parser("strategies", help="the trainer under none/ddp/fsdp/hsdp: throughput and memory per rank")
     st.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(PRESET_RUNS))
@@ -578,6 +589,16 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
             raise BenchError(str(error)) from None
         for row in rows:
             print(json.dumps(row) if args.json else row)
+        return
+    if args.section == "data" and (args.prepare or args.dedup):
+        from .bench_prepare import bench_dedup, bench_prepare
+
+        if args.prepare:
+            source = args.source if args.source != "stdlib" else "../shared/data/gutenberg_en.txt.gz"
+            rows = bench_prepare(source, args.vocab_size, with_ray=not args.no_ray)
+        else:
+            rows = bench_dedup(Path(args.books), args.copies, [0.001, 0.01, 0.03, 0.1])
+        print("\n".join(map(json.dumps, rows)) if args.json else markdown_table(rows))
         return
     if args.section == "checkpoint":
         results = bench_checkpoint(args)
