@@ -190,6 +190,9 @@ def ray_cluster():
     root = Path(tempfile.mkdtemp(prefix="mc-ray-"))  # short: Ray's socket paths must fit 107 characters
     port = free_port()
     common = ["--num-cpus=1", "--disable-usage-stats", "--object-store-memory=100000000", "--block"]
+    # Ray 2.60 turns token authentication on once a token file exists in ~/.ray; a local test cluster needs none,
+    # and the driver (data.prepare, in this process) must agree with the nodes
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # restored after the test (conftest's _environment)
     env = dict(os.environ)
     nodes = []
     try:
