@@ -9,8 +9,12 @@ ranks in order. Stages that need one task or one per MinHash bucket get that man
 """
 
 import contextlib
+import importlib.util
 import json
 import os
+import resource
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupFilter, MinhashDedupSignature
 from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupConfig,
@@ -53,7 +58,9 @@ HASHES = HashConfig(precision=64, hash_fc="sha1")
 MINHASH = MinhashConfig(hash_config=HASHES)  # 5-grams, 14 buckets of 8 hashes: ~0.75 Jaccard and up
 EXACT = ExactDedupConfig(content_getter=steps.text_of, document_priority=steps.earlier_chunk_first, hash_config=HASHES)
 STAGED = pa.schema([("text", pa.large_string()), ("id", pa.string()), ("split", pa.string()), ("chunk", pa.int32())])
-POLL_SECONDS = 1.0
+POLL_SECONDS = 2.0  # how often the SLURM wait asks squeue and lists the completions
+SLURM_GRACE_SECONDS = 60.0
+WORK_FOLDERS = ("exact-sigs", "exact-dups", "minhash-sigs", "minhash-buckets", "minhash-remove")
 
 
 @dataclass
@@ -74,7 +81,8 @@ class Stage(NamedTuple):
 
 def stage_documents(documents: Iterable[tuple[str, bool]], count: int, tasks: int, folder: Path) -> None:
     """The corpus as `tasks` parquet files of contiguous documents (near-equal counts), each row carrying
-    its place in the corpus, its split and its chunk (what dedup ranks copies by)."""
+    its place in the corpus, its split and its chunk (what dedup ranks copies by). No chunk is empty."""
+    assert 1 <= tasks <= count, f"{tasks} tasks for {count} documents"
     folder.mkdir(parents=True)
     writer, chunk, rows = None, -1, {"text": [], "id": [], "split": [], "chunk": []}
 
@@ -106,45 +114,58 @@ def plan(work: Path, dedup: list[str], filters: list[str], tasks: int, tokenizer
     """The stages, in order: each dedup's signatures and matching, then one pass that drops the copies,
     filters, and writes the tokens. A dedup filter must see the stream its signatures saw, so MinHash
     signs the documents that exact dedup keeps."""
+    folder = {name: str(work / name) for name in ("staged", "tally", "tokens", *WORK_FOLDERS)}
 
     def reader() -> ParquetReader:
-        staged = ParquetReader(str(work / "staged"), text_key="text", id_key="id", batch_size=256)
+        staged = ParquetReader(folder["staged"], text_key="text", id_key="id", batch_size=256)
         staged.add_file_path = False  # a path per document costs a tenth of the tokenising; the id says where
         return staged
 
-    tally = str(work / "tally")
+    def counted(step: PipelineStep, label: str) -> steps.Counted:
+        return steps.Counted(step, label, folder["tally"], tokenizer_path)
+
     stages, before_minhash, final = [], [], [reader()]
     if "exact" in dedup:
         stages += [
-            Stage("exact-signatures", [reader(), ExactDedupSignature(str(work / "exact-sigs"), EXACT)], tasks),
-            Stage("exact-matches", [ExactFindDedups(str(work / "exact-sigs"), str(work / "exact-dups"), EXACT)], 1),
+            Stage("exact-signatures", [reader(), ExactDedupSignature(folder["exact-sigs"], EXACT)], tasks),
+            Stage("exact-matches", [ExactFindDedups(folder["exact-sigs"], folder["exact-dups"], EXACT)], 1),
         ]
-        before_minhash = [ExactDedupFilter(str(work / "exact-dups"), EXACT)]
-        final.append(
-            steps.Counted(ExactDedupFilter(str(work / "exact-dups"), EXACT), "exact-dedup", tally, tokenizer_path)
-        )
+        before_minhash = [ExactDedupFilter(folder["exact-dups"], EXACT)]
+        final.append(counted(ExactDedupFilter(folder["exact-dups"], EXACT), "exact-dedup"))
     if "minhash" in dedup:
-        signatures = MinhashDedupSignature(str(work / "minhash-sigs"), MINHASH, language=steps.Words())
-        buckets = MinhashDedupBuckets(*_folders(work, "sigs", "buckets"), config=MINHASH)
+        signatures = MinhashDedupSignature(folder["minhash-sigs"], MINHASH, language=steps.Words())
+        buckets = MinhashDedupBuckets(folder["minhash-sigs"], folder["minhash-buckets"], config=MINHASH)
+        clusters = steps.EarliestCopyCluster(folder["minhash-buckets"], folder["minhash-remove"], MINHASH)
         stages += [
             Stage("minhash-signatures", [reader(), *before_minhash, signatures], tasks),
             Stage("minhash-buckets", [buckets], MINHASH.num_buckets),
-            Stage("minhash-clusters", [steps.EarliestCopyCluster(*_folders(work, "buckets", "remove"), MINHASH)], 1),
+            Stage("minhash-clusters", [clusters], 1),
         ]
-        dropper = MinhashDedupFilter(str(work / "minhash-remove"))
-        final.append(steps.Counted(dropper, "minhash-dedup", tally, tokenizer_path))
-    for name in filters:
-        final.append(steps.Counted(FILTERS[name](), name, tally, tokenizer_path))
-    final.append(steps.WriteTokens(str(work / "tokens"), tokenizer_path, dtype, tally))
+        final.append(counted(MinhashDedupFilter(folder["minhash-remove"]), "minhash-dedup"))
+    final += [counted(FILTERS[name](), name) for name in filters]
+    final.append(steps.WriteTokens(folder["tokens"], tokenizer_path, dtype, folder["tally"]))
     return stages + [Stage("tokens", final, tasks)]
 
 
-def _folders(work: Path, *names: str) -> list[str]:
-    return [str(work / f"minhash-{name}") for name in names]
+def check_executor(kind: str, tasks: int, dedup: list[str]) -> None:
+    """What an executor needs, checked before the corpus is read (which can take hours)."""
+    if kind == "slurm":
+        missing = [name for name in ("sbatch", "squeue", "scancel") if shutil.which(name) is None]
+        if missing:
+            raise DataError(f"--executor slurm: {', '.join(missing)} not found; run prepare where SLURM's commands are")
+    if kind == "ray" and importlib.util.find_spec("ray") is None:
+        raise DataError('--executor ray: Ray is not installed; pip install -e ".[ray]"')
+    # dedup's matching stages open every rank's signature file at once
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if dedup and open_files != resource.RLIM_INFINITY and tasks > open_files - 64:
+        raise DataError(
+            f"--tasks {tasks}: dedup opens one file per task at once and this process may open {open_files} "
+            f"(ulimit -n); use fewer tasks or raise the limit"
+        )
 
 
 def run(stages: list[Stage], executor: Executor, work: Path) -> None:
-    """Every stage to completion, in order; a failed task stops it in one line naming its log."""
+    """Every stage to completion, in order; a failed task stops it in one line with the task's error."""
     log = work / "logs"
     log.mkdir(parents=True, exist_ok=True)
     if executor.kind == "slurm":
@@ -154,15 +175,18 @@ def run(stages: list[Stage], executor: Executor, work: Path) -> None:
             default = (os.cpu_count() or 1) if executor.kind == "local" else stage.tasks
             workers = min(stage.tasks, executor.workers or default)
             options = dict(tasks=stage.tasks, workers=workers, logging_dir=str(log / stage.name))
+            failure = None
             try:
                 if executor.kind == "local":
                     LocalPipelineExecutor(stage.pipeline, **options).run()
                 else:
+                    # 1 GiB a task: Ray's default asks for all of a node's memory per task, here one CPU each
                     RayPipelineExecutor(stage.pipeline, mem_per_cpu_gb=1, **options).run()
-            except Exception as error:  # the task's log holds the reason; _check_complete reports it
+            except Exception as error:  # a task's log holds the reason; the driver's own error is the fallback
                 if disk_full(error) is not None:
                     raise  # prepare reports a full disk as such
-            _check_complete(stage, log, executor.kind)
+                failure = error
+            _check_complete(stage, log, executor.kind, failure)
 
 
 @contextlib.contextmanager
@@ -175,15 +199,19 @@ def _ray(executor: Executor) -> Iterator[None]:
     try:
         ray.init(address=executor.ray_address, log_to_driver=False, configure_logging=False)
     except Exception as error:
-        where = executor.ray_address or "a local cluster"
+        where = f"--ray-address {executor.ray_address}" if executor.ray_address else "--executor ray (a local instance)"
         raise DataError(
-            f"--ray-address {where}: Ray did not connect ({str(error).splitlines()[0][:160]}); start the cluster "
-            f"(ray start --head) or leave --ray-address out for one on this machine"
+            f"{where}: Ray did not start or connect ({_first_line(error)}); start the cluster (ray start --head) "
+            f"or leave --ray-address out for an instance on this machine"
         ) from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 @contextlib.contextmanager
@@ -205,20 +233,35 @@ def _stderr_into(path: Path) -> Iterator[None]:
             os.close(saved_fd)
 
 
-def _complete(stage: Stage, log: Path) -> bool:
-    return all((log / stage.name / "completions" / f"{rank:05d}").exists() for rank in range(stage.tasks))
+def _missing_ranks(stage: Stage, log: Path) -> list[int]:
+    done = log / stage.name / "completions"
+    finished = {path.name for path in done.iterdir()} if done.is_dir() else set()  # a fresh listing (NFS)
+    return [rank for rank in range(stage.tasks) if f"{rank:05d}" not in finished]
 
 
-def _check_complete(stage: Stage, log: Path, kind: str) -> None:
-    for rank in range(stage.tasks):
-        if not (log / stage.name / "completions" / f"{rank:05d}").exists():
-            task_log = log / stage.name / "logs" / f"task_{rank:05d}.log"
-            lines = task_log.read_text(errors="replace").splitlines() if task_log.exists() else []
-            errors = [line for line in lines if "Error" in line or "error" in line] or lines or ["no log written"]
-            raise DataError(
-                f"data.prepare: task {rank} of the {stage.name} stage failed on the {kind} executor: "
-                f"{errors[-1].split(' - ')[-1][:200]}"
-            )
+def _check_complete(stage: Stage, log: Path, kind: str, failure: BaseException | None = None) -> None:
+    missing = _missing_ranks(stage, log)
+    if missing:
+        rank, reason = _failure_reason(stage, log, missing, failure)
+        raise DataError(
+            f"data.prepare: task {rank} of the {stage.name} stage failed on the {kind} executor: {reason[:300]}"
+        )
+
+
+def _failure_reason(stage: Stage, log: Path, missing: list[int], failure: BaseException | None) -> tuple[int, str]:
+    """The first unfinished rank whose log holds an error (others may only have been stopped by it), and that
+    error; else the driver's own, else the engine log's last line."""
+    for rank in missing:
+        task_log = log / stage.name / "logs" / f"task_{rank:05d}.log"
+        lines = task_log.read_text(errors="replace").splitlines() if task_log.exists() else []
+        errors = [line for line in lines if "| ERROR" in line or "Error:" in line]
+        if errors:
+            return rank, errors[-1].split(" - ", 1)[-1]
+    if failure is not None:
+        return missing[0], _first_line(failure)
+    engine_log = log / "engine.log"
+    said = engine_log.read_text(errors="replace").strip().splitlines() if engine_log.exists() else []
+    return missing[0], f"no error logged ({said[-1][:160]})" if said else "no error logged"
 
 
 class _Slurm(SlurmPipelineExecutor):
@@ -234,7 +277,8 @@ class _Slurm(SlurmPipelineExecutor):
 
 
 def _run_slurm(stages: list[Stage], executor: Executor, log: Path) -> None:
-    """Submits the stages as a chain of job arrays (each after the last succeeded), then waits for them."""
+    """Submits the stages as a chain of job arrays (each after the last succeeded), then waits for them; a
+    failure or an interruption cancels what is still queued."""
     jobs, previous = [], None
     for stage in stages:
         previous = _Slurm(
@@ -246,28 +290,51 @@ def _run_slurm(stages: list[Stage], executor: Executor, log: Path) -> None:
             logging_dir=str(log / stage.name),
             job_name=f"prepare-{stage.name}",
             qos=None,
-            env_command=f"export PATH={Path(sys.executable).parent}:$PATH",  # this venv's launch_pickled_pipeline
+            max_array_size=stage.tasks,  # one array a stage: the next stage's dependency is on all of it
+            env_command=f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH",  # this venv's
             depends=previous,
         )
         jobs.append(previous)
     try:
-        with _stderr_into(log / "engine.log"):
-            previous.run()
-    except (OSError, subprocess.CalledProcessError) as error:
-        raise DataError(
-            f"--executor slurm: sbatch failed ({error}); run prepare where sbatch reaches a cluster"
-        ) from None
-    for stage, job in zip(stages, jobs):
-        while not _complete(stage, log):
-            if not _queued(job.job_id):
-                _cancel([later.job_id for later in jobs])
-                _check_complete(stage, log, "slurm")
-            time.sleep(POLL_SECONDS)
+        try:
+            with _stderr_into(log / "engine.log"):
+                previous.run()
+        except (OSError, subprocess.CalledProcessError):
+            said = (log / "engine.log").read_text(errors="replace").strip().splitlines() or ["no reason given"]
+            raise DataError(f"--executor slurm: sbatch refused the job ({said[-1][:200]})") from None
+        for stage, job in zip(stages, jobs):
+            _wait_for(stage, job.job_id, log)
+    except BaseException:
+        _cancel([job.job_id for job in jobs if job.job_id])
+        raise
+
+
+def _wait_for(stage: Stage, job_id: str, log: Path) -> None:
+    """Until the stage's tasks are complete; a job that left the queue without finishing them failed (after a
+    grace period: a shared filesystem may show another node's files late)."""
+    gone_since = None
+    while _missing_ranks(stage, log):
+        if _queued(job_id):
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since > SLURM_GRACE_SECONDS:
+            _check_complete(stage, log, "slurm")
+        time.sleep(POLL_SECONDS)
 
 
 def _queued(job_id: str) -> bool:
-    listed = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%i"], capture_output=True, text=True)
-    return listed.returncode == 0 and bool(listed.stdout.strip())
+    """Whether SLURM still lists the job; a controller that does not answer is asked again, not taken for no."""
+    for attempt in range(5):
+        listed = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%i"], capture_output=True, text=True)
+        if listed.returncode == 0:
+            return bool(listed.stdout.strip())
+        if "Invalid job id" in listed.stderr:
+            return False
+        time.sleep(2**attempt)
+    raise DataError(
+        f"--executor slurm: squeue keeps failing ({_first_line(Exception(listed.stderr))}); is slurmctld up?"
+    )
 
 
 def _cancel(job_ids: list[str]) -> None:
@@ -308,8 +375,8 @@ def merge(work: Path, stages: list[Stage], folder: Path, dtype: np.dtype, shard_
 
 def _counts(tallies: dict) -> dict:
     def total(name: str) -> dict:
-        documents, tokens = (sum(x) for x in zip((0, 0), *tallies[name].values()))
-        return {"documents": documents, "tokens": tokens}
+        per_split = tallies[name].values()
+        return {"documents": sum(d for d, _ in per_split), "tokens": sum(t for _, t in per_split)}
 
     removed = {name: total(name) for name in tallies if name != "kept"}
     out = total("kept")

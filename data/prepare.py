@@ -8,10 +8,10 @@ on --executor local|slurm|ray in --tasks tasks; the ranks' tokens are merged in 
 shards plus manifest.json, whatever the executor and the number of tasks. Documents are read one at a time
 and tokenised in bounded pieces, so memory follows the bytes however long a line is. The output appears
 atomically: everything (the `datasets` cache and the engine's work folder included, deleted before the end)
-is written to a temporary folder renamed at the end, while a lock beside --out stops a second prepare of it. Re-running the same command reuses the finished folder only if the source's content is
-unchanged (its sha256 is in the manifest); identical inputs give identical bytes. --overwrite replaces
-only a folder this command made, and only if it holds nothing else; any other existing, non-empty --out
-is refused.
+is written to a temporary folder renamed at the end, while a lock beside --out stops a second prepare of it.
+Re-running the same command reuses the finished folder only if the source's content is unchanged (its sha256
+is in the manifest); identical inputs give identical bytes. --overwrite replaces only a folder this command
+made, and only if it holds nothing else; any other existing, non-empty --out is refused.
 """
 
 import argparse
@@ -29,6 +29,7 @@ from groundwork import folders
 from groundwork.cli import ArgumentParser, run_main
 from groundwork.errors import UserError
 
+from . import engine
 from . import tokenizer as tok
 from .engine import DEDUPS, EXECUTORS, FILTERS, MAX_TASKS
 
@@ -71,6 +72,7 @@ def prepare(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     folders.refuse_symlink(out, "--out")
     files = sources.source_files(args.source)  # a missing or unreadable source stops here, before any writing
+    engine.check_executor(args.executor, args.tasks, args.dedup)  # and an executor that cannot run
     settings = {
         k: getattr(args, k)
         for k in (
@@ -156,7 +158,7 @@ def _refuse_foreign_files(out: Path, overwrite: bool) -> None:
 def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: str | None) -> dict:
     """Everything of a prepared folder, written into `tmp`; `datasets`' cache and the engine's work folder
     live in tmp/cache and tmp/work meanwhile."""
-    from . import engine, sources
+    from . import sources
 
     started = time.perf_counter()
     cache, work = tmp / "cache", tmp / "work"
@@ -215,8 +217,8 @@ def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: s
     for name, split in written.items():
         if split["tokens"] == 0:
             raise DataError(
-                f"--source {args.source}: no {name} document is left after {', '.join(manifest['filtering']['steps'])}"
-                f"; use fewer filters or a larger corpus"
+                f"--source {args.source}: dedup and filters left no {name} document; use fewer filters or a "
+                f"larger corpus"
             )
     _check_seq_len(manifest, args.seq_len, Path(args.out))
     write_manifest(tmp, manifest)
@@ -245,7 +247,8 @@ def tokenizer_sample(corpus: "Corpus", is_val: np.ndarray, args: argparse.Namesp
     from . import sources
 
     rate = args.tokenizer_sample_chars / max(corpus.characters, 1)
-    chosen = np.random.default_rng(args.seed).random(corpus.count) < rate if rate < 1 else ~is_val
+    draws = np.random.default_rng((args.seed, 1)).random(corpus.count)  # a stream of its own: not the split's
+    chosen = draws < rate if rate < 1 else ~is_val
     for index, text in enumerate(sources.texts(corpus.documents)):
         if chosen[index] and not is_val[index]:
             yield from (piece for piece in tok.pieces(text) if not piece.isspace())

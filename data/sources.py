@@ -3,8 +3,8 @@
 Every source becomes a `datasets.Dataset` with one document per row in a `text` column, in a
 deterministic order. Undecodable bytes are replaced (U+FFFD) and counted, never fatal. Reading streams:
 documents are taken one at a time from the (memory-mapped) table, so a corpus that is one 48 MB line costs
-what its bytes cost (the tokenizer sees it in pieces: `tokenizer.pieces`). `datasets` writes its cache where prepare tells it (the run's
-temporary folder), never into the user's home.
+what its bytes cost (the tokenizer sees it in pieces: `tokenizer.pieces`). `datasets` writes its cache where
+prepare tells it (the run's temporary folder), never into the user's home.
 """
 
 import errno

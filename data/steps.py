@@ -36,16 +36,11 @@ ENCODE_BATCH = 64  # pieces per tokenizer call: at most 64 * tok.PIECE_CHARS cha
 WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
-_tokenizers: dict = {}
 
-
-def encode(texts: list[str], tokenizer_path: str) -> list[list[int]]:
+def encode(texts: list[str], tokenizer: tok.Tokenizer) -> list[list[int]]:
     """Token ids of each text, EOS after it. Texts are cut into pieces the tokenizer holds cheaply (the cut
     changes no token), and pieces of several texts go to the tokenizer together: a call costs more than a
     short paragraph's tokens."""
-    if tokenizer_path not in _tokenizers:
-        _tokenizers[tokenizer_path] = tok.Tokenizer.from_file(tokenizer_path)
-    tokenizer = _tokenizers[tokenizer_path]
     owners, pieces = [], []
     for owner, text in enumerate(texts):
         for piece in tok.pieces(text):
@@ -94,13 +89,15 @@ class Counted(PipelineStep):
 
     type = "📊 - COUNT"
 
-    def __init__(self, step: PipelineStep, name: str, tally_folder: DataFolderLike, tokenizer_path: str):
+    def __init__(self, step: PipelineStep, label: str, tally_folder: DataFolderLike, tokenizer_path: str):
         super().__init__()
-        self.step, self.label, self.tally_folder, self.tokenizer_path = step, name, tally_folder, tokenizer_path
-        self.name = f"{name} (counted)"
+        self.step, self.label, self.tally_folder, self.tokenizer_path = step, label, tally_folder, tokenizer_path
+        self.name = f"{label} (counted)"
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        tokenizer = tok.Tokenizer.from_file(self.tokenizer_path)  # this run's: never one cached from another
         pending: deque[Document] = deque()
+        dropped: list[Document] = []
         removed: dict = {}
 
         def fed() -> Iterator[Document]:
@@ -108,16 +105,21 @@ class Counted(PipelineStep):
                 pending.append(doc)
                 yield doc
 
-        def drop(doc: Document) -> None:
-            _add(removed, doc, len(encode([doc.text], self.tokenizer_path)[0]))
+        def tally() -> None:
+            for doc, ids in zip(dropped, encode([doc.text for doc in dropped], tokenizer)):
+                _add(removed, doc, len(ids))
+            dropped.clear()
 
         for kept in self.step.run(fed(), rank, world_size):
-            while pending[0] is not kept:  # the step keeps order and only drops: what precedes `kept` went
-                drop(pending.popleft())
+            while pending and pending[0] is not kept:  # the step keeps order and only drops: these went
+                dropped.append(pending.popleft())
+            assert pending, f"{self.label}: yielded a document it was not given; only drop-only steps are counted"
             yield pending.popleft()
-        while pending:
-            drop(pending.popleft())
-        self.stats = self.step.stats
+            if len(dropped) >= ENCODE_BATCH:
+                tally()
+        dropped.extend(pending)
+        tally()
+        self.stats = self.step.stats  # the wrapped step's own counts, in datatrove's stats.json
         _write_tally(self.tally_folder, self.label, rank, removed)
 
 
@@ -133,6 +135,7 @@ class WriteTokens(PipelineStep):
         self.tally_folder = tally_folder
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        tokenizer = tok.Tokenizer.from_file(self.tokenizer_path)  # this run's: never one cached from another
         folder = Path(self.output_folder)
         folder.mkdir(parents=True, exist_ok=True)
         kept: dict = {}
@@ -142,19 +145,19 @@ class WriteTokens(PipelineStep):
             for doc in data:
                 batch.append(doc)
                 if len(batch) == ENCODE_BATCH:
-                    self._write(batch, files, kept)
+                    self._write(batch, tokenizer, files, kept)
                     batch = []
-            self._write(batch, files, kept)
+            self._write(batch, tokenizer, files, kept)
         finally:
             for file in files.values():
                 file.close()
         _write_tally(self.tally_folder, "kept", rank, kept)
         return iter(())
 
-    def _write(self, batch: list[Document], files: dict, kept: dict) -> None:
+    def _write(self, batch: list[Document], tokenizer: tok.Tokenizer, files: dict, kept: dict) -> None:
         """One write per split for the whole batch: a short paragraph's tokens cost less than a write."""
         by_split: dict[str, list[int]] = {}
-        for doc, ids in zip(batch, encode([doc.text for doc in batch], self.tokenizer_path)):
+        for doc, ids in zip(batch, encode([doc.text for doc in batch], tokenizer)):
             by_split.setdefault(doc.metadata["split"], []).extend(ids)
             _add(kept, doc, len(ids))
         for split, ids in by_split.items():
@@ -167,6 +170,9 @@ def text_of(doc: Document) -> str:
 
 
 def earlier_chunk_first(doc: Document) -> int:
+    """Exact dedup keeps the highest priority and, among equal ones, the smallest index in its rank's stream
+    (datatrove 0.10's HashSig order: hash, -priority, doc index; hence the <0.11 pin). A rank reads one staged
+    chunk, so chunk, then index, is corpus order."""
     return PRIORITY_TOP - doc.metadata["chunk"]
 
 
@@ -183,6 +189,7 @@ class EarliestCopyCluster(PipelineStep):
         self.config = config
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> None:
+        assert world_size == 1, "the clusters span every rank's documents: one task"
         parent: dict[tuple[int, int], tuple[int, int]] = {}
 
         def root(node: tuple[int, int]) -> tuple[int, int]:

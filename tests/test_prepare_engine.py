@@ -232,3 +232,12 @@ def test_a_ray_cluster_of_two_nodes_gives_the_bytes_of_one_local_task(corpus, on
     args = ["--executor", "ray", "--ray-address", ray_cluster, "--tasks", 2, "--workers", 2]
     on_ray = prepare(corpus, tmp_path / "p", *args, "--dedup", "exact,minhash", "--filters", FILTERS)
     assert_same_bytes(one_task, on_ray)
+
+
+def test_a_second_prepare_in_the_same_process_tokenises_with_its_own_tokenizer(corpus, tmp_path):
+    """One task runs inside the prepare process: nothing of the first run's tokenizer may be reused."""
+    prepare(corpus, tmp_path / "p")  # the byte tokenizer: ids up to 259
+    result = in_process(prepare_main, "--source", corpus, "--out", tmp_path / "p", "--vocab-size", 400, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["vocab_size"] == 400 and manifest["max_token_id"] >= 260  # merges were used

@@ -593,11 +593,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.section == "data" and (args.prepare or args.dedup):
         from .bench_prepare import bench_dedup, bench_prepare
 
+        rows = []
         if args.prepare:
             source = args.source if args.source != "stdlib" else "../shared/data/gutenberg_en.txt.gz"
-            rows = bench_prepare(source, args.vocab_size, with_ray=not args.no_ray)
-        else:
-            rows = bench_dedup(Path(args.books), args.copies, [0.001, 0.01, 0.03, 0.1])
+            rows += bench_prepare(source, args.vocab_size, with_ray=not args.no_ray)
+        if args.dedup:
+            rows += bench_dedup(Path(args.books), args.copies, [0.001, 0.01, 0.03, 0.1])
         print("\n".join(map(json.dumps, rows)) if args.json else markdown_table(rows))
         return
     if args.section == "checkpoint":

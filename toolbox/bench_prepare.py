@@ -102,7 +102,6 @@ def prepare_run(source: str, out: Path, *args: str) -> tuple[float, dict]:
 
 
 def bench_prepare(source: str, vocab_size: int, with_ray: bool, repeats: int = 3) -> list[dict]:
-    os.environ.update(BENCH_ENV)
     runs = [
         ("local, 2 tasks on 2 workers", 2, ["--tasks", "2", "--workers", "2"]),
         *([("ray (a local cluster), 2 tasks on 2 workers", 2, ["--executor", "ray", "--tasks", "2"])] * with_ray),
