@@ -164,6 +164,12 @@ def check_executor(kind: str, tasks: int, dedup: list[str]) -> None:
         )
 
 
+def finished_tasks(stages: list[Stage], work: Path) -> tuple[int, int]:
+    """(tasks with a completion marker, all tasks) of the stages: what a resumed run will not redo."""
+    total = sum(stage.tasks for stage in stages)
+    return total - sum(len(_missing_ranks(stage, work / "logs")) for stage in stages), total
+
+
 def run(stages: list[Stage], executor: Executor, work: Path) -> None:
     """Every stage to completion, in order; a failed task stops it in one line with the task's error."""
     log = work / "logs"

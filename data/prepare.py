@@ -15,6 +15,7 @@ made, and only if it holds nothing else; any other existing, non-empty --out is 
 """
 
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -110,6 +111,8 @@ def prepare(args: argparse.Namespace) -> dict:
         for folder in made:  # parents this run created, if it left them empty
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
+        if isinstance(error, UserError):  # already one line (its chain may hold the disk-full error it reports)
+            raise
         full = sources.disk_full(error)
         if full is not None:
             reason = sources.DISK_FULL.get(full.errno, str(full).splitlines()[0][:120])
@@ -156,12 +159,12 @@ def _refuse_foreign_files(out: Path, overwrite: bool) -> None:
 
 
 def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: str | None) -> dict:
-    """Everything of a prepared folder, written into `tmp`; `datasets`' cache and the engine's work folder
-    live in tmp/cache and tmp/work meanwhile."""
+    """Everything of a prepared folder, written into `tmp`; `datasets`' cache lives in tmp/cache meanwhile,
+    the engine's work in a folder beside --out that outlives a failed run (`_work_folder`)."""
     from . import sources
 
     started = time.perf_counter()
-    cache, work = tmp / "cache", tmp / "work"
+    cache = tmp / "cache"
     try:
         corpus = sources.load_corpus(
             args.source,
@@ -176,7 +179,6 @@ def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: s
         is_val = np.zeros(corpus.count, dtype=bool)
         is_val[split_documents(corpus.count, args.val_fraction, args.seed, args.val_from)[1]] = True
         tasks = min(args.tasks, corpus.count)
-        engine.stage_documents(zip(sources.texts(corpus.documents), is_val), corpus.count, tasks, work / "staged")
         if args.tokenizer == "bpe":
             tokenizer = tok.train_bpe(tokenizer_sample(corpus, is_val, args), args.vocab_size)
         else:
@@ -184,15 +186,36 @@ def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: s
         tokenizer_hash = tok.save(tokenizer, tmp)
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         dtype = token_dtype(vocab_size)
+        key = {"settings": settings, "source_sha256": source_sha256, "tasks": tasks, "tokenizer": tokenizer_hash}
+        work = _work_folder(Path(args.out), key)
         stages = engine.plan(work, args.dedup, args.filters, tasks, str(tmp / "tokenizer.json"), dtype.name)
-        executor = engine.Executor(
-            args.executor, tasks, args.workers, args.slurm_partition, args.slurm_time, args.ray_address
-        )
-        engine.run(stages, executor, work)
+        resumed = engine.finished_tasks(stages, work)
+        try:
+            if not (work / "staged.complete").exists():
+                shutil.rmtree(work / "staged", ignore_errors=True)
+                documents = zip(sources.texts(corpus.documents), is_val)
+                engine.stage_documents(documents, corpus.count, tasks, work / "staged")
+                (work / "staged.complete").touch()
+            executor = engine.Executor(
+                args.executor, tasks, args.workers, args.slurm_partition, args.slurm_time, args.ray_address
+            )
+            engine.run(stages, executor, work)
+        except Exception as error:
+            if engine.finished_tasks(stages, work)[0] == 0:  # nothing worth resuming
+                folders.remove(work, "prepare-work")
+                raise
+            full = sources.disk_full(error)
+            if not isinstance(error, DataError) and full is None:
+                raise
+            reason = (
+                str(error)
+                if full is None
+                else f"--out {args.out}: writing failed, {sources.DISK_FULL.get(full.errno, full.strerror)}"
+            )
+            raise DataError(f"{reason}; the finished tasks are kept in {work}: the same command resumes them") from None
         written, counts = engine.merge(work, stages, tmp, dtype, args.shard_tokens)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": corpus.description,
@@ -222,6 +245,7 @@ def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: s
             )
     _check_seq_len(manifest, args.seq_len, Path(args.out))
     write_manifest(tmp, manifest)
+    folders.remove(work, "prepare-work")  # done: nothing left to resume
 
     seconds = time.perf_counter() - started
     total = sum(s["tokens"] for s in written.values())
@@ -235,10 +259,35 @@ def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: s
             else ""
         )
         + f"; {total / seconds:,.0f} tokens/s end to end ({args.executor}, {tasks} task(s))"
+        + (f"; resumed a run that had finished {resumed[0]} of {resumed[1]} tasks" if resumed[0] else "")
         + (f"; {corpus.replaced_characters} undecodable bytes replaced" if corpus.replaced_characters else ""),
         file=sys.stderr,
     )
     return manifest
+
+
+def _work_folder(out: Path, key: dict) -> Path:
+    """The engine's work folder, `.OUT.work` beside --out: kept when a run fails, so that the same command (same
+    settings, source content, task count and tokenizer) resumes it, redoing only the tasks without a completion
+    marker. Anything else there is started afresh; a folder there that prepare did not make is refused."""
+    work = out.with_name(f".{out.name}.work")
+    if work.exists() or work.is_symlink():
+        if folders.kind_of(work) != "prepare-work":
+            raise DataError(f"{work}: exists and is not data.prepare's work folder; move it away")
+        if key["source_sha256"] is not None and _work_key(work) == key:  # a hub dataset may change: never resumed
+            return work
+        folders.remove(work, "prepare-work")
+    work.mkdir(parents=True)
+    folders.mark(work, "prepare-work")
+    folders.write_durably(work / "key.json", json.dumps(key, sort_keys=True))
+    return work
+
+
+def _work_key(work: Path) -> dict | None:
+    try:
+        return json.loads((work / "key.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def tokenizer_sample(corpus: "Corpus", is_val: np.ndarray, args: argparse.Namespace) -> Iterator[str]:

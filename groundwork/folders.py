@@ -25,7 +25,7 @@ from pathlib import Path
 from .errors import UserError
 
 MARKER = ".minicolossus.json"
-KINDS = ("run", "checkpoints", "checkpoint", "data", "export")
+KINDS = ("run", "checkpoints", "checkpoint", "data", "export", "prepare-work")
 
 
 class FolderError(UserError, ValueError):

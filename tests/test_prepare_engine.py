@@ -2,9 +2,11 @@
 kept by each dedup, each filter's removals counted, and a real Ray cluster (a head and a worker node, started
 here as separate processes). The SLURM executor's test is in test_slurm.py, beside its cluster."""
 
+import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -241,3 +243,37 @@ def test_a_second_prepare_in_the_same_process_tokenises_with_its_own_tokenizer(c
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert manifest["tokenizer"]["vocab_size"] == 400 and manifest["max_token_id"] >= 260  # merges were used
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past `limit` bytes fail as on a full disk (SIGXFSZ ignored, so the write returns EFBIG)."""
+    previous, limits = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_failed_run_keeps_its_finished_tasks_and_the_same_command_resumes_them(tmp_path):
+    """Rank 0 (short documents) finishes; rank 1's token file outgrows the disk. The rerun redoes rank 1 only
+    and writes what an uninterrupted run writes."""
+    rng = random.Random(1)
+    letters = "abcdefghijklmnopqrstuvwxyz     "
+    short = [english(rng, 2) for _ in range(10)]
+    long = ["".join(rng.choice(letters) for _ in range(20_000)) for _ in range(10)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in short + long))
+    args = ["--source", corpus, "--tokenizer", "byte", "--tasks", 2, "--workers", 1, "--out"]
+    with file_size_limit(300_000):  # above the corpus (~200 kB), below rank 1's tokens (2 bytes a character)
+        failed = in_process(prepare_main, *args, tmp_path / "p")
+    assert failed.returncode == 2 and "the same command resumes them" in failed.stderr, failed.stderr
+    work = tmp_path / ".p.work"
+    assert (work / "logs" / "tokens" / "completions" / "00000").exists() and not (tmp_path / "p").exists()
+    resumed = in_process(prepare_main, *args, tmp_path / "p")
+    assert resumed.returncode == 0 and "resumed a run that had finished 1 of 2 tasks" in resumed.stderr
+    assert not work.exists()
+    assert in_process(prepare_main, *args, tmp_path / "fresh").returncode == 0
+    assert_same_bytes(tmp_path / "p", tmp_path / "fresh")
