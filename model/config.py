@@ -50,6 +50,14 @@ class GrokConfig(PreTrainedConfig):
     shared_intermediate_size: int = 0  # >0: Grok-2's dense FFN beside the experts
     router_aux_loss_coef: int | float = 0.01  # Switch/Mixtral load-balancing loss
     router_z_loss_coef: int | float = 0.001  # ST-MoE router z-loss
+    router_seq_aux_loss_coef: int | float = 0.0  # DeepSeek-V3's sequence-wise balance loss (0 = off)
+    # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the routing probabilities for the
+    # top-k choice only (the gates stay the probabilities), moved by this much toward an even load after every
+    # optimizer step, from the load of the whole global batch. 0 = off (no bias).
+    router_bias_update_rate: int | float = 0.0
+    # Each expert takes at most ceil(capacity_factor * tokens * k / experts) of a batch's assignments, its
+    # highest gates first; the rest are dropped (counted) and the residual carries those tokens. 0 = dropless.
+    capacity_factor: int | float = 0.0
 
     # Grok's scalings and tanh soft-caps (0 turns a cap off).
     embedding_multiplier: int | float | None = None  # None: sqrt(hidden_size), as grok-1
@@ -124,6 +132,9 @@ class GrokConfig(PreTrainedConfig):
             "shared_intermediate_size",
             "router_aux_loss_coef",
             "router_z_loss_coef",
+            "router_seq_aux_loss_coef",
+            "router_bias_update_rate",
+            "capacity_factor",
             "attn_temperature_len",
         ):
             if getattr(self, name) < 0:

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .attention import Attention, AttentionInputs, RMSNorm, make_attention_inputs, softcap
 from .config import GrokConfig
-from .moe import FeedForward, MoE, RouterStats
+from .moe import FeedForward, MoE, RouterStats, router_loss
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache` (argument and output field);
 # both are accepted, and outputs use the name of the installed version.
@@ -67,15 +67,19 @@ class GrokModelOutput(BaseModelOutputWithPast):
 
 @dataclass
 class GrokCausalLMOutput(CausalLMOutputWithPast):
-    """`loss` = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss.
+    """`loss` = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss
+    + router_seq_aux_loss_coef * seq_aux_loss.
 
-    aux_loss and z_loss are averaged over the MoE layers (0 for a dense model);
-    expert_token_counts is [num_layers, num_experts] (empty for a dense model).
+    aux_loss, z_loss and seq_aux_loss are averaged over the MoE layers (0 for a dense model); dropped is the
+    assignments over capacity, summed over them; expert_token_counts is [num_layers, num_experts] (empty for a
+    dense model).
     """
 
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
+    seq_aux_loss: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
     expert_token_counts: torch.Tensor | None = None
 
 
@@ -237,11 +241,7 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         if targets is not None:
             result.lm_loss = self.next_token_loss(logits, targets)
-            result.loss = (
-                result.lm_loss
-                + self.config.router_aux_loss_coef * result.aux_loss
-                + self.config.router_z_loss_coef * result.z_loss
-            )
+            result.loss = result.lm_loss + router_loss(self.config, result.aux_loss, result.z_loss, result.seq_aux_loss)
         return result
 
     def _attach_router_losses(self, result: GrokCausalLMOutput, router_stats: list[RouterStats], h: torch.Tensor):
@@ -252,8 +252,10 @@ class GrokForCausalLM(GrokPreTrainedModel, GenerationMixin):
 
             result.aux_loss = gather(s.aux_loss for s in router_stats).mean()
             result.z_loss = gather(s.z_loss for s in router_stats).mean()
+            result.seq_aux_loss = gather(s.seq_aux_loss for s in router_stats).mean()
+            result.dropped = gather(s.dropped for s in router_stats).sum()
             result.expert_token_counts = gather(s.expert_token_counts for s in router_stats)
         else:
             zero = torch.zeros((), dtype=torch.float32, device=h.device)
-            result.aux_loss, result.z_loss = zero, zero
+            result.aux_loss, result.z_loss, result.seq_aux_loss, result.dropped = zero, zero, zero, zero
             result.expert_token_counts = torch.zeros(0, 0, dtype=torch.long, device=h.device)

@@ -151,7 +151,20 @@ class RouterStats:
 
     aux_loss: torch.Tensor  # Switch load-balancing loss; 1.0 for perfectly uniform routing
     z_loss: torch.Tensor  # mean squared logsumexp of the router logits
-    expert_token_counts: torch.Tensor  # [num_experts] token-to-expert assignments in this batch
+    expert_token_counts: torch.Tensor  # [num_experts] token-to-expert assignments in this batch (before any drop)
+    seq_aux_loss: torch.Tensor  # the same balance within each sequence, averaged (0 when its coefficient is 0)
+    dropped: torch.Tensor  # assignments over an expert's capacity (0 without capacity_factor)
+
+
+def router_loss(
+    config: GrokConfig, aux_loss: torch.Tensor, z_loss: torch.Tensor, seq_aux_loss: torch.Tensor
+) -> torch.Tensor:
+    """What the routers add to the training loss (a layer's, or the layers' mean from their means: it is linear)."""
+    return (
+        config.router_aux_loss_coef * aux_loss
+        + config.router_z_loss_coef * z_loss
+        + config.router_seq_aux_loss_coef * seq_aux_loss
+    )
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -162,6 +175,28 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tens
     """
     fraction = counts.float() / counts.sum()
     return probs.shape[-1] * (fraction * probs.mean(dim=0)).sum()
+
+
+def sequence_balance_loss(probs: torch.Tensor, expert_index: torch.Tensor, sequences: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss: the Switch form over each sequence's own tokens, averaged over
+    the sequences (so that no single sequence overloads an expert). Uniform routing gives exactly 1."""
+    experts = probs.shape[-1]
+    probs, expert_index = probs.view(sequences, -1, experts), expert_index.view(sequences, -1)
+    counts = F.one_hot(expert_index, experts).sum(dim=1).float()  # [sequences, experts]
+    fraction = counts / counts.sum(dim=-1, keepdim=True)
+    return experts * (fraction * probs.mean(dim=1)).sum(dim=-1).mean()
+
+
+def within_capacity(
+    expert_index: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The assignment slots grouped by expert, each expert's highest gates first and at most `capacity` of them;
+    and how many each expert keeps."""
+    by_gate = gates.flatten().argsort(descending=True, stable=True)
+    order = by_gate[expert_index.flatten()[by_gate].argsort(stable=True)]
+    starts = (counts.cumsum(0) - counts).repeat_interleave(counts)
+    keep = torch.arange(order.numel(), device=order.device) - starts < capacity
+    return order[keep], counts.clamp(max=capacity)
 
 
 def own_token_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -181,6 +216,11 @@ class MoE(nn.Module):
         self.normalize_gates = config.normalize_router_gates
         self.router_softcap = config.router_logit_softcap
         self.router = Router(d, E)
+        self.capacity_factor = config.capacity_factor
+        self.sequence_balance = config.router_seq_aux_loss_coef > 0
+        # routing bias of auxiliary-loss-free balancing: state (checkpointed, exported), moved by the trainer
+        # once per optimizer step (train/balance.py), never by gradients
+        self.register_buffer("expert_bias", torch.zeros(E) if config.router_bias_update_rate > 0 else None)
         self.w_gate = nn.Parameter(torch.empty(E, d, f))
         self.w_up = nn.Parameter(torch.empty(E, d, f))
         self.w_down = nn.Parameter(torch.empty(E, f, d))
@@ -193,23 +233,34 @@ class MoE(nn.Module):
         with full_precision(x):
             logits = softcap(self.router(tokens), self.router_softcap)
             probs = torch.softmax(logits, dim=-1)
-            gates, expert_index = probs.topk(self.top_k, dim=-1)  # [N, k]
+            if self.expert_bias is None:
+                gates, expert_index = probs.topk(self.top_k, dim=-1)  # [N, k]
+            else:  # the bias steers the choice only: the gates stay the router's probabilities
+                expert_index = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices
+                gates = probs.gather(-1, expert_index)
             if self.normalize_gates:
                 gates = gates / gates.sum(dim=-1, keepdim=True)
             counts = torch.bincount(expert_index.flatten(), minlength=self.num_experts)
+            zero = torch.zeros((), device=x.device)
+            sequences = shape[0] if len(shape) == 3 else 1
             stats = RouterStats(
                 aux_loss=load_balancing_loss(probs, self.count_tokens(counts)),
                 z_loss=torch.logsumexp(logits, dim=-1).pow(2).mean(),
                 expert_token_counts=counts,
+                seq_aux_loss=sequence_balance_loss(probs, expert_index, sequences) if self.sequence_balance else zero,
+                dropped=zero,
             )
 
         # Group the N*k (token, expert) assignments by expert so each expert sees one contiguous slice.
-        order = expert_index.flatten().argsort(stable=True)
+        if self.capacity_factor > 0:
+            capacity = math.ceil(self.capacity_factor * tokens.shape[0] * self.top_k / self.num_experts)
+            order, kept = within_capacity(expert_index, gates, counts, capacity)
+            stats.dropped = (counts - kept).sum().float()
+        else:
+            order, kept = expert_index.flatten().argsort(stable=True), counts
         token_of_slot = order // self.top_k
         # Experts without tokens still get a (zero) gradient for all of w_*: DDP needs every parameter used.
-        expert_out = self.dispatch(
-            tokens[token_of_slot], stats.expert_token_counts, self.w_gate, self.w_up, self.w_down
-        )
+        expert_out = self.dispatch(tokens[token_of_slot], kept, self.w_gate, self.w_up, self.w_down)
         weighted = expert_out * gates.flatten()[order, None].to(expert_out.dtype)
         # Summed in the residual stream's dtype: under autocast the experts compute in bf16, the stream is fp32.
         out = torch.zeros_like(tokens).index_add_(0, token_of_slot, weighted.to(tokens.dtype))

@@ -138,9 +138,32 @@ def plot(runs: list[Path], out: Path) -> Path:
         ax.set_yscale(scale if any_point else "linear")  # a log axis with no point cannot place its ticks
         ax.grid(alpha=0.3)
     axes[0].legend()
-    axes[-1].axis("off")
+    expert_heatmap(figure, axes[-1], *every_run[0])
     figure.tight_layout()
     return save_png(figure, out, "--out")
+
+
+def expert_heatmap(figure: object, ax: object, run: Path, rows: list[dict]) -> None:
+    """Each layer's busiest expert over the run (the first run's; the load relative to an even share)."""
+    loads = [(row["tokens_seen"] / 1e6, row["expert_load_max"]) for row in rows if row.get("expert_load_max")]
+    layers = len(loads[0][1]) if loads else 0
+    loads = [(x, load) for x, load in loads if len(load) == layers and all(map(_number, load))]
+    if not loads:  # a dense model logs no expert load
+        ax.axis("off")
+        return
+    matrix = [[load[layer] for _, load in loads] for layer in range(layers)]
+    image = ax.imshow(
+        matrix,
+        aspect="auto",
+        origin="lower",
+        interpolation="nearest",
+        extent=(loads[0][0], loads[-1][0], -0.5, layers - 0.5),
+        cmap="magma",
+    )
+    figure.colorbar(image, ax=ax, label="busiest / even")
+    ax.set_title(f"expert load per layer ({run.name})")
+    ax.set_xlabel("tokens seen (M)")
+    ax.set_ylabel("layer")
 
 
 def plot_scaling(curves: dict[str, list[tuple[int, float]]], title: str, out: Path, what: str = "--plot") -> Path:

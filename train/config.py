@@ -170,6 +170,17 @@ class LogSection(Section):
     every: int = Field(1, gt=0)
     progress: bool = True  # progress bar on rank 0
     tensorboard: bool = False
+    profile_steps: list[int] | None = None  # [START, STOP]: torch.profiler over these steps (train/profiling.py)
+    memory_snapshot: bool = False  # the CUDA allocator's history over the profiled steps (GPU only)
+
+    @model_validator(mode="after")
+    def _window(self):
+        window = self.profile_steps
+        if window is not None and (len(window) != 2 or not 1 <= window[0] <= window[1]):
+            raise ValueError(f"log.profile_steps must be [START, STOP] with 1 <= START <= STOP, got {window}")
+        if self.memory_snapshot and window is None:
+            raise ValueError("log.memory_snapshot records the profiled steps: set log.profile_steps = [START, STOP]")
+        return self
 
 
 class RunSection(Section):

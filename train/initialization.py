@@ -46,3 +46,5 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
                 param.to_local().copy_(whole)
             else:
                 param.copy_(whole)
+        for buffer in module.buffers(recurse=False):  # state, not weights: the routing bias starts even
+            buffer.zero_()

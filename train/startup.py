@@ -39,6 +39,11 @@ def build_model_config(config: TrainConfig, vocab_size: int | None) -> GrokConfi
             f"{model_config.max_position_embeddings}; lower data.seq_len or set "
             f"model.overrides.max_position_embeddings"
         )
+    if model_config.router_seq_aux_loss_coef > 0 and config.parallel.cp_size > 1:
+        raise ConfigError(
+            "model.overrides.router_seq_aux_loss_coef: the sequence-wise balance loss needs whole sequences, and "
+            "context parallelism splits them; set parallel.cp_size = 1 or the coefficient to 0"
+        )
     if model_config.attn_backend == "flex" and not uses_cuda(config):
         raise ConfigError(
             f"model: preset {config.model.preset!r} attends with flex_attention, which PyTorch cannot "

@@ -23,6 +23,7 @@ from groundwork.errors import UserError
 from model import GrokForCausalLM, count_parameters, flops_per_token
 
 from . import fault_injection, preemption
+from .balance import ExpertBias
 from .checkpoint import Checkpointer, latest_checkpoint
 from .checkpoint_files import check_resumable
 from .config import TrainConfig
@@ -31,6 +32,7 @@ from .initialization import materialize
 from .metrics import MetricsLogger, peak_memory_mib
 from .optim import lr_at
 from .parallel import Env, LaunchError, all_reduce_max, all_reduce_sum, sequence_split, setup, teardown
+from .profiling import StepProfiler
 from .startup import build_model_config, check_before_start, check_model_config, take_folders
 from .validation import Validator
 from .weights import load_initial_weights
@@ -80,6 +82,15 @@ class Trainer:
             vocab_size=self.model_config.vocab_size,
             verify_checksums=False,  # check_before_start verified both splits
         )
+        self.expert_bias = None  # auxiliary-loss-free balancing: the biases, moved once per optimizer step
+        if self.model_config.is_moe and self.model_config.router_bias_update_rate > 0:
+            pipeline = self.engine.pipeline
+            self.expert_bias = ExpertBias(
+                [part.model for part in pipeline.parts] if pipeline is not None else [self.model],
+                self.model_config.router_bias_update_rate,
+                self.model_config.num_hidden_layers,
+                env.world_size // env.layout.pp,
+            )
         self.split_sequence = sequence_split(env.layout, env.rank)  # context parallelism: this rank's chunks
         self.documents = PackedDocuments(manifest["tokenizer"]["eos_id"]) if config.data.document_mask else None
         self.validator = Validator(
@@ -96,6 +107,9 @@ class Trainer:
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient, or a loss spike
         self.bad_streak = 0  # ... of them in a row
         self.loss_mean = None  # running mean of accepted losses, for the spike guard
+        self.profiler = StepProfiler(
+            config.log.profile_steps, config.log.memory_snapshot, Path(config.run.out_dir), env.device, env.rank
+        )
         self.faults = fault_injection.injector_from_env(env.rank)  # None unless MINICOLOSSUS_FAULT is set
         if self.faults is not None:
             pipeline = self.engine.pipeline
@@ -172,7 +186,9 @@ class Trainer:
             sums, expert_counts = self.accumulate(inputs, targets, positions)
         # One small reduction per step so that every rank takes the same decisions: skip or not, stop or not.
         flags = torch.tensor([float(preemption.requested()), self.checkpointer.local_done()], device=sums.device)
-        agreed = all_reduce_sum(torch.cat([sums[:1], flags])).tolist()
+        load = expert_counts.flatten() if self.expert_bias is not None else flags[:0]  # the global batch's, summed
+        reduced = all_reduce_sum(torch.cat([sums[:1].double(), flags.double(), load.double()]))  # counts exact
+        agreed = reduced[:3].tolist()
         loss = agreed[0] / (self.grad_accumulation * self.env.layout.stage_size)
         spike = bool(
             self.config.run.loss_spike_factor
@@ -181,6 +197,8 @@ class Trainer:
         )
         lr = lr_at(self.step, self.config.run.max_steps, self.config.optim)
         grad_norm = self.engine.step(lr, skip=spike or not math.isfinite(loss))
+        if self.expert_bias is not None and not spike and math.isfinite(loss):  # with the weights, or not at all
+            self.expert_bias.update(reduced[3:].view(expert_counts.shape))
         skipped_for = None
         if not math.isfinite(loss):
             skipped_for = f"non-finite loss {loss}"
@@ -215,9 +233,9 @@ class Trainer:
         self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of this rank's micro-batches, gradients synced on the last. Returns the sums over
-        them of (loss, lm_loss, aux_loss, z_loss) and of the experts' token counts."""
+        them of (loss, lm_loss, aux_loss, z_loss, seq_aux_loss, dropped) and of the experts' token counts."""
         micro_batch_size = self.config.batch.micro_batch_size
-        sums = torch.zeros(4, device=self.env.device)
+        sums = torch.zeros(6, device=self.env.device)
         expert_counts = None
         for micro_batch in range(self.grad_accumulation):
             last = micro_batch == self.grad_accumulation - 1
@@ -228,7 +246,11 @@ class Trainer:
             with self.engine.micro_batch(last):
                 out = self.model(inputs[rows], targets=targets[rows], **packing)
                 self.engine.backward(out.loss)
-            sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
+            sums += (
+                torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss, out.seq_aux_loss, out.dropped])
+                .detach()
+                .float()
+            )
             counts = out.expert_token_counts.detach()
             expert_counts = counts if expert_counts is None else expert_counts + counts
         return sums, expert_counts
@@ -236,8 +258,11 @@ class Trainer:
     def metrics_row(self, local: dict) -> dict:
         """One reduction (on log steps only) for everything logged: means over micro-batches and ranks."""
         counts = local["expert_counts"]
-        reduced = all_reduce_sum(torch.cat([local["sums"], counts.flatten().float()]))
-        means = (reduced[:4] / (self.grad_accumulation * self.env.layout.stage_size)).tolist()
+        parts = [local["sums"], counts.flatten().float()]
+        if self.expert_bias is not None:
+            parts.append(self.expert_bias.local_rows(counts.shape[1], counts.device).flatten().float())
+        reduced = all_reduce_sum(torch.cat(parts))
+        means = (reduced[:6] / (self.grad_accumulation * self.env.layout.stage_size)).tolist()
         row = {
             "step": self.step,
             "loss": means[0],
@@ -251,10 +276,17 @@ class Trainer:
         }
         if self.config.data.mixture:  # the schedule is the same on every rank: no reduction
             row |= {f"tokens_seen/{name}": tokens for name, tokens in self.loader.tokens_by_source().items()}
+        model = self.model_config
+        if model.router_seq_aux_loss_coef > 0:
+            row["seq_aux_loss"] = means[4]
         if counts.numel():
-            load = reduced[4:].view_as(counts)
+            load = reduced[6 : 6 + counts.numel()].view_as(counts)
+            if model.capacity_factor > 0:  # both counted on every replica of a batch: their ratio is not
+                row["dropped_share"] = float(reduced[5] / load.sum())
             # per layer: busiest expert's share relative to a perfectly even share (1.0 = balanced)
             row["expert_load_max"] = (load.max(dim=1).values / load.mean(dim=1)).tolist()
+            if self.expert_bias is not None:
+                row["expert_bias"] = reduced[6 + counts.numel() :].view_as(counts).tolist()
         return row
 
     def memory_row(self) -> dict:
@@ -289,7 +321,9 @@ class Trainer:
             while self.step < config.run.max_steps:
                 if self.faults is not None:
                     self.faults.step_begins(self.step + 1)
+                self.profiler.step_begins(self.step + 1)
                 local = self.train_step()
+                self.profiler.step_ends(self.step)
                 last = self.step == config.run.max_steps
                 validation = self.validator() if self.validator.due(self.step, last) else {}
                 if logger.due(self.step, last, forced=bool(validation) or local["skipped"]):

@@ -20,6 +20,7 @@ language-model loss; the terms themselves are summed over the stages for the met
 
 import copy
 from collections.abc import Callable
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from model import GrokForCausalLM, count_parameters
 from model.attention import make_attention_inputs, softcap
 from model.grok import GrokPreTrainedModel
+from model.moe import RouterStats, router_loss
 
 from .context import chunk_positions
 from .mesh import WorldMesh
@@ -95,10 +97,10 @@ class StageModel(nn.Module):
         for index, block in self.model.layers.items():
             h, stats = block(h, inputs)
             if stats is not None:
-                router_loss = config.router_aux_loss_coef * stats.aux_loss + config.router_z_loss_coef * stats.z_loss
-                h = RouterLossGradient.apply(h, router_loss * self.loss_weight / self.moe_layers)
+                layer_loss = router_loss(config, stats.aux_loss, stats.z_loss, stats.seq_aux_loss)
+                h = RouterLossGradient.apply(h, layer_loss * self.loss_weight / self.moe_layers)
                 self.router_records.append(
-                    (int(index), stats.aux_loss.detach(), stats.z_loss.detach(), stats.expert_token_counts.detach())
+                    (int(index), RouterStats(*(getattr(stats, f.name).detach() for f in fields(stats))))
                 )
         if not self.last:
             return h
@@ -169,13 +171,13 @@ class Pipeline:
             self.schedule = kind(pipeline_stages, pass_size, **options)
         config = parts[0].config
         self.router_shape = (config.num_hidden_layers, config.num_local_experts) if config.is_moe else (0, 0)
-        self.aux_coef, self.z_coef = config.router_aux_loss_coef, config.router_z_loss_coef
+        self.config = config
         self.tied = config.tie_word_embeddings
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of every micro-batch, pass after pass. Returns this rank's part of the step's sums
-        over micro-batches (loss, lm_loss, aux_loss, z_loss: summed over the pp group they are the whole model's)
-        and of the experts' token counts per layer."""
+        over micro-batches (loss, lm_loss, aux_loss, z_loss, seq_aux_loss, dropped: summed over the pp group they
+        are the whole model's) and of the experts' token counts per layer."""
         rows = inputs.shape[0] // self.passes
         for first in range(0, inputs.shape[0], rows):
             # contiguous: the loader's windows are views of a wider buffer, and torch 2.11's schedules check that
@@ -191,19 +193,21 @@ class Pipeline:
 
     def router_sums(self, lm_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device = lm_loss.device
-        aux, z = torch.zeros((), device=device), torch.zeros((), device=device)
+        router = torch.zeros(4, device=device)  # aux_loss, z_loss, seq_aux_loss: each a mean over layers; dropped
         counts = torch.zeros(self.router_shape, dtype=torch.long, device=device)
         layers = max(self.router_shape[0], 1)
         for part in self.parts:
             # The schedule's first step first infers the stages' shapes with a forward of its own (on empty
             # tensors, past the first stage): its records come first, and are not the step's.
             expected = self.micro_batches * sum(1 for _ in part.model.layers.children()) * (self.router_shape[0] > 0)
-            for index, aux_loss, z_loss, expert_counts in part.router_records[-expected:] if expected else ():
-                aux, z = aux + aux_loss.float() / layers, z + z_loss.float() / layers
-                counts[index] += expert_counts
+            for index, stats in part.router_records[-expected:] if expected else ():
+                losses = torch.stack([stats.aux_loss, stats.z_loss, stats.seq_aux_loss]).detach().float() / layers
+                router += torch.cat([losses, stats.dropped.detach().float().view(1)])
+                counts[index] += stats.expert_token_counts.detach()
             part.router_records.clear()
-        loss = lm_loss + self.aux_coef * aux + self.z_coef * z
-        return torch.stack([loss, lm_loss, aux, z]), counts
+        aux, z, seq_aux, dropped = router
+        loss = lm_loss + router_loss(self.config, aux, z, seq_aux)
+        return torch.stack([loss, lm_loss, aux, z, seq_aux, dropped]), counts
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
