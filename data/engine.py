@@ -66,7 +66,6 @@ WORK_FOLDERS = ("exact-sigs", "exact-dups", "minhash-sigs", "minhash-buckets", "
 @dataclass
 class Executor:
     kind: str = "local"
-    tasks: int = 1
     workers: int | None = None  # at once; None: local, as many as cores; slurm and ray, all
     slurm_partition: str | None = None
     slurm_time: str | None = None
@@ -339,7 +338,8 @@ def _queued(job_id: str) -> bool:
             return False
         time.sleep(2**attempt)
     raise DataError(
-        f"--executor slurm: squeue keeps failing ({_first_line(Exception(listed.stderr))}); is slurmctld up?"
+        f"--executor slurm: squeue keeps failing ({(listed.stderr.strip().splitlines() or ['no message'])[0][:200]}); "
+        f"is slurmctld up?"
     )
 
 

@@ -7,8 +7,9 @@ only, and then datatrove (`engine`) deduplicates, filters and tokenises them, wi
 on --executor local|slurm|ray in --tasks tasks; the ranks' tokens are merged in corpus order into flat binary
 shards plus manifest.json, whatever the executor and the number of tasks. Documents are read one at a time
 and tokenised in bounded pieces, so memory follows the bytes however long a line is. The output appears
-atomically: everything (the `datasets` cache and the engine's work folder included, deleted before the end)
-is written to a temporary folder renamed at the end, while a lock beside --out stops a second prepare of it.
+atomically: everything (the `datasets` cache included, deleted before the end) is written to a temporary
+folder renamed at the end, while a lock beside --out stops a second prepare of it. The engine works in
+.OUT.work beside it, kept only when a run fails after some tasks finished, for the same command to resume.
 Re-running the same command reuses the finished folder only if the source's content is unchanged (its sha256
 is in the manifest); identical inputs give identical bytes. --overwrite replaces only a folder this command
 made, and only if it holds nothing else; any other existing, non-empty --out is refused.
@@ -115,7 +116,7 @@ def prepare(args: argparse.Namespace) -> dict:
             raise
         full = sources.disk_full(error)
         if full is not None:
-            reason = sources.DISK_FULL.get(full.errno, str(full).splitlines()[0][:120])
+            reason = sources.disk_full_reason(full)
             raise DataError(
                 f"--out {out}: writing failed, {reason} ({full.filename or 'a file of the run'}); nothing was "
                 f"kept: free space or choose another --out"
@@ -197,7 +198,7 @@ def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: s
                 engine.stage_documents(documents, corpus.count, tasks, work / "staged")
                 (work / "staged.complete").touch()
             executor = engine.Executor(
-                args.executor, tasks, args.workers, args.slurm_partition, args.slurm_time, args.ray_address
+                args.executor, args.workers, args.slurm_partition, args.slurm_time, args.ray_address
             )
             engine.run(stages, executor, work)
         except Exception as error:
@@ -208,9 +209,7 @@ def _build(args: argparse.Namespace, tmp: Path, settings: dict, source_sha256: s
             if not isinstance(error, DataError) and full is None:
                 raise
             reason = (
-                str(error)
-                if full is None
-                else f"--out {args.out}: writing failed, {sources.DISK_FULL.get(full.errno, full.strerror)}"
+                str(error) if full is None else f"--out {args.out}: writing failed, {sources.disk_full_reason(full)}"
             )
             raise DataError(f"{reason}; the finished tasks are kept in {work}: the same command resumes them") from None
         written, counts = engine.merge(work, stages, tmp, dtype, args.shard_tokens)

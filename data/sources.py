@@ -214,6 +214,11 @@ def texts(documents: datasets.Dataset) -> Iterator[str]:
                 yield text
 
 
+def disk_full_reason(full: OSError) -> str:
+    """What a disk-full error says, in a few words."""
+    return DISK_FULL.get(full.errno, str(full).splitlines()[0][:120])
+
+
 def disk_full(error: BaseException) -> OSError | None:
     """The disk-full error somewhere in an exception's chain (`datasets` wraps the OSError of a write)."""
     seen = set()

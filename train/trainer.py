@@ -281,7 +281,7 @@ class Trainer:
             row["seq_aux_loss"] = means[4]
         if counts.numel():
             load = reduced[6 : 6 + counts.numel()].view_as(counts)
-            if model.capacity_factor > 0:  # both counted on every replica of a batch: their ratio is not
+            if model.capacity_factor > 0:  # replicas of a batch (tp) count both alike: the ratio is exact
                 row["dropped_share"] = float(reduced[5] / load.sum())
             # per layer: busiest expert's share relative to a perfectly even share (1.0 = balanced)
             row["expert_load_max"] = (load.max(dim=1).values / load.mean(dim=1)).tolist()
