@@ -263,8 +263,11 @@ class MoE(nn.Module):
         expert_out = self.dispatch(tokens[token_of_slot], kept, self.w_gate, self.w_up, self.w_down)
         weighted = expert_out * gates.flatten()[order, None].to(expert_out.dtype)
         # Summed in the residual stream's dtype: under autocast the experts compute in bf16, the stream is fp32.
-        out = torch.zeros_like(tokens).index_add_(0, token_of_slot, weighted.to(tokens.dtype))
-        return out.view(shape), stats
+        # Filled through a flat view but returned whole: FSDP2 warns that a wrapped module returning a view can
+        # lose its pre-backward hook if someone edits the output in place.
+        out = x.new_zeros(shape)
+        out.view_as(tokens).index_add_(0, token_of_slot, weighted.to(tokens.dtype))
+        return out, stats
 
 
 class FeedForward(nn.Module):

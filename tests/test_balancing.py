@@ -156,3 +156,23 @@ def test_a_capacity_drops_the_same_assignments_under_expert_parallelism(data_dir
     assert all(row["dropped_share"] > 0 for row in single)
     assert max(abs(a - b) for a, b in zip(losses(rows), losses(single))) < 1e-5
     assert [row["dropped_share"] for row in rows] == pytest.approx([row["dropped_share"] for row in single], abs=1e-9)
+
+
+def test_the_balance_benchmark_summarises_a_run_from_its_metrics():
+    from toolbox.bench_balance import summarize
+
+    rows = [
+        {"step": 10, "expert_load_max": [4.0, 4.0], "ep_load_max": [2.0, 2.0], "tokens_per_s": 100.0},
+        {"step": 30, "expert_load_max": [2.0, 1.0], "ep_load_max": [1.5, 1.0], "tokens_per_s": 300.0},
+        {"step": 40, "expert_load_max": [1.0, 3.0], "ep_load_max": [1.0, 1.2], "tokens_per_s": 200.0},
+        {"step": 40, "val_bpb": 2.5, "dropped_share": 0.25},
+    ]
+    assert summarize(rows) == {
+        "val_bpb": 2.5,
+        "busiest_expert_mean": 2.5,  # layers averaged per row (4, 1.5, 2), then over the run
+        "busiest_expert_max": 3.0,  # after step 20 only: the 4.0 of step 10 is before any balancing
+        "all_to_all_mean": 1.45,
+        "all_to_all_max": 1.5,
+        "tokens_per_s": 200,
+        "dropped_share": 0.25,
+    }

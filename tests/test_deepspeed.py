@@ -181,7 +181,8 @@ def test_generated_deepspeed_config_is_consistent_with_ours():
 
     config = load_config(
         REPO / "configs" / "tiny.toml",
-        ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3", "--parallel.offload_optimizer=true"],
+        ["--parallel.strategy=deepspeed", "--parallel.zero_stage=3", "--parallel.offload_optimizer=true"]
+        + ["--optim.name=adamw"],
     )
     env = Env(
         rank=0,

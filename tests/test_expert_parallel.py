@@ -93,6 +93,10 @@ def test_ep2_follows_the_single_process_run_with_clipping_on_every_step(referenc
     # experts' and dense gradients on two meshes: a wrong scale of either (0.5x, 2x) moves the norm
     assert max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(rows, single)) < 1e-4
     assert max(abs(a - b) for a, b in zip(rows[-1]["expert_load_max"], single[-1]["expert_load_max"])) < 1e-6
+    # the all-to-all's imbalance: a rank's 4 experts together are no busier than 4 x the busiest one
+    assert "ep_load_max" not in single[-1] and len(rows[-1]["ep_load_max"]) == len(rows[-1]["expert_load_max"])
+    assert all(1 <= ep <= expert for ep, expert in zip(rows[-1]["ep_load_max"], rows[-1]["expert_load_max"]))
+    assert any(ep < expert for ep, expert in zip(rows[-1]["ep_load_max"], rows[-1]["expert_load_max"]))
 
 
 @pytest.mark.distributed  # (the ep2 run itself, and fsdp-x2)
@@ -133,7 +137,11 @@ def test_ep2_with_two_data_parallel_shards_on_four_processes(data_dir, tmp_path)
     "world, flags, fragment",
     [
         (2, ["--parallel.strategy=ddp", "--parallel.ep_size=2"], "parallel.ep_size > 1 needs parallel.strategy fsdp"),
-        (2, ["--parallel.strategy=deepspeed", "--parallel.tp_size=2"], "parallel.tp_size > 1 needs parallel.strategy"),
+        (
+            2,
+            ["--parallel.strategy=deepspeed", "--optim.name=adamw", "--parallel.tp_size=2"],
+            "parallel.tp_size > 1 needs parallel.strategy",
+        ),
         (6, ["--parallel.ep_size=3"], "parallel.ep_size 3 must divide the model's 8 experts"),
         (2, ["--parallel.ep_size=4"], "parallel.ep_size 4 must divide the 2 data-parallel-shard x tensor ranks"),
         (

@@ -7,6 +7,8 @@
     python scripts/bench.py data --dedup [--books ../shared/data/gutenberg_en.txt.gz] [--copies 10] [--json]
     python scripts/bench.py strategies [--presets tiny small] [--strategies none-1thread ddp fsdp hsdp tp2 ep2 cp2 pp2-1f1b ...]
                                        [--nproc 2] [--steps 24] [--log-every 4] [--json]
+    python scripts/bench.py balance [--preset tiny] [--settings aux bias both capacity] [--seeds 0 1]
+                                    [--source ../shared/data/gutenberg_en.txt.gz] [--section.key=value ...] [--json]
     python scripts/bench.py checkpoint [--preset small] [--nproc 2] [--steps 25] [--every 4] [--json]
     python scripts/bench.py init [--preset 1b] [--nproc 2] [--section.key=value ...] [--json]
     python scripts/bench.py baseline [--text ../shared/data/tinyshakespeare.txt] [--rounds 10] [--steps 8]
@@ -33,6 +35,11 @@ per-rank parameter + gradient + optimizer-state bytes and the MiB rank 0 sends a
 single process; under pipelining also the share of rank 0's step spent waiting on its peers and the bubble's
 share the planner predicts.
 Targets on 2 CPU ranks: fsdp state <= 0.55x ddp's; ddp tokens/s >= 0.9x twice the 1-thread process.
+
+`balance`: the MoE balancing settings (the auxiliary loss, the loss-free bias, both, capacity 1.25) trained
+from the same seed under expert parallelism 2 on the Gutenberg corpus's held-out end: validation bits/byte,
+the busiest expert's and the busiest expert-parallel rank's load over an even share, tokens/s
+(toolbox/bench_balance.py).
 
 `checkpoint`: the real trainer saving every --every steps, once with synchronous and once with background
 (checkpoint.async_save) checkpoints: the median step time and how much longer a step with a save takes.
@@ -73,6 +80,8 @@ from train.optim import build_optimizer
 from train.parallel import apply_block_options, autocast, compute_dtype, uses_cuda
 from train.startup import build_model_config
 
+from .bench_balance import PRESET_RUNS as BALANCE_RUNS
+from .bench_balance import SETTINGS, bench_balance
 from .bench_baseline import RECIPE_CONFIG, SHAPE_CONFIG, bench_baseline, bench_quality, run_python
 from .bench_init import bench_init
 from .planner.pipeline import bubble
@@ -528,6 +537,14 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--log-every", type=integer(1), default=4, help="steps per metrics row (tokens/s is per interval)")
     st.add_argument("--data-root", default="runs/data", help="where the stdlib corpora are prepared (reused)")
     st.add_argument("--json", action="store_true")
+    ba = sub.add_parser("balance", help="MoE balancing settings against each other, under expert parallelism 2")
+    ba.add_argument("--preset", default="tiny", choices=sorted(BALANCE_RUNS))
+    ba.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ba.add_argument("--seeds", nargs="+", type=integer(0), default=[0, 1])
+    ba.add_argument("--source", default="../shared/data/gutenberg_en.txt.gz", help="its end is held out")
+    ba.add_argument("--nproc", type=integer(2), default=2, help="processes (expert parallelism 2 within them)")
+    ba.add_argument("--data-root", default="runs/data", help="where the corpus is prepared (reused)")
+    ba.add_argument("--json", action="store_true")
     c = sub.add_parser("checkpoint", help="the step-loop stall of a checkpoint save: sync vs async")
     c.add_argument("--preset", default="small", choices=sorted(PRESET_RUNS))
     c.add_argument("--nproc", type=integer(1), default=2)
@@ -555,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--no-baseline", action="store_true", help="only our recipe (when tuning it)")
     q.add_argument("--json", action="store_true")
     args, overrides = parser.parse_known_args(argv)
-    if overrides and args.section not in ("model", "init", "quality"):
+    if overrides and args.section not in ("model", "init", "quality", "balance"):
         sub.choices[args.section].error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.section == "strategies" and -(-args.steps // args.log_every) < 3:  # rows: every log step + the last
         st.error(
@@ -600,6 +617,23 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
         if args.dedup:
             rows += bench_dedup(Path(args.books), args.copies, [0.001, 0.01, 0.03, 0.1])
         print("\n".join(map(json.dumps, rows)) if args.json else markdown_table(rows))
+        return
+    if args.section == "balance":
+        if not Path(args.source).is_file():
+            raise BenchError(f"--source {args.source}: no such file; point it at a corpus (gutenberg_en.txt.gz)")
+        report = (lambda row: print(json.dumps(row))) if args.json else print
+        rows = bench_balance(
+            args.preset,
+            args.settings,
+            args.seeds,
+            Path(args.source),
+            Path(args.data_root),
+            args.nproc,
+            overrides,
+            report,
+        )
+        if not args.json:
+            print(markdown_table(rows))
         return
     if args.section == "checkpoint":
         results = bench_checkpoint(args)

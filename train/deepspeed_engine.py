@@ -109,6 +109,11 @@ class DeepSpeedEngine:
             dist_init_required=False,
             config=deepspeed_config(config, env, grad_accumulation),
         )
+        # bf16 DeepSpeed casts buffers too; the routing bias moves in steps of router_bias_update_rate, finer
+        # than bf16 resolves near 1, so it goes back to fp32 (the router adds it to fp32 probabilities).
+        for module in self.model.module.modules():
+            if isinstance(getattr(module, "expert_bias", None), torch.Tensor):
+                module.expert_bias = module.expert_bias.float()
 
     def micro_batch(self, last: bool):
         # DeepSpeed reduces gradients and steps only at the boundary we declare here.

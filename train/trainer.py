@@ -285,6 +285,10 @@ class Trainer:
                 row["dropped_share"] = float(reduced[5] / load.sum())
             # per layer: busiest expert's share relative to a perfectly even share (1.0 = balanced)
             row["expert_load_max"] = (load.max(dim=1).values / load.mean(dim=1)).tolist()
+            ep = self.env.layout.ep
+            if ep > 1:  # the all-to-all waits for the rank whose experts (a contiguous block) got the most
+                rank_load = load.view(load.shape[0], ep, -1).sum(dim=2)
+                row["ep_load_max"] = (rank_load.max(dim=1).values / rank_load.mean(dim=1)).tolist()
             if self.expert_bias is not None:
                 row["expert_bias"] = reduced[6 + counts.numel() :].view_as(counts).tolist()
         return row

@@ -40,6 +40,7 @@ def trainer_flags(job: Job, parallelism: Parallelism, batch_tokens: int) -> list
     flags = [f"--parallel.strategy={'deepspeed' if kind in ZERO_STAGES else kind}"]
     if kind in ZERO_STAGES:
         flags.append(f"--parallel.zero_stage={ZERO_STAGES[kind]}")
+        flags.append("--optim.name=adamw")  # DeepSpeed steps AdamW only (Muon needs whole matrices)
     if kind == "hsdp":
         flags.append(f"--parallel.shard_size={parallelism.shard_size}")  # data-parallel ranks, in both
     for name in ("tp", "cp", "ep", "pp"):
