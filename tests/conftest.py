@@ -11,6 +11,7 @@ import torch
 
 from data.prepare import main as prepare_main
 from model import GrokConfig, GrokForCausalLM
+from toolbox.fault_report import ADAMW_RECIPE
 from train.metrics import read_metrics
 
 
@@ -115,11 +116,7 @@ def base_args(data_dir: Path, out: Path, steps: int = STEPS) -> list[str]:
         "--data.seq_len=64",
         "--batch.global_batch_size=8",
         "--batch.micro_batch_size=4",
-        # the tests' own recipe, whatever the main job's: AdamW runs under every engine, DeepSpeed included
-        "--optim.name=adamw",
-        "--optim.lr=3e-3",
-        "--optim.schedule=cosine",
-        "--optim.min_lr_ratio=0.1",
+        *ADAMW_RECIPE,  # the tests' own recipe, whatever the main job's
         "--optim.warmup_steps=2",
         "--optim.grad_clip=0.5",
         f"--run.max_steps={steps}",

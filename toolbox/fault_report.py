@@ -34,6 +34,9 @@ from train.weights import load_model_weights
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: configs/ and the cwd of every launch
 STEPS, EVERY = 12, 3
+# The recipe these scenarios (and the test suite's runs) were measured with, whatever configs/tiny.toml's:
+# AdamW runs under every engine, DeepSpeed included.
+ADAMW_RECIPE = ["--optim.name=adamw", "--optim.lr=3e-3", "--optim.schedule=cosine", "--optim.min_lr_ratio=0.1"]
 MARKER = ".faults-report"  # what makes --work a folder this report may reset
 
 
@@ -72,10 +75,7 @@ def train_args(data: Path, out: Path, *overrides: str) -> list[str]:
         "--data.seq_len=64",
         "--batch.global_batch_size=8",
         "--batch.micro_batch_size=4",
-        "--optim.name=adamw",  # the recipe these scenarios were measured with, whatever the main job's
-        "--optim.lr=3e-3",
-        "--optim.schedule=cosine",
-        "--optim.min_lr_ratio=0.1",
+        *ADAMW_RECIPE,
         "--optim.warmup_steps=2",
         f"--run.max_steps={STEPS}",
         "--log.every=1",
